@@ -1,0 +1,39 @@
+# Everything installs itself: a virtualenv in .venv, Kafka jars in .abuse/kafka.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test unit integration kafka-up kafka-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Local Kafka, topics, a worker, about a minute of simulated traffic, a summary.
+demo: install
+	$(BIN)/abuse-detector demo
+
+## Unit tests (no broker) and integration tests (the tests start a real local Kafka).
+test: install
+	$(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+integration: install
+	$(BIN)/python -m pytest tests/integration
+
+kafka-up: install
+	$(BIN)/abuse-detector kafka up
+
+kafka-down: install
+	$(BIN)/abuse-detector kafka down
+
+clean:
+	-$(BIN)/abuse-detector kafka down
+	rm -rf $(VENV) .abuse .pytest_cache *.egg-info

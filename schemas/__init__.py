@@ -1,0 +1,86 @@
+"""Versioned data contracts (JSON Schema draft 2020-12).
+
+Files live in ``schemas/v<N>/<name>.json``; each has ``$id``
+``urn:abuse-detector:schemas:v<N>:<name>`` so contracts can reference each
+other. Input events: ``envelope`` plus one schema per event type. Outputs:
+``risk_score``, ``alert``, ``dead_letter``; input ``label``.
+
+>>> check("label", {"event_id": "e1", "label": "abuse", "source": "moderator",
+...                 "ts": 1, "schema_version": 1})
+>>> check("label", {"event_id": "e1", "label": "maybe", "source": "moderator",
+...                 "ts": 1, "schema_version": 1})
+Traceback (most recent call last):
+...
+schemas.ContractViolation: invalid_field: label: 'maybe' is not one of ['abuse', 'benign']
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+CURRENT_VERSION = 1
+EVENT_TYPES = ("signup", "login", "post", "comment", "message", "follow", "like", "report", "payment")
+CONTENT_TYPES = ("post", "comment", "message")
+OUTPUT_CONTRACTS = ("risk_score", "alert", "dead_letter")
+
+
+class ContractViolation(ValueError):
+    """A record broke its contract. ``reason`` is a dead-letter reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def urn(name: str, version: int = CURRENT_VERSION) -> str:
+    return f"urn:abuse-detector:schemas:v{version}:{name}"
+
+
+@cache
+def load(name: str, version: int = CURRENT_VERSION) -> dict[str, Any]:
+    """The schema document ``name`` of contract version ``version``."""
+    path = resources.files("schemas").joinpath(f"v{version}/{name}.json")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KeyError(f"no contract {name!r} in version {version}") from None
+
+
+@cache
+def _registry(version: int) -> Registry:
+    folder = resources.files("schemas").joinpath(f"v{version}")
+    docs = [json.loads(p.read_text()) for p in folder.iterdir() if p.name.endswith(".json")]
+    return Registry().with_resources((d["$id"], Resource.from_contents(d)) for d in docs)
+
+
+@cache
+def validator(name: str, version: int = CURRENT_VERSION) -> Draft202012Validator:
+    schema = load(name, version)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, registry=_registry(version))
+
+
+def _path(error: Any) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(record)"
+
+
+def check(name: str, record: Any, version: int = CURRENT_VERSION) -> None:
+    """Raises :class:`ContractViolation` naming the first problem, or returns None."""
+    error = next(iter(sorted(validator(name, version).iter_errors(record), key=_error_rank)), None)
+    if error is None:
+        return
+    if error.validator == "required":
+        raise ContractViolation("missing_field", f"{_path(error)}: {error.message}")
+    raise ContractViolation("invalid_field", f"{_path(error)}: {error.message}")
+
+
+def _error_rank(error: Any) -> tuple[int, str]:
+    # Report a missing field before the type errors it may cause elsewhere.
+    return (0 if error.validator == "required" else 1, _path(error))

@@ -1,0 +1,1 @@
+"""The Faust app and all Kafka I/O; no detection logic lives here."""

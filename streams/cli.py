@@ -1,0 +1,124 @@
+"""`abuse-detector`: the one command-line entry point.
+
+Settings come from ``ABUSE_*`` environment variables (see streams/config.py);
+flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from streams.config import add_settings_arguments, load_settings
+
+KAFKA_FLAGS = ["home", "kafka_port", "kafka_controller_port"]
+CONNECTION_FLAGS = ["bootstrap_servers", "partitions", "events_topic", "labels_topic", "scores_topic",
+                    "alerts_topic", "dead_letter_topic"]
+WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "alert_threshold", "min_labels_per_class",
+                "max_event_bytes", "label_ttl_s"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abuse-detector", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kafka = sub.add_parser("kafka", help="run a local Apache Kafka (KRaft, single node) for development")
+    kafka.add_argument("action", choices=["up", "down", "status", "wipe"])
+    add_settings_arguments(kafka, KAFKA_FLAGS)
+
+    topics = sub.add_parser("topics", help="manage the input/output topics")
+    topics.add_argument("action", choices=["create"])
+    topics.add_argument("--recreate", action="store_true", help="delete and create them again (drops their data)")
+    add_settings_arguments(topics, CONNECTION_FLAGS + ["kafka_port"])
+
+    worker = sub.add_parser("worker", help="run a Faust worker (consume events and labels, emit scores and alerts)")
+    add_settings_arguments(worker, CONNECTION_FLAGS + WORKER_FLAGS + ["kafka_port"])
+
+    simulate = sub.add_parser("simulate", help="produce seeded synthetic traffic with abuse campaigns and labels")
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--users", type=int, default=3000)
+    simulate.add_argument("--days", type=float, default=1.5, help="simulated event-time span")
+    simulate.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
+    simulate.add_argument("--out-dir", type=Path, help="also write events.jsonl, labels.jsonl, truth.jsonl here")
+    simulate.add_argument("--no-kafka", action="store_true", help="only write files, do not produce")
+    add_settings_arguments(simulate, CONNECTION_FLAGS + ["kafka_port"])
+
+    demo = sub.add_parser("demo", help="local Kafka + topics + worker + a minute of traffic + summary")
+    demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
+    demo.add_argument("--rate", type=float, default=1000.0, help="records per second offered")
+    demo.add_argument("--seed", type=int, default=7)
+    add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "alert_threshold", "min_labels_per_class", "log_level"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = load_settings(**vars(args))
+
+    if args.command == "kafka":
+        from streams.kafka.local import LocalKafka, LocalKafkaError
+
+        kafka = LocalKafka(settings.home_path, settings.kafka_port, settings.kafka_controller_port)
+        try:
+            if args.action == "up":
+                status = kafka.up()
+                print(f"{status.detail} on {status.bootstrap}\nlog: {status.log_file}")
+            elif args.action == "down":
+                print("stopped" if kafka.down() else "not running")
+            elif args.action == "wipe":
+                kafka.wipe()
+                print(f"removed {kafka.run_dir}")
+            else:
+                status = kafka.status()
+                print(f"{status.detail}; bootstrap {status.bootstrap}; log: {status.log_file}")
+                return 0 if status.running else 3
+        except LocalKafkaError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    if args.command == "topics":
+        from streams.kafka.io import create_topics
+
+        created = create_topics(settings, recreate=args.recreate)
+        print(f"created: {', '.join(created) or 'none (all exist)'}")
+        return 0
+
+    if args.command == "worker":
+        from streams.app import run_worker
+
+        sys.argv = [sys.argv[0]]  # Faust's own command line must not see our flags
+        run_worker(settings)
+        return 0
+
+    if args.command == "simulate":
+        from streams.kafka.io import make_producer
+        from streams.simulator import SimulationConfig, run_simulation
+
+        config = SimulationConfig(seed=args.seed, users=args.users, days=args.days)
+        producer = None if args.no_kafka else make_producer(settings)
+        if producer is None and args.out_dir is None:
+            print("error: --no-kafka needs --out-dir", file=sys.stderr)
+            return 2
+        report = run_simulation(config, producer=producer, events_topic=settings.events_topic,
+                                labels_topic=settings.labels_topic, rate=args.rate, out_dir=args.out_dir)
+        print(f"events={report.events} abusive={report.abusive_events} labels={report.labels} "
+              f"malformed={report.malformed}")
+        return 0
+
+    if args.command == "demo":
+        from streams.demo import run_demo
+
+        try:
+            summary = run_demo(settings, seconds=args.seconds, rate=args.rate, seed=args.seed)
+        except KeyboardInterrupt:
+            print("\ninterrupted; everything the demo started was stopped", file=sys.stderr)
+            return 130
+        return 0 if summary.alerts > 0 else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The one place for configuration.
+
+Every setting is read from an environment variable named ``ABUSE_<FIELD>``
+(for example ``ABUSE_BOOTSTRAP_SERVERS``) and can be overridden by the CLI
+flag of the same name (``--bootstrap-servers``). ``docker-compose.yml`` uses
+the same variable names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "ABUSE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka connection and topics
+    bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"help": "Kafka bootstrap servers"})
+    app_id: str = field(default="abuse-detector", metadata={"help": "Faust app id (consumer group, changelog prefix)"})
+    partitions: int = field(default=4, metadata={"help": "partitions of every topic we create"})
+    events_topic: str = field(default="events", metadata={"help": "input events (keyed by user_id)"})
+    labels_topic: str = field(default="labels", metadata={"help": "input labels (keyed by event_id)"})
+    scores_topic: str = field(default="risk-scores", metadata={"help": "output risk scores (keyed by event_id)"})
+    alerts_topic: str = field(default="alerts", metadata={"help": "output alerts (keyed by user_id)"})
+    dead_letter_topic: str = field(default="dead-letters", metadata={"help": "rejected input with the reason"})
+    # Worker
+    data_dir: str = field(default=".abuse/worker", metadata={"help": "RocksDB table data of the worker"})
+    web_port: int = field(default=6066, metadata={"help": "Faust web server port of the worker"})
+    log_level: str = field(default="warning", metadata={"help": "worker log level"})
+    alert_threshold: float = field(default=0.8, metadata={"help": "risk score at or above which an alert is emitted"})
+    min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class the model needs before it may alert"})
+    max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
+    label_ttl_s: int = field(default=30 * 86400, metadata={"help": "how long scoring-time features wait for a label (event time)"})
+    # Local Kafka
+    home: str = field(default=".abuse", metadata={"help": "cache and state folder (Kafka jars, broker data, logs)"})
+    kafka_port: int = field(default=9092, metadata={"help": "port of the local broker"})
+    kafka_controller_port: int = field(default=9093, metadata={"help": "controller port of the local broker"})
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(kind: type, raw: str) -> Any:
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``ABUSE_*`` environment variables, then ``overrides`` (CLI flags).
+
+    >>> load_settings({"ABUSE_PARTITIONS": "8"}).partitions
+    8
+    >>> load_settings({"ABUSE_PARTITIONS": "8"}, partitions=2).partitions
+    2
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        kind = type(f.default)
+        env_name = ENV_PREFIX + f.name.upper()
+        if env_name in environ:
+            try:
+                values[f.name] = _coerce(kind, environ[env_name])
+            except ValueError:
+                raise SystemExit(f"{env_name}={environ[env_name]!r} is not a valid {kind.__name__}") from None
+        if overrides.get(f.name) is not None:
+            values[f.name] = overrides[f.name]
+    if "bootstrap_servers" not in values and "kafka_port" in values:
+        values["bootstrap_servers"] = f"127.0.0.1:{values['kafka_port']}"
+    return Settings(**values)
+
+
+def add_settings_arguments(parser: Any, names: list[str]) -> None:
+    """Adds ``--flag`` overrides for the named settings to an argparse parser."""
+    by_name = {f.name: f for f in fields(Settings)}
+    for name in names:
+        f = by_name[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=type(f.default),
+            default=None,
+            help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{name.upper()}, default {f.default!r})",
+        )

@@ -1,0 +1,164 @@
+"""`abuse-detector demo`: local Kafka, topics, a worker, a minute of traffic, a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from streams.config import ENV_PREFIX, Settings
+from streams.kafka.io import create_topics, make_producer, read_topic, topic_size
+from streams.kafka.local import LocalKafka
+from streams.simulator import SimulationConfig, SimulationReport, run_simulation
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    events: int
+    scored: int
+    dead_letters: int
+    malformed_injected: int
+    alerts: int
+    alert_precision: float
+    alert_recall: float
+    labels: int
+    abusive_events: int
+
+    def line(self) -> str:
+        return (f"SUMMARY events={self.events} scored={self.scored} dead_letters={self.dead_letters} "
+                f"alerts={self.alerts} alert_precision={self.alert_precision:.3f} alert_recall={self.alert_recall:.3f}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands ``settings`` to a child process."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(Settings):
+        env[ENV_PREFIX + f.name.upper()] = str(getattr(settings, f.name))
+    return env
+
+
+def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        env=settings_env(settings), stdout=open(log_file, "ab"), stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def summarise(settings: Settings, report: SimulationReport) -> DemoSummary:
+    alerted: set[str] = set()
+    for _, value in read_topic(settings, settings.alerts_topic):
+        alerted.add(orjson.loads(value)["event_id"])  # one alert id per event: dedupe redeliveries
+    true_alerts = sum(1 for event_id in alerted if report.truth.get(event_id))
+    return DemoSummary(
+        events=report.events,
+        scored=topic_size(settings, settings.scores_topic),
+        dead_letters=topic_size(settings, settings.dead_letter_topic),
+        malformed_injected=report.malformed,
+        alerts=len(alerted),
+        alert_precision=true_alerts / len(alerted) if alerted else 0.0,
+        alert_recall=true_alerts / report.abusive_events if report.abusive_events else 0.0,
+        labels=report.labels,
+        abusive_events=report.abusive_events,
+    )
+
+
+def _wait_for_outputs(settings: Settings, report: SimulationReport, worker: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scored = topic_size(settings, settings.scores_topic)
+        dead = topic_size(settings, settings.dead_letter_topic)
+        print(f"\r  worker progress: scored {scored}/{report.events}, dead letters {dead}/{report.malformed}   ",
+              end="", flush=True)
+        if scored >= report.events and dead >= report.malformed:
+            print()
+            return
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with code {worker.returncode}")
+        time.sleep(1.0)
+    print()
+    print(f"  worker did not finish within {timeout:.0f}s; summarising what it emitted")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, seed: int = 7) -> DemoSummary:
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    home = settings.home_path
+    settings = settings.replace(
+        app_id=f"abuse-demo-{run_id}",
+        data_dir=str(home / "demo" / run_id / "worker"),
+        web_port=free_port(),
+    )
+    kafka = LocalKafka(home, settings.kafka_port, settings.kafka_controller_port)
+    we_started_kafka = False
+    worker: subprocess.Popen | None = None
+    # SIGTERM (e.g. from make or CI) cleans up like Ctrl-C does.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        print(f"[1/5] local Apache Kafka on {kafka.bootstrap}")
+        we_started_kafka = kafka.status().running is False
+        status = kafka.up()
+        print(f"      {status.detail}; log: {status.log_file}")
+        settings = settings.replace(bootstrap_servers=kafka.bootstrap)
+        print(f"[2/5] topics ({settings.partitions} partitions each), recreated for a clean run")
+        create_topics(settings, recreate=True)
+        log_file = home / "demo" / run_id / "worker.log"
+        print(f"[3/5] worker {settings.app_id}; log: {log_file}")
+        worker = start_worker(settings, log_file)
+        # ~37k input records per simulated day at these settings; size the day count to the time asked for.
+        config = SimulationConfig(seed=seed, days=max(0.25, seconds * rate / 37_000))
+        print(f"[4/5] simulating {config.days:.2f} days of a {config.users}-user platform at {rate:.0f} records/s (seed {seed})")
+        report = run_simulation(config, producer=make_producer(settings), events_topic=settings.events_topic,
+                                labels_topic=settings.labels_topic, rate=rate, keep_truth=True,
+                                should_stop=lambda: worker is not None and worker.poll() is not None)
+        print(f"      produced {report.events} events ({report.abusive_events} abusive), {report.labels} labels, "
+              f"{report.malformed} malformed records")
+        print("[5/5] waiting for the worker to drain")
+        _wait_for_outputs(settings, report, worker, timeout=max(120.0, seconds * 2))
+        summary = summarise(settings, report)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if worker is not None:
+            stop_worker(worker)
+        if we_started_kafka:
+            kafka.down()
+    print()
+    print("Demo summary")
+    print(f"  events produced        {summary.events}  (abusive {summary.abusive_events})")
+    print(f"  risk scores emitted    {summary.scored}")
+    print(f"  dead letters           {summary.dead_letters}  (malformed injected {summary.malformed_injected})")
+    print(f"  labels produced        {summary.labels}")
+    print(f"  alerts                 {summary.alerts}")
+    print(f"  alert precision        {summary.alert_precision:.3f}  (alerts on injected abuse / all alerts)")
+    print(f"  alert recall           {summary.alert_recall:.3f}  (abusive events alerted / abusive events)")
+    print(summary.line())
+    return summary

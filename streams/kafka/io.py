@@ -1,0 +1,129 @@
+"""Kafka plumbing outside the Faust app: topic admin, producers, reading a topic."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterator
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.config import Settings
+
+
+def io_topics(settings: Settings) -> list[str]:
+    return [settings.events_topic, settings.labels_topic, settings.scores_topic,
+            settings.alerts_topic, settings.dead_letter_topic]
+
+
+def create_topics(settings: Settings, recreate: bool = False, timeout: float = 30.0) -> list[str]:
+    """Creates the input/output topics (all co-partitioned); returns the ones created."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    names = io_topics(settings)
+    if recreate:
+        delete_topics(settings, names, timeout)
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted = [n for n in names if n not in existing]
+    for name in names:
+        if name in existing and len(existing[name].partitions) != settings.partitions:
+            raise SystemExit(
+                f"topic {name!r} has {len(existing[name].partitions)} partitions, settings say {settings.partitions}; "
+                "keyed topics must be co-partitioned: use `topics create --recreate` or set ABUSE_PARTITIONS"
+            )
+    futures = admin.create_topics([NewTopic(n, settings.partitions, 1) for n in wanted], operation_timeout=timeout)
+    for name, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    _wait_for_topics(admin, names, present=True, timeout=timeout)
+    return wanted
+
+
+def delete_topics(settings: Settings, names: list[str], timeout: float = 30.0) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    existing = [n for n in names if n in admin.list_topics(timeout=timeout).topics]
+    if not existing:
+        return
+    for future in admin.delete_topics(existing, operation_timeout=timeout).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "UNKNOWN_TOPIC" not in str(exc):
+                raise
+    _wait_for_topics(admin, existing, present=False, timeout=timeout)
+
+
+def _wait_for_topics(admin: AdminClient, names: list[str], present: bool, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all((n in topics and not topics[n].error) == present for n in names):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"topics {names} did not become {'available' if present else 'deleted'} in {timeout}s")
+
+
+def make_producer(settings: Settings, **extra: object) -> Producer:
+    # murmur2 is what Java clients, aiokafka and therefore Faust use: keyed
+    # records must land on the partition whose worker holds that key's state.
+    config = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "partitioner": "murmur2_random",
+        "linger.ms": 5,
+        "enable.idempotence": True,
+        "compression.type": "lz4",
+    }
+    config.update(extra)
+    return Producer(config)
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> Iterator[tuple[bytes | None, bytes | None]]:
+    """Every record currently in ``topic`` (up to the end offsets seen at the start)."""
+    consumer = Consumer({
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": f"reader-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+    })
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error:
+            return
+        remaining = {}
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                remaining[p] = high
+        if not remaining:
+            return
+        consumer.assign([TopicPartition(topic, p, 0) for p in remaining])
+        deadline = time.monotonic() + timeout
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error():
+                    continue
+                deadline = time.monotonic() + timeout
+                yield msg.key(), msg.value()
+                if msg.offset() + 1 >= remaining.get(msg.partition(), 0):
+                    remaining.pop(msg.partition(), None)
+    finally:
+        consumer.close()
+
+
+def topic_size(settings: Settings, topic: str, timeout: float = 10.0) -> int:
+    """Records in ``topic`` (sum of end minus start offsets)."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"size-{uuid.uuid4().hex}"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error:
+            return 0
+        total = 0
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            total += high - low
+        return total
+    finally:
+        consumer.close()

@@ -1,0 +1,156 @@
+"""The whole path on a real Apache Kafka broker: events in, scores/alerts/dead letters out,
+labels train the model, per-user state survives restarts."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+
+import orjson
+import pytest
+
+import schemas
+from tests.integration.helpers import as_record, event
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_225_600_000
+MINUTE = 60_000
+
+
+def _stuffing_login(i: int, user: str) -> dict:
+    return event(f"bad-{i}", "login", T0 + i * 1000, user, ip=f"203.0.113.{i % 250}", device_id=None,
+                 success=False, failure_reason="bad_password")
+
+
+def _benign_post(i: int, user: str) -> dict:
+    return event(f"good-{i}", "post", T0 + i * 1000, user, text=f"lovely walk in the park number {i}")
+
+
+def test_events_in_scores_and_alerts_out(settings, worker, reader, produce):
+    scores = reader(settings.scores_topic)
+    alerts = reader(settings.alerts_topic)
+    # Teach the model the difference first: scored events, then their labels.
+    train = [_stuffing_login(i, f"victim-{i}") for i in range(30)] + [_benign_post(i, f"user-{i % 5}") for i in range(30)]
+    produce(settings.events_topic, [as_record(e) for e in train])
+    scores.wait_for(lambda r: len(r) >= 60, worker=worker)
+    labels = [(e["event_id"].encode(), orjson.dumps({
+        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
+        "source": "moderator", "ts": e["ts"] + MINUTE, "schema_version": 1})) for e in train]
+    produce(settings.labels_topic, labels)
+
+    # The worker learns from labels asynchronously; keep sending attacks until one alerts.
+    sent = 0
+    def alerted(records: list) -> bool:
+        return len(records) > 0
+    for round_ in range(20):
+        batch = [_stuffing_login(1000 + round_ * 10 + i, f"victim2-{round_}-{i}") for i in range(10)]
+        produce(settings.events_topic, [as_record(e) for e in batch])
+        sent += len(batch)
+        try:
+            alerts.wait_for(alerted, timeout=3, worker=worker)
+            break
+        except AssertionError:
+            continue
+    assert alerts.records, f"no alert after {sent} attack events:\n{worker.log()[-3000:]}"
+
+    all_scores = scores.wait_for(lambda r: len(r) >= 60 + sent, worker=worker)
+    for key, record, _, _ in all_scores:
+        schemas.check("risk_score", record)
+        assert key == record["event_id"].encode()
+        assert 0.0 <= record["score"] <= 1.0
+    for key, record, _, _ in alerts.records:
+        schemas.check("alert", record)
+        assert key == record["user_id"].encode()
+        assert record["score"] >= settings.alert_threshold
+        assert record["event_id"].startswith("bad-")
+        assert record["reasons"], "an alert must say why"
+    # Benign posts scored after learning stay low.
+    produce(settings.events_topic, [as_record(_benign_post(5000, "user-1"))])
+    late = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5000" for x in r), worker=worker)
+    benign = next(x[1] for x in late if x[1]["event_id"] == "good-5000")
+    assert benign["score"] < settings.alert_threshold
+
+
+def test_malformed_events_go_to_dead_letters_with_reason(settings, worker, reader, produce):
+    dead = reader(settings.dead_letter_topic)
+    scores = reader(settings.scores_topic)
+    good = event("ok-1", "login", T0, "u1", success=True)
+    missing = dict(good, event_id="m-1")
+    del missing["user_id"]
+    cases = {
+        b"{not json": "not_json",
+        orjson.dumps([good]): "not_an_object",
+        orjson.dumps(dict(good, event_id="t-1", ts="yesterday")): "invalid_field",
+        orjson.dumps(missing): "missing_field",
+        orjson.dumps(dict(good, event_id="u-1", type="teleport")): "unknown_type",
+        orjson.dumps(dict(good, event_id="v-1", schema_version=9)): "unsupported_schema_version",
+        orjson.dumps(dict(good, event_id="o-1", type="post", text="x" * (settings.max_event_bytes + 10))): "oversized",
+        orjson.dumps(dict(good, event_id="p-1", type="payment", amount=-3, currency="USD", merchant_id="m")): "invalid_field",
+        orjson.dumps(dict(good, event_id="q-1", type="payment", amount=3, currency="USD")): "invalid_field",
+    }
+    produce(settings.events_topic, [(b"k", raw) for raw in cases] + [as_record(good)])
+    produce(settings.labels_topic, [(b"x", b'{"event_id": "x", "label": "maybe"}')])
+    records = dead.wait_for(lambda r: len(r) >= len(cases) + 1, worker=worker)
+    by_value = {base64.b64decode(r["value_b64"]): r for _, r, _, _ in records}
+    for raw, reason in cases.items():
+        assert raw in by_value, f"{raw[:60]!r} was not dead-lettered"
+        letter = by_value[raw]
+        schemas.check("dead_letter", letter)
+        assert letter["reason"] == reason, (raw[:60], letter)
+        assert letter["source_topic"] == settings.events_topic
+        assert letter["error"]
+        assert letter["offset"] >= 0 and letter["partition"] in range(settings.partitions)
+    label_letter = by_value[b'{"event_id": "x", "label": "maybe"}']
+    assert label_letter["source_topic"] == settings.labels_topic
+    # The valid event in the same batch was scored; nothing valid was dead-lettered.
+    scores.wait_for(lambda r: any(x[1]["event_id"] == "ok-1" for x in r), worker=worker)
+    assert len(dead.records) == len(cases) + 1
+    assert worker.alive()
+
+
+def test_label_after_score_changes_the_model(settings, worker, reader, produce):
+    scores = reader(settings.scores_topic)
+    probe = _stuffing_login(0, "probe-user")
+    produce(settings.events_topic, [as_record(probe)])
+    before = scores.wait_for(lambda r: len(r) >= 1, worker=worker)[0][1]
+    assert before["model_version"].endswith("+0")
+
+    train = [_stuffing_login(i, f"v-{i}") for i in range(1, 6)] + [_benign_post(i, f"g-{i}") for i in range(1, 6)]
+    produce(settings.events_topic, [as_record(e) for e in train])
+    scores.wait_for(lambda r: len(r) >= 11, worker=worker)
+    produce(settings.labels_topic, [(e["event_id"].encode(), orjson.dumps({
+        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
+        "source": "moderator", "ts": T0 + 10 * MINUTE, "schema_version": 1})) for e in train])
+
+    # Same features as the probe, new id: scored by the updated model.
+    for attempt in range(30):
+        again = dict(probe, event_id=f"probe-again-{attempt}", user_id=f"probe-user-{attempt}")
+        produce(settings.events_topic, [as_record(again)])
+        after = scores.wait_for(lambda r: any(x[1]["event_id"] == again["event_id"] for x in r), worker=worker)
+        rescored = next(x[1] for x in after if x[1]["event_id"] == again["event_id"])
+        if rescored["model_version"].endswith("+10"):
+            break
+    assert rescored["model_version"] == before["model_version"].replace("+0", "+10")
+    assert rescored["features"] == before["features"] | {}
+    assert rescored["score"] > before["score"] + 0.05, (before["score"], rescored["score"])
+    assert rescored["model_ready"] and not before["model_ready"]
+
+
+@pytest.mark.parametrize("wipe_local_state", [False, True], ids=["rocksdb", "changelog-recovery"])
+def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_local_state):
+    scores = reader(settings.scores_topic)
+    first = [_benign_post(i, "steady-user") for i in range(5)]
+    produce(settings.events_topic, [as_record(e) for e in first])
+    scores.wait_for(lambda r: len(r) >= 5, worker=worker)
+    assert max(r[1]["features"]["events_1h"] for r in scores.records) == 5
+
+    worker.stop()
+    if wipe_local_state:
+        shutil.rmtree(settings.data_dir)  # state must come back from the changelog topic
+    worker.start()
+    produce(settings.events_topic, [as_record(_benign_post(5, "steady-user"))])
+    records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
+    after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
+    assert after["features"]["events_1h"] == 6
+    assert after["features"]["account_age_h"] == pytest.approx(5 / 3600)
