@@ -182,14 +182,14 @@ def update_user(state: dict[str, Any] | None, event: dict[str, Any]) -> tuple[di
     m = _ring_sums(state["fine"])
     h = _ring_sums(state["coarse"])
 
+    for recent in (state["ips"], state["devs"]):
+        for key in [k for k, t in recent.items() if t < watermark - IP_MEMORY_MS]:
+            del recent[key]
     ip_new = device_new = 0.0
     if event.get("ip"):
         ip_new = float(_touch(state["ips"], _short_hash(event["ip"]), ts, RECENT_KEYS))
     if event.get("device_id"):
         device_new = float(_touch(state["devs"], _short_hash(event["device_id"]), ts, RECENT_KEYS))
-    for recent in (state["ips"], state["devs"]):
-        for key in [k for k, t in recent.items() if t < watermark - IP_MEMORY_MS]:
-            del recent[key]
     hour_ago = watermark - 3_600_000
 
     text_len = text_urls = text_dup = 0.0

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
 CURRENT_VERSION = 1
@@ -76,9 +77,12 @@ def check(name: str, record: Any, version: int = CURRENT_VERSION) -> None:
     error = next(iter(sorted(validator(name, version).iter_errors(record), key=_error_rank)), None)
     if error is None:
         return
+    if error.context:  # anyOf/oneOf: name the branch that came closest, not the whole record
+        error = best_match(error.context)
+    message = error.message if len(error.message) <= 300 else error.message[:300] + "..."
     if error.validator == "required":
-        raise ContractViolation("missing_field", f"{_path(error)}: {error.message}")
-    raise ContractViolation("invalid_field", f"{_path(error)}: {error.message}")
+        raise ContractViolation("missing_field", f"{_path(error)}: {message}")
+    raise ContractViolation("invalid_field", f"{_path(error)}: {message}")
 
 
 def _error_rank(error: Any) -> tuple[int, str]:

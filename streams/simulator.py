@@ -343,10 +343,13 @@ class _Generator:
         c, r = self.c, self.rng
         end = c.start_ms + int(c.days * DAY_MS)
         labels: list[_Item] = []
+        spill: list[_Item] = []  # campaign events that run past the hour they started in
         hour = c.start_ms
         while hour < end:
-            batch = self._benign_hour(hour) + self._campaigns_in_hour(hour)
+            batch = self._benign_hour(hour) + self._campaigns_in_hour(hour) + spill
             batch.sort()
+            cut = next((i for i, item in enumerate(batch) if item.ts >= hour + HOUR_MS), len(batch))
+            batch, spill = batch[:cut], batch[cut:]
             for item in batch:
                 if item.ts >= end:
                     continue

@@ -87,7 +87,7 @@ def test_malformed_events_go_to_dead_letters_with_reason(settings, worker, reade
         orjson.dumps(dict(good, event_id="v-1", schema_version=9)): "unsupported_schema_version",
         orjson.dumps(dict(good, event_id="o-1", type="post", text="x" * (settings.max_event_bytes + 10))): "oversized",
         orjson.dumps(dict(good, event_id="p-1", type="payment", amount=-3, currency="USD", merchant_id="m")): "invalid_field",
-        orjson.dumps(dict(good, event_id="q-1", type="payment", amount=3, currency="USD")): "invalid_field",
+        orjson.dumps(dict(good, event_id="q-1", type="payment", amount=3, currency="USD")): "missing_field",
     }
     produce(settings.events_topic, [(b"k", raw) for raw in cases] + [as_record(good)])
     produce(settings.labels_topic, [(b"x", b'{"event_id": "x", "label": "maybe"}')])
