@@ -35,7 +35,7 @@ class Settings:
     alert_threshold: float = field(default=0.8, metadata={"help": "risk score at or above which an alert is emitted"})
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class the model needs before it may alert"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
-    label_ttl_s: int = field(default=30 * 86400, metadata={"help": "how long scoring-time features wait for a label (event time)"})
+    label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     # Local Kafka
     home: str = field(default=".abuse", metadata={"help": "cache and state folder (Kafka jars, broker data, logs)"})
     kafka_port: int = field(default=9092, metadata={"help": "port of the local broker"})
