@@ -5,8 +5,8 @@ traffic, not only labelled events), then fed to a logistic regression trained
 one label at a time with class weights that undo label imbalance.
 
 >>> m = OnlineRiskModel(min_labels_per_class=1)
->>> bad = {"login_fail_1h": 9.0, "ip_new_for_user": 1.0}
->>> good = {"login_fail_1h": 0.0, "ip_new_for_user": 0.0}
+>>> bad = {"user_login_failures_1h": 9.0, "ip_new_for_user": 1.0}
+>>> good = {"user_login_failures_1h": 0.0, "ip_new_for_user": 0.0}
 >>> for _ in range(50):
 ...     m.observe(bad); m.observe(good)
 ...     m.learn_one(bad, True); m.learn_one(good, False)
@@ -23,7 +23,7 @@ from typing import Mapping
 
 from river import linear_model, optim, preprocessing
 
-from detectors.features import FEATURES
+from detectors.catalog import FEATURE_BY_NAME
 
 MODEL_NAME = "online-logreg"
 MODEL_GENERATION = 1
@@ -91,7 +91,7 @@ class OnlineRiskModel:
             value = features[name]
             reasons.append({
                 "code": name,
-                "text": f"{FEATURES.get(name, name)}: {value:g}",
+                "text": f"{FEATURE_BY_NAME[name].describe() if name in FEATURE_BY_NAME else name}: {value:g}",
                 "weight": round(contribution, 4),
                 "value": value,
             })

@@ -1,4 +1,4 @@
-"""The detector: one valid event and its user's record in, a score (and maybe an alert) out.
+"""The detector: one valid event and its entities' state in, a score (and maybe an alert) out.
 
 This is the code the live worker, tests and offline tools all run; it knows
 nothing about Kafka or Faust. State crosses the boundary as bytes so the
@@ -6,26 +6,25 @@ worker stores exactly what the detector wrote.
 
 >>> d = Detector(OnlineRiskModel(min_labels_per_class=1), alert_threshold=0.8)
 >>> out = d.score({"event_id": "e1", "type": "signup", "ts": 0, "user_id": "u1",
-...                "schema_version": 1}, None, now_ms=1)
->>> 0.0 <= out.risk_score["score"] <= 1.0, out.alert is None
-(True, True)
+...                "schema_version": 1}, {}, now_ms=1)
+>>> 0.0 <= out.risk_score["score"] <= 1.0, out.alert is None, list(out.updates)
+(True, True, ['user'])
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import orjson
+from typing import Any, Mapping
 
 from detectors.decisions import build_alert, score_id
-from detectors.features import update_user
+from detectors.features import EntityState, entity_keys, extract
 from detectors.model import OnlineRiskModel
 
 
 @dataclass(frozen=True)
 class Scored:
-    user_state: bytes
+    updates: dict[str, bytes]  # entity name -> new bytes of the shard this event wrote
+    keys: dict[str, str]  # entity name -> key
     risk_score: dict[str, Any]
     alert: dict[str, Any] | None
 
@@ -35,8 +34,9 @@ class Detector:
         self.model = model
         self.alert_threshold = alert_threshold
 
-    def score(self, event: dict[str, Any], user_state: bytes | None, now_ms: int) -> Scored:
-        state, features = update_user(orjson.loads(user_state) if user_state else None, event)
+    def score(self, event: dict[str, Any], states: Mapping[str, EntityState], now_ms: int) -> Scored:
+        extraction = extract(event, states)
+        features = extraction.features
         self.model.observe(features)
         probability = self.model.predict_proba_one(features)
         ready = self.model.ready
@@ -57,7 +57,22 @@ class Detector:
         alert = None
         if ready and risk_score["score"] >= self.alert_threshold:
             alert = build_alert(risk_score, self.alert_threshold, now_ms)
-        return Scored(orjson.dumps(state), risk_score, alert)
+        return Scored(extraction.updates, extraction.keys, risk_score, alert)
 
     def learn(self, features: dict[str, float], is_abuse: bool) -> None:
         self.model.learn_one(features, is_abuse)
+
+
+class LocalStore:
+    """All entity state in one process, one shard per entity: what offline
+    evaluation, replay checks and tests use around the same ``Detector``."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], bytes] = {}
+
+    def score(self, detector: Detector, event: dict[str, Any], now_ms: int) -> Scored:
+        keys = entity_keys(event)
+        scored = detector.score(event, {k: EntityState(self.records.get((k, v))) for k, v in keys.items()}, now_ms)
+        for name, raw in scored.updates.items():
+            self.records[(name, keys[name])] = raw
+        return scored

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-kafka", action="store_true", help="only write files, do not produce")
     add_settings_arguments(simulate, CONNECTION_FLAGS + ["kafka_port"])
 
+    features = sub.add_parser("features", help="print the feature catalogue, or explain one entity's live state")
+    features.add_argument("action", nargs="?", choices=["explain"], help="explain ENTITY from a running worker")
+    features.add_argument("entity", nargs="?", help="<entity-type>:<id>, e.g. ip:203.0.113.7 or user:u000042")
+    features.add_argument("--url", help="worker web server (default http://127.0.0.1:<web-port>)")
+    add_settings_arguments(features, ["web_port"])
+
     demo = sub.add_parser("demo", help="local Kafka + topics + worker + a minute of traffic + summary")
     demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
     demo.add_argument("--rate", type=float, default=1000.0, help="records per second offered")
@@ -107,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"events={report.events} abusive={report.abusive_events} labels={report.labels} "
               f"malformed={report.malformed}")
         return 0
+
+    if args.command == "features":
+        from streams.explain import explain_entity, print_catalogue
+
+        if args.action is None:
+            print_catalogue()
+            return 0
+        if not args.entity or ":" not in args.entity:
+            print("error: give the entity as <entity-type>:<id>, e.g. ip:203.0.113.7", file=sys.stderr)
+            return 2
+        return explain_entity(args.entity, args.url or f"http://127.0.0.1:{settings.web_port}")
 
     if args.command == "demo":
         from streams.demo import run_demo

@@ -125,14 +125,15 @@ def test_label_after_score_changes_the_model(settings, worker, reader, produce):
 
     # Same features as the probe, new id: scored by the updated model.
     for attempt in range(30):
-        again = dict(probe, event_id=f"probe-again-{attempt}", user_id=f"probe-user-{attempt}")
+        # A fresh user and IP, so every entity's features equal the first probe's.
+        again = dict(probe, event_id=f"probe-again-{attempt}", user_id=f"probe-user-{attempt}", ip=f"198.51.100.{attempt}")
         produce(settings.events_topic, [as_record(again)])
         after = scores.wait_for(lambda r: any(x[1]["event_id"] == again["event_id"] for x in r), worker=worker)
         rescored = next(x[1] for x in after if x[1]["event_id"] == again["event_id"])
         if rescored["model_version"].endswith("+10"):
             break
     assert rescored["model_version"] == before["model_version"].replace("+0", "+10")
-    assert rescored["features"] == before["features"] | {}
+    assert rescored["features"] == before["features"]
     assert rescored["score"] > before["score"] + 0.05, (before["score"], rescored["score"])
     assert rescored["model_ready"] and not before["model_ready"]
 
@@ -143,7 +144,7 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_lo
     first = [_benign_post(i, "steady-user") for i in range(5)]
     produce(settings.events_topic, [as_record(e) for e in first])
     scores.wait_for(lambda r: len(r) >= 5, worker=worker)
-    assert max(r[1]["features"]["events_1h"] for r in scores.records) == 5
+    assert max(r[1]["features"]["user_events_1h"] for r in scores.records) == 5
 
     worker.stop()
     if wipe_local_state:
@@ -152,5 +153,5 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_lo
     produce(settings.events_topic, [as_record(_benign_post(5, "steady-user"))])
     records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
     after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
-    assert after["features"]["events_1h"] == 6
-    assert after["features"]["account_age_h"] == pytest.approx(5 / 3600)
+    assert after["features"]["user_events_1h"] == 6
+    assert after["features"]["user_age_h"] == pytest.approx(5 / 3600)

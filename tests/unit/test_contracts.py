@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 import schemas
 from detectors.events import decode_event, decode_label, dead_letter
 from detectors.model import OnlineRiskModel
-from detectors.pipeline import Detector
+from detectors.pipeline import Detector, LocalStore
 from schemas import ContractViolation
 from streams.simulator import SimulationConfig, simulate
 
@@ -105,7 +105,7 @@ def test_dead_letter_records_honour_their_contract():
 
 def test_simulated_stream_honours_contracts_and_outputs_do_too():
     detector = Detector(OnlineRiskModel(min_labels_per_class=1), alert_threshold=0.5)
-    states: dict[str, bytes] = {}
+    store = LocalStore()
     kinds = {"event": 0, "label": 0, "malformed": 0}
     alerts = 0
     for rec in simulate(SMALL):
@@ -119,8 +119,7 @@ def test_simulated_stream_honours_contracts_and_outputs_do_too():
         else:
             event = decode_event(rec.value, 65536)
             assert rec.key == event["user_id"].encode()
-            out = detector.score(event, states.get(event["user_id"]), now_ms=1)
-            states[event["user_id"]] = out.user_state
+            out = store.score(detector, event, now_ms=1)
             schemas.check("risk_score", out.risk_score)
             if out.alert:
                 alerts += 1

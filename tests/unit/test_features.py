@@ -1,121 +1,266 @@
-"""Per-user features against brute-force references on random, out-of-order streams."""
+"""Every aggregation of the catalogue against a brute-force reference on random streams
+(out-of-order events, window and bucket boundaries), and shards merging to the same answer."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import orjson
 import pytest
 
-from detectors.features import (
-    COARSE_BUCKETS, COARSE_WIDTH_MS, FEATURE_NAMES, FEATURES, FINE_BUCKETS, FINE_WIDTH_MS, update_user,
+from detectors.catalog import (
+    ENTITIES, EVENT_FEATURES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, IsNew, Mean, NearDuplicates,
+    RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, CHANNELS, HOUR,
+)
+from detectors.entities import apply_event, entity_features, is_idle, merge_records
+from detectors.features import EntityState, extract
+from detectors.sketches import (
+    EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_merge, hamming,
+    new_distinct, simhash,
 )
 
-KINDS = ("login", "post", "follow", "like", "payment", "signup", "report", "message")
+KINDS = ("login", "post", "message", "follow", "like", "payment", "signup", "report", "comment")
+TEXTS = ("hello world from the park", "Hello,   WORLD from the park 7", "buy now http://x.example/1 free phone",
+         "buy NOW http://x.example/2 free phone!!", "something else entirely different")
 
 
-def _random_event(rng: random.Random, ts: int) -> dict:
+def random_event(rng: random.Random, ts: int, n_users: int = 5, n_ips: int = 4) -> dict:
     kind = rng.choice(KINDS)
-    e = {"event_id": f"e{rng.getrandbits(32)}", "type": kind, "ts": ts, "user_id": "u",
-         "ip": rng.choice(("1.1.1.1", "2.2.2.2", "3.3.3.3", None)), "device_id": rng.choice(("d1", "d2", None))}
+    e = {"event_id": f"e{rng.getrandbits(40)}", "type": kind, "ts": ts, "user_id": f"u{rng.randrange(n_users)}",
+         "ip": rng.choice([f"10.0.0.{i}" for i in range(n_ips)] + [None]),
+         "device_id": rng.choice(("d1", "d2", "d3", None))}
     if kind == "login":
         e["success"] = rng.random() < 0.6
-    elif kind in ("post", "message"):
-        e["text"] = rng.choice(("hello world", "Hello,   WORLD 7", "buy http://x.example now", "something else"))
+    elif kind in ("post", "message", "comment"):
+        e["text"] = rng.choice(TEXTS)
     elif kind == "payment":
-        e.update(amount=rng.choice((0.5, 3.0, 25.0)), currency="USD", merchant_id=rng.choice(("m1", "m2")),
-                 status=rng.choice(("approved", "declined")))
+        e.update(amount=rng.choice((0.5, 3.0, 25.0, 99.99)), currency="USD", merchant_id=rng.choice(("m1", "m2", None)),
+                 terminal_id="t9", card_fingerprint=rng.choice(("c1", "c2", None)),
+                 status=rng.choice(("approved", "declined", None)))
     return e
 
 
-def _in_window(ts: int, watermark: int, width: int, buckets: int) -> bool:
-    return watermark // width - buckets < ts // width <= watermark // width
-
-
-def _reference(seen: list[dict], width: int, buckets: int) -> dict[str, float]:
-    watermark = max(e["ts"] for e in seen)
-    window = [e for e in seen if _in_window(e["ts"], watermark, width, buckets)]
-    logins = [e for e in window if e["type"] == "login"]
-    failed = [e for e in logins if not e["success"]]
-    payments = [e for e in window if e["type"] == "payment"]
-    return {
-        "events": len(window),
-        "logins": len(logins),
-        "failures": len(failed),
-        "ratio": len(failed) / len(logins) if logins else 0.0,
-        "content": sum(e["type"] in ("post", "comment", "message") for e in window),
-        "follows": sum(e["type"] == "follow" for e in window),
-        "payments": len(payments),
-        "small": sum(e["amount"] < 5 for e in payments),
-        "declined": sum(e["status"] == "declined" for e in payments),
-        "amount": round(sum(e["amount"] for e in payments), 2),
-    }
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_windows_match_brute_force_on_out_of_order_streams(seed):
+def random_stream(seed: int, n: int = 300) -> list[dict]:
     rng = random.Random(seed)
-    state = None
+    ts = 1_767_225_600_000 + rng.randrange(3_600_000)
+    out = []
+    for _ in range(n):
+        # Gaps that cross bucket and window edges, exact bucket edges, and late events.
+        ts += rng.choice((0, 1, 999, 9_999, 10_000, 59_999, 60_000, 299_999, 300_000, 3_599_999, 3_600_000,
+                          7_200_000, 86_400_000))
+        late = rng.random() < 0.2
+        out.append(random_event(rng, ts - (rng.randrange(1, 40 * 60_000) if late else 0)))
+    return out
+
+
+# -- the reference ------------------------------------------------------------------
+def in_window(ts: int, watermark: int, window: str) -> bool:
+    """The documented rule: buckets of the window's width ending at the watermark's bucket."""
+    width, n = WINDOWS[window]
+    return watermark // width - n < ts // width <= watermark // width
+
+
+def reference(entity_name: str, seen: list[dict], event: dict) -> dict[str, float]:
+    entity = ENTITIES[entity_name]
+    key = entity.key(event)
+    mine = [e for e in seen if entity.key(e) == key]
+    watermark = max(e["ts"] for e in mine)
+    out: dict[str, float] = {}
+
+    def total(channel: str, window: str) -> float:
+        ring_len = entity.ring_lengths[WINDOWS[window][0]]
+        width = WINDOWS[window][0]
+        # An event only counts if its bucket was still in the ring when it arrived.
+        counted = []
+        high = None
+        for e in mine:
+            high = e["ts"] if high is None else max(high, e["ts"])
+            if e["ts"] // width > high // width - ring_len:
+                counted.append(e)
+        return sum(CHANNELS[channel].amount(e) for e in counted if in_window(e["ts"], watermark, window))
+
+    for f in entity.features:
+        if isinstance(f, (Count, Sum)):
+            v = total(f.channel, f.window)
+        elif isinstance(f, Mean):
+            d = total(f.per, f.window)
+            v = total(f.channel, f.window) / d if d else 0.0
+        elif isinstance(f, Ratio):
+            d = total(f.denominator, f.window)
+            v = total(f.numerator, f.window) / d if d else 0.0
+        elif isinstance(f, RateOfChange):
+            newest = watermark // HOUR
+            day = sum(CHANNELS[f.channel].amount(e) for e in mine if newest - 24 <= e["ts"] // HOUR < newest)
+            v = (total(f.channel, "1h") + 1) / (day / 24 + 1)
+        elif isinstance(f, Distinct):
+            sketch = next(s for s in entity.sketches if s.name == f.sketch)
+            since = (watermark - WINDOW_MS[f.window]) // 1000
+            last: dict[str, int] = {}
+            for e in mine:
+                value = sketch.field(e)
+                if value:
+                    last[value] = max(last.get(value, 0), e["ts"] // 1000)
+            v = sum(1 for t in last.values() if t >= since)
+        elif isinstance(f, IsNew):
+            continue  # memory semantics: test_new_ip_for_user_is_remembered_for_thirty_days
+        elif isinstance(f, NearDuplicates):
+            if event["type"] not in ("post", "comment", "message"):
+                v = 0.0
+            else:
+                fp = simhash(event["text"])
+                since = (watermark - WINDOW_MS[f.window]) // 1000
+                texts = sorted((e["ts"] // 1000, simhash(e["text"])) for e in mine
+                               if e["type"] in ("post", "comment", "message"))[-24:]
+                texts = [t for t in texts if t[0] >= (watermark - 3_600_000) // 1000]
+                own = (event["ts"] // 1000, fp)
+                if own in texts:
+                    texts.remove(own)
+                v = sum(1 for t, h in texts if t >= since and hamming(h, fp) <= NEAR_DUPLICATE_BITS)
+        elif isinstance(f, SinceFirstSeen):
+            v = (watermark - min(e["ts"] for e in mine)) / HOUR
+        elif isinstance(f, SinceLastSeen):
+            before = [e["ts"] for e in mine[:-1]]
+            v = 86_400.0 if not before else min(86_400.0, max(0, event["ts"] - max(before)) / 1000)
+        out[f.name] = float(v)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("entity_name", list(ENTITIES))
+def test_entity_features_match_brute_force(entity_name, seed):
+    entity = ENTITIES[entity_name]
+    records: dict[str, dict] = {}
     seen: list[dict] = []
-    ts = 1_000_000_000
-    for _ in range(400):
-        # Mostly forward in time with gaps crossing bucket and window boundaries, sometimes late.
-        step = rng.choice((0, 500, 3_000, 9_999, 10_000, 61_000, 299_999, 300_000, 3_700_000))
-        ts += step
-        event_ts = ts - (rng.randrange(0, 700_000) if rng.random() < 0.2 else 0)
-        event = _random_event(rng, event_ts)
-        # State goes through bytes like in the worker.
-        state, features = update_user(orjson.loads(orjson.dumps(state)) if state else None, event)
+    checked = 0
+    for event in random_stream(seed):
+        key = entity.key(event)
         seen.append(event)
-        minute = _reference(seen, FINE_WIDTH_MS, FINE_BUCKETS)
-        hour = _reference(seen, COARSE_WIDTH_MS, COARSE_BUCKETS)
-        assert features["events_1m"] == minute["events"]
-        assert features["events_1h"] == hour["events"]
-        assert features["logins_1h"] == hour["logins"]
-        assert features["login_fail_1m"] == minute["failures"]
-        assert features["login_fail_1h"] == hour["failures"]
-        assert features["login_fail_ratio_1h"] == pytest.approx(hour["ratio"])
-        assert features["content_1m"] == minute["content"]
-        assert features["content_1h"] == hour["content"]
-        assert features["follows_1m"] == minute["follows"]
-        assert features["payments_1h"] == hour["payments"]
-        assert features["payments_small_1h"] == hour["small"]
-        assert features["payments_declined_1h"] == hour["declined"]
-        assert features["payment_amount_1h"] == pytest.approx(hour["amount"])
-        assert features["account_age_h"] == pytest.approx((max(e["ts"] for e in seen) - min(e["ts"] for e in seen)) / 3.6e6)
+        if not key:
+            continue
+        previous = records.get(key)
+        previous_last = previous["l"] if previous else None
+        fp = simhash(event["text"]) if entity.track_texts and event["type"] in ("post", "comment", "message") else None
+        # round-trip through bytes, as the worker stores it
+        record, novelty = apply_event(entity, orjson.loads(orjson.dumps(previous)) if previous else None, event, fp)
+        records[key] = record
+        got = entity_features(entity, record, event, previous_last, novelty, fp)
+        want = reference(entity_name, seen, event)
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value), (name, event, got[name], value)
+        checked += 1
+    assert checked > 10
 
 
-def test_every_feature_is_described_and_emitted_in_order():
-    _, features = update_user(None, {"type": "signup", "ts": 0, "user_id": "u"})
-    assert tuple(features) == FEATURE_NAMES
-    assert all(FEATURES[name] for name in FEATURE_NAMES)
+def test_shards_merge_to_the_single_record_answer():
+    """Any split of an entity's events over partitions merges to the unsplit features."""
+    rng = random.Random(99)
+    for entity_name in ("ip", "device", "merchant", "card"):
+        entity = ENTITIES[entity_name]
+        for seed in range(6):
+            whole: dict[str, dict] = {}
+            shards: dict[tuple[int, str], dict] = {}
+            for event in random_stream(seed, n=200):
+                key = entity.key(event)
+                if not key:
+                    continue
+                previous_whole = whole.get(key)
+                whole[key], _ = apply_event(entity, previous_whole, event)
+                p = rng.randrange(4)
+                shards[(p, key)], _ = apply_event(entity, shards.get((p, key)), event)
+                view = merge_records(entity, [shards.get((q, key)) for q in range(4)])
+                assert entity_features(entity, view, event, None) == pytest.approx(
+                    entity_features(entity, whole[key], event, None)), (entity_name, seed, event)
 
 
-def test_new_ip_and_device_are_remembered_per_user():
-    state, f = update_user(None, {"type": "login", "ts": 0, "user_id": "u", "ip": "1.1.1.1", "device_id": "d", "success": True})
-    assert f["ip_new_for_user"] == f["device_new_for_user"] == 1.0
-    state, f = update_user(state, {"type": "login", "ts": 1000, "user_id": "u", "ip": "1.1.1.1", "device_id": "d", "success": True})
-    assert f["ip_new_for_user"] == f["device_new_for_user"] == 0.0
-    state, f = update_user(state, {"type": "login", "ts": 2000, "user_id": "u", "ip": None, "device_id": None, "success": False})
-    assert f["ip_new_for_user"] == 0.0 and f["distinct_ips_1h"] == 1.0
-    # Forgotten after 30 days of event time.
-    state, f = update_user(state, {"type": "login", "ts": 31 * 86_400_000, "user_id": "u", "ip": "1.1.1.1", "success": True})
-    assert f["ip_new_for_user"] == 1.0
+def test_new_ip_for_user_is_remembered_for_thirty_days():
+    user = ENTITIES["user"]
+    login = {"type": "login", "user_id": "u", "success": True, "ip": "1.1.1.1", "device_id": "d"}
+    record, novelty = apply_event(user, None, dict(login, ts=0))
+    assert novelty == {"ips": True, "devices": True}
+    record, novelty = apply_event(user, record, dict(login, ts=86_400_000))
+    assert novelty == {"ips": False, "devices": False}
+    record, novelty = apply_event(user, record, dict(login, ts=32 * 86_400_000))
+    assert novelty == {"ips": True, "devices": True}
 
 
-def test_near_duplicate_texts_are_counted_within_the_hour():
-    state = None
-    texts = ["FREE phone!!! http://a.example/1 code 11", "free PHONE http://a.example/2 code 98", "Free phone... http://a.example/3 CODE 5"]
-    for i, text in enumerate(texts):
-        state, f = update_user(state, {"type": "post", "ts": i * 60_000, "user_id": "u", "text": text})
-    assert f["text_dup_1h"] == 2 and f["text_urls"] == 1
-    state, f = update_user(state, {"type": "post", "ts": 2 * 3_600_000, "user_id": "u", "text": texts[0]})
-    assert f["text_dup_1h"] == 0
+def test_idle_entities_expire_by_event_time():
+    ip = ENTITIES["ip"]
+    record, _ = apply_event(ip, None, {"type": "signup", "ts": 0, "user_id": "u", "ip": "1.1.1.1"})
+    assert not is_idle(ip, record, watermark_ms=ip.idle_expiry_ms)
+    assert is_idle(ip, record, watermark_ms=ip.idle_expiry_ms + 1)
 
 
-def test_state_is_compact():
-    state = None
+def test_extract_emits_the_catalogue_in_order_with_all_entities():
+    event = {"event_id": "e", "type": "payment", "ts": 5, "user_id": "u", "ip": "1.1.1.1", "device_id": "d",
+             "amount": 1.0, "currency": "USD", "merchant_id": "m", "card_fingerprint": "c"}
+    result = extract(event, {})
+    assert tuple(result.features) == FEATURE_NAMES
+    assert set(result.updates) == set(ENTITIES)
+    assert result.features["ip_events_1m"] == 1 and result.features["card_payments_1h"] == 1
+    again = extract(dict(event, event_id="f", ts=6), {k: EntityState(v) for k, v in result.updates.items()})
+    assert again.features["merchant_payments_10m"] == 2 and again.features["user_secs_since_last"] == 0.001
+    assert len(EVENT_FEATURES) < len(FEATURE_NAMES)
+
+
+# -- sketches ------------------------------------------------------------------------
+def test_distinct_is_exact_up_to_the_limit():
+    sketch = new_distinct()
+    for i in range(EXACT_LIMIT):
+        sketch = distinct_add(sketch, f"v{i}", ts_s=i)
+    assert "x" in sketch
+    assert [distinct_count(sketch, since_s=s) for s in (0, 10, EXACT_LIMIT)] == [EXACT_LIMIT, EXACT_LIMIT - 10, 0]
+
+
+@pytest.mark.parametrize("n", [30, 100, 400, 2000, 20000])
+def test_sliding_hyperloglog_stays_within_its_documented_error(n):
+    sketch = new_distinct()
+    for i in range(n):
+        sketch = distinct_add(sketch, f"value-{n}-{i}", ts_s=i)
+    for since, true in ((0, n), (n // 2, n - n // 2)):
+        estimate = distinct_count(sketch, since_s=since)
+        assert abs(estimate - true) <= max(2, 4 * HLL_RELATIVE_ERROR * true), (n, since, estimate, true)
+
+
+def test_distinct_merge_is_a_union():
+    rng = random.Random(4)
+    values = [f"x{rng.randrange(300)}" for _ in range(600)]
+    a, b, whole = new_distinct(), new_distinct(), new_distinct()
+    for i, v in enumerate(values):
+        whole = distinct_add(whole, v, ts_s=i)
+        if i % 2:
+            a = distinct_add(a, v, ts_s=i)
+        else:
+            b = distinct_add(b, v, ts_s=i)
+    merged = distinct_merge(a, b)
+    for since in (0, 200, 500):
+        assert distinct_count(merged, since) == distinct_count(whole, since)
+    small_a, small_b = distinct_add(new_distinct(), "p", 1), distinct_add(new_distinct(), "q", 2)
+    assert distinct_count(distinct_merge(small_a, small_b), 0) == 2
+
+
+def test_simhash_separates_near_duplicates_from_unrelated_texts():
+    spam = [f"{g} get a FREE phone now!!! visit http://x.example/{c} code {n}"
+            for g, c, n in (("WOW", "ab12c", 1), ("Hey", "zz9", 22), ("OMG", "q1", 333))]
+    benign = ["Lovely walk in the park with the dog", "Dinner with family tonight was great",
+              "Finally finished the project release"]
+    fps = [simhash(t) for t in spam]
+    assert all(hamming(a, b) <= NEAR_DUPLICATE_BITS for a in fps for b in fps)
+    assert all(hamming(simhash(a), simhash(b)) > NEAR_DUPLICATE_BITS for a in benign for b in benign if a != b)
+    assert all(hamming(simhash(a), f) > NEAR_DUPLICATE_BITS for a in benign for f in fps)
+
+
+def test_state_per_entity_is_small():
     rng = random.Random(1)
-    for i in range(5000):
-        state, _ = update_user(state, _random_event(rng, i * 7_000))
-    assert len(orjson.dumps(state)) < 2048
+    records: dict[tuple[str, str], dict] = {}
+    ts = 0
+    for _ in range(20_000):
+        ts += rng.randrange(0, 20_000)
+        event = random_event(rng, ts, n_users=200, n_ips=150)
+        for name, entity in ENTITIES.items():
+            key = entity.key(event)
+            if key:
+                records[(name, key)], _ = apply_event(entity, records.get((name, key)), event)
+    sizes = [len(orjson.dumps(r)) for r in records.values()]
+    assert sum(sizes) / len(sizes) < 2048
+    assert math.isfinite(max(sizes))

@@ -7,7 +7,7 @@ import pytest
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.labels import on_label, on_score
 from detectors.model import OnlineRiskModel
-from detectors.pipeline import Detector
+from detectors.pipeline import Detector, LocalStore
 
 BAD = {"login_fail_1h": 8.0, "ip_new_for_user": 1.0, "login_failed": 1.0}
 GOOD = {"login_fail_1h": 0.0, "ip_new_for_user": 0.0, "login_failed": 0.0}
@@ -65,14 +65,14 @@ def test_detector_alerts_only_when_ready_and_over_threshold():
     detector = Detector(OnlineRiskModel(min_labels_per_class=1), alert_threshold=0.7)
     event = {"event_id": "e1", "type": "login", "ts": 0, "user_id": "u", "ip": "9.9.9.9", "success": False}
     benign = {"event_id": "b", "type": "login", "ts": 0, "user_id": "w", "success": True}
-    cold = detector.score(event, None, now_ms=5)
+    cold = detector.score(event, {}, now_ms=5)
     assert cold.alert is None and not cold.risk_score["model_ready"]
     for i in range(200):
-        bad = detector.score(dict(event, event_id=f"x{i}"), None, now_ms=5).risk_score["features"]
-        good = detector.score(dict(benign, event_id=f"y{i}"), None, now_ms=5).risk_score["features"]
+        bad = detector.score(dict(event, event_id=f"x{i}"), {}, now_ms=5).risk_score["features"]
+        good = detector.score(dict(benign, event_id=f"y{i}"), {}, now_ms=5).risk_score["features"]
         detector.learn(bad, True)
         detector.learn(good, False)
-    warm = detector.score(dict(event, event_id="e2", user_id="v"), None, now_ms=6)
+    warm = detector.score(dict(event, event_id="e2", user_id="v"), {}, now_ms=6)
     assert warm.alert is not None
     assert warm.alert["alert_id"] == alert_id("e2")
     assert warm.alert["evidence_event_ids"] == ["e2"]

@@ -1,0 +1,180 @@
+"""Entity state across workers: Faust tables for the shards a worker writes, a
+replica of every shard for reading, and event-time expiry.
+
+Users are the key of the events topic, so the worker that owns a user's
+partition holds all of that user's state in the ``user-state`` table.
+
+IPs, devices, merchants and cards show up on every partition. Each partition
+``p`` keeps its own *shard* of such an entity in the entity's table under the
+key ``b"<p>|<entity key>"`` (written while processing partition ``p``, so it
+lands in changelog partition ``p`` like any Faust table write). Every worker
+tails all partitions of those changelogs into a local RocksDB replica. An
+event on partition ``p`` reads its own shard from the table (exact) and the
+other shards from the replica (at most one replication delay old), and the
+detector merges them. No event ever crosses a topic to reach its IP's owner;
+the cost is one changelog write per entity per event plus the replication
+reads. See docs/partitioning.md for the path, the costs and the staleness bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from confluent_kafka import Consumer, TopicPartition
+from rocksdict import AccessType, Options, Rdict
+
+log = logging.getLogger("abuse_detector.state")
+
+_OFFSET_PREFIX = b"\x01offset\x00"
+
+
+def shard_key(partition: int, key: str) -> bytes:
+    return b"%d|%s" % (partition, key.encode())
+
+
+def split_shard_key(raw: bytes) -> tuple[int, str]:
+    partition, _, key = raw.partition(b"|")
+    return int(partition), key.decode()
+
+
+@dataclass
+class ReplicaStats:
+    applied: int = 0
+    last_poll_monotonic: float = 0.0
+    newest_record_ms: int = 0  # broker timestamp of the newest replicated write
+    caught_up: bool = False  # reached the end offsets seen at start
+
+
+class ShardReplica:
+    """A local, read-only copy of every partition of the sharded entity changelogs.
+
+    ``poll()`` applies what the changelogs received since the last call (it never
+    blocks); replicated offsets are stored with the data, so a restart resumes
+    where it stopped instead of re-reading the topics.
+    """
+
+    def __init__(self, bootstrap: str, changelogs: dict[str, str], partitions: int, path: Path):
+        self.changelogs = changelogs  # entity name -> changelog topic
+        self.topic_entity = {topic: name for name, topic in changelogs.items()}
+        self.partitions = partitions
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.db = Rdict(str(path), options=options, access_type=AccessType.read_write())
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": f"replica-{id(self)}",  # never committed: offsets live in self.db
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "fetch.wait.max.ms": 20,
+            "log_level": 3,
+        })
+        self.stats = ReplicaStats()
+        self._assigned = False
+        self._end_offsets: dict[tuple[str, int], int] = {}
+
+    def _offset_key(self, topic: str, partition: int) -> bytes:
+        return _OFFSET_PREFIX + topic.encode() + b"\x00%d" % partition
+
+    def _assign(self) -> bool:
+        metadata = self.consumer.list_topics(timeout=5)
+        if any(t not in metadata.topics or metadata.topics[t].error for t in self.changelogs.values()):
+            return False  # Faust creates the changelogs when it starts; try again on the next poll
+        assignment = []
+        for topic in self.changelogs.values():
+            for p in metadata.topics[topic].partitions:
+                stored = self.db.get(self._offset_key(topic, p))
+                assignment.append(TopicPartition(topic, p, int(stored) if stored is not None else -2))  # -2: beginning
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+                self._end_offsets[(topic, p)] = high
+        self.consumer.assign(assignment)
+        self._assigned = True
+        return True
+
+    def poll(self, max_records: int = 20_000) -> int:
+        if not self._assigned and not self._assign():
+            return 0
+        applied = 0
+        offsets: dict[tuple[str, int], int] = {}
+        while applied < max_records:
+            batch = self.consumer.consume(min(5000, max_records - applied), timeout=0)
+            if not batch:
+                break
+            for msg in batch:
+                if msg.error():
+                    continue
+                entity = self.topic_entity[msg.topic()]
+                key = entity.encode() + b"\x00" + msg.key()
+                value = msg.value()
+                if value is None:
+                    self.db.delete(key)
+                else:
+                    self.db.put(key, value)
+                offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+                self.stats.newest_record_ms = max(self.stats.newest_record_ms, msg.timestamp()[1])
+            applied += len(batch)
+        for (topic, partition), offset in offsets.items():
+            self.db.put(self._offset_key(topic, partition), b"%d" % offset)
+        self.stats.applied += applied
+        self.stats.last_poll_monotonic = time.monotonic()
+        if not self.stats.caught_up:
+            positions = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(
+                [TopicPartition(t, p) for t, p in self._end_offsets])}
+            self.stats.caught_up = all(positions.get(tp, -1) >= end or end == 0 for tp, end in self._end_offsets.items())
+        return applied
+
+    def shards(self, entity: str, key: str, exclude: int | None = None) -> tuple[bytes, ...]:
+        """The replicated shards of one entity, except partition ``exclude``."""
+        return tuple(raw for p, raw in self.shard_map(entity, key).items() if p != exclude)
+
+    def shard_map(self, entity: str, key: str) -> dict[int, bytes]:
+        """Partition -> replicated shard of one entity."""
+        wanted = [entity.encode() + b"\x00" + shard_key(p, key) for p in range(self.partitions)]
+        return {p: raw for p, raw in enumerate(self.db.get(wanted)) if raw is not None}
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.db.close()
+
+
+@dataclass
+class ExpirySweeper:
+    """Deletes idle entities by event time, a slice of one partition's store at a time.
+
+    Each partition's event-time watermark is the largest event time processed
+    on it; an entity whose last event is older than its idle expiry relative to
+    that watermark is deleted (a changelog tombstone, so the deletion survives
+    restarts and moves with the partition).
+    """
+
+    every_events: int = 500
+    slice_keys: int = 200
+    watermarks: dict[int, int] = field(default_factory=dict)
+    _seen: dict[int, int] = field(default_factory=dict)
+    _cursors: dict[tuple[str, int], bytes | None] = field(default_factory=dict)
+    deleted: int = 0
+
+    def observe(self, partition: int, ts: int) -> bool:
+        """Records an event; True when a sweep of this partition is due."""
+        if ts > self.watermarks.get(partition, -1):
+            self.watermarks[partition] = ts
+        count = self._seen.get(partition, 0) + 1
+        self._seen[partition] = count
+        return count % self.every_events == 0
+
+    def next_slice(self, table_name: str, partition: int, keys: Iterable[bytes]) -> list[bytes]:
+        """Up to ``slice_keys`` keys starting at this table's cursor; advances the cursor."""
+        taken: list[bytes] = []
+        for key in keys:
+            taken.append(key)
+            if len(taken) >= self.slice_keys:
+                break
+        self._cursors[(table_name, partition)] = (taken[-1] + b"\x00") if len(taken) >= self.slice_keys else None
+        return taken
+
+    def cursor(self, table_name: str, partition: int) -> bytes | None:
+        return self._cursors.get((table_name, partition))
