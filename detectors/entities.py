@@ -5,7 +5,9 @@ buckets per bucket width (only the channels the catalogue needs at that
 width), sliding distinct sketches and recent text fingerprints::
 
     {"f": first_ms, "l": last_ms, "r": {"300000": [[bucket, ch1, ch2, ...], ...]},
-     "d": {"users": <sketch>}, "t": [[simhash, ts_s], ...]}
+     "d": {"users": <sketch>}, "t": [[simhash, ts_s], ...], "o": [partition, offset]}
+
+``o`` is the last input record applied (see ``features.extract``).
 
 Event-time rule: each record's *watermark* is the largest event time it has
 seen (``l``); rings keep the buckets that end within their length of it.

@@ -49,7 +49,13 @@ def entity_keys(event: Event) -> dict[str, str]:
     return keys
 
 
-def extract(event: Event, states: Mapping[str, EntityState]) -> Extraction:
+def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, int] | None = None) -> Extraction:
+    """Features of ``event`` and the new bytes of each entity record it changes.
+
+    ``source`` is the input record's (partition, offset). Each record remembers
+    the last input it applied, so a redelivered event (at-least-once after a
+    crash or rebalance) is scored again but never counted twice.
+    """
     features = {f.name: f.compute(event) for f in EVENT_FEATURES}
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     updates: dict[str, bytes] = {}
@@ -63,8 +69,17 @@ def extract(event: Event, states: Mapping[str, EntityState]) -> Extraction:
         others = [orjson.loads(raw) for raw in state.others if raw]
         lasts = [r["l"] for r in ([own] if own else []) + others]
         previous_last = max(lasts) if lasts else None
-        own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None)
-        updates[name] = orjson.dumps(own)
+        novelty: dict[str, bool | None] = {}
+        if not (own and source and already_applied(own, source)):
+            own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None)
+            if source is not None:
+                own["o"] = list(source)
+            updates[name] = orjson.dumps(own)
         view = merge_records(entity, [own, *others])
         features.update(entity_features(entity, view, event, previous_last, novelty, fingerprint))
     return Extraction(features, updates, keys)
+
+
+def already_applied(record: dict, source: tuple[int, int]) -> bool:
+    applied = record.get("o")
+    return applied is not None and applied[0] == source[0] and applied[1] >= source[1]

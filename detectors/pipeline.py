@@ -34,8 +34,12 @@ class Detector:
         self.model = model
         self.alert_threshold = alert_threshold
 
-    def score(self, event: dict[str, Any], states: Mapping[str, EntityState], now_ms: int) -> Scored:
-        extraction = extract(event, states)
+    def score(
+        self, event: dict[str, Any], states: Mapping[str, EntityState], now_ms: int,
+        source: tuple[int, int] | None = None,
+    ) -> Scored:
+        """``source`` (partition, offset) makes state updates idempotent under redelivery."""
+        extraction = extract(event, states, source)
         features = extraction.features
         self.model.observe(features)
         probability = self.model.predict_proba_one(features)

@@ -69,6 +69,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
+        # At-least-once: a redelivered event is scored again (same ids) but never
+        # counted twice in state (records remember the last offset they applied).
+        broker_commit_interval=1.0,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         web_port=settings.web_port,
@@ -103,7 +106,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         settings.partitions,
         Path(settings.data_dir) / "shard-replica",
     )
-    sweeper = ExpirySweeper()
+    sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
     app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
 
     def table_key(entity: str, partition: int, key: str) -> bytes:
@@ -121,8 +124,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         """Deletes idle entities from a slice of this partition's stores (stream context)."""
         watermark = sweeper.watermarks[partition]
         for name, table in tables.items():
-            db = table.data._db_for_partition(partition)  # Faust's RocksDB store, one DB per partition
+            store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
+            db = store._db_for_partition(partition)
             for key in sweeper.next_slice(name, partition, db.keys(from_key=sweeper.cursor(name, partition))):
+                if key == store.offset_key:
+                    continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
                     del table[key]
@@ -149,7 +155,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             partition = event.message.partition
             try:
                 keys = entity_keys(record)
-                scored = detector.score(record, states_for(keys, partition), _now_ms())
+                scored = detector.score(record, states_for(keys, partition), _now_ms(),
+                                        source=(partition, event.message.offset))
             except Exception as exc:  # a detector bug must not stop the partition
                 log.exception("scoring failed for event %s", record.get("event_id"))
                 await reject(event, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
@@ -160,7 +167,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             if scored.alert is not None:
                 await alerts.send(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
             if sweeper.observe(partition, record["ts"]):
-                sweep(partition)
+                try:
+                    sweep(partition)
+                except Exception:  # housekeeping must never stop scoring
+                    log.exception("expiry sweep of partition %d failed", partition)
 
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
@@ -185,7 +195,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         entity = ENTITIES[kind]
         if entity.sharded:
             by_partition = replica.shard_map(kind, key)
-            for partition in range(settings.partitions):  # owned shards: the table is exact, the replica may lag
+            # Shards this worker writes now: the table is exact, the replica may lag. (A table
+            # partition this worker owned before a rebalance is stale; the replica is not.)
+            active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.events_topic}
+            for partition in active:
                 own = tables[kind].get(shard_key(partition, key))
                 if own is not None:
                     by_partition[partition] = own
@@ -227,6 +240,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "applied": stats.applied,
             "caught_up": stats.caught_up,
             "newest_replicated_write_ms": stats.newest_record_ms,
+            "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
         })
 

@@ -16,7 +16,7 @@ KAFKA_FLAGS = ["home", "kafka_port", "kafka_controller_port"]
 CONNECTION_FLAGS = ["bootstrap_servers", "partitions", "events_topic", "labels_topic", "scores_topic",
                     "alerts_topic", "dead_letter_topic"]
 WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "alert_threshold", "min_labels_per_class",
-                "max_event_bytes", "label_ttl_s"]
+                "max_event_bytes", "label_ttl_s", "sweep_every_events"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="local Kafka + topics + worker + a minute of traffic + summary")
     demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
-    demo.add_argument("--rate", type=float, default=1000.0, help="records per second offered")
+    demo.add_argument("--rate", type=float, default=500.0, help="records per second offered")
     demo.add_argument("--seed", type=int, default=7)
     add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "alert_threshold", "min_labels_per_class", "log_level"])
     return parser

@@ -35,6 +35,7 @@ class Settings:
     alert_threshold: float = field(default=0.8, metadata={"help": "risk score at or above which an alert is emitted"})
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class the model needs before it may alert"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
+    sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     # Local Kafka
     home: str = field(default=".abuse", metadata={"help": "cache and state folder (Kafka jars, broker data, logs)"})

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import orjson
 
+from detectors.catalog import ENTITIES
+from streams.app import table_name
 from streams.config import ENV_PREFIX, Settings
 from streams.kafka.io import create_topics, make_producer, read_topic, topic_size
 from streams.kafka.local import LocalKafka
@@ -31,10 +33,17 @@ class DemoSummary:
     alert_recall: float
     labels: int
     abusive_events: int
+    state: dict[str, tuple[int, int]]  # entity type -> (entities, bytes)
+
+    @property
+    def state_bytes_per_entity(self) -> int:
+        entities = sum(n for n, _ in self.state.values())
+        return round(sum(b for _, b in self.state.values()) / entities) if entities else 0
 
     def line(self) -> str:
         return (f"SUMMARY events={self.events} scored={self.scored} dead_letters={self.dead_letters} "
-                f"alerts={self.alerts} alert_precision={self.alert_precision:.3f} alert_recall={self.alert_recall:.3f}")
+                f"alerts={self.alerts} alert_precision={self.alert_precision:.3f} alert_recall={self.alert_recall:.3f} "
+                f"state_bytes_per_entity={self.state_bytes_per_entity}")
 
 
 def free_port() -> int:
@@ -71,6 +80,28 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         proc.wait(10)
 
 
+def entity_state_sizes(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Per entity type: entities holding state and their bytes (all shards), read
+    from the tables' changelogs (latest value per key), i.e. what every worker
+    together stores."""
+    sizes = {}
+    for name, entity in ENTITIES.items():
+        latest: dict[bytes, int] = {}
+        for key, value in read_topic(settings, f"{settings.app_id}-{table_name(name)}-changelog"):
+            if key is None:
+                continue
+            if value is None:
+                latest.pop(key, None)
+            else:
+                latest[key] = len(value)
+        per_entity: dict[bytes, int] = {}
+        for key, size in latest.items():
+            entity_key = key.partition(b"|")[2] if entity.sharded else key
+            per_entity[entity_key] = per_entity.get(entity_key, 0) + size
+        sizes[name] = (len(per_entity), sum(per_entity.values()))
+    return sizes
+
+
 def summarise(settings: Settings, report: SimulationReport) -> DemoSummary:
     alerted: set[str] = set()
     for _, value in read_topic(settings, settings.alerts_topic):
@@ -86,6 +117,7 @@ def summarise(settings: Settings, report: SimulationReport) -> DemoSummary:
         alert_recall=true_alerts / report.abusive_events if report.abusive_events else 0.0,
         labels=report.labels,
         abusive_events=report.abusive_events,
+        state=entity_state_sizes(settings),
     )
 
 
@@ -160,5 +192,8 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, se
     print(f"  alerts                 {summary.alerts}")
     print(f"  alert precision        {summary.alert_precision:.3f}  (alerts on injected abuse / all alerts)")
     print(f"  alert recall           {summary.alert_recall:.3f}  (abusive events alerted / abusive events)")
+    for name, (entities, size) in summary.state.items():
+        print(f"  {name + ' state':22s} {entities} entities, {size / max(1, entities):.0f} bytes each")
+    print(f"  state per entity       {summary.state_bytes_per_entity} bytes on average")
     print(summary.line())
     return summary

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -45,8 +46,17 @@ def split_shard_key(raw: bytes) -> tuple[int, str]:
 class ReplicaStats:
     applied: int = 0
     last_poll_monotonic: float = 0.0
-    newest_record_ms: int = 0  # broker timestamp of the newest replicated write
+    newest_record_ms: int = 0  # timestamp of the newest replicated write
     caught_up: bool = False  # reached the end offsets seen at start
+    # write-to-apply delay of recently replicated writes (ms): the staleness of the other shards
+    recent_lag_ms: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def lag_summary(self) -> dict[str, float]:
+        lags = sorted(self.recent_lag_ms)
+        if not lags:
+            return {"p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+        return {"p50_ms": lags[len(lags) // 2], "p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+                "max_ms": lags[-1]}
 
 
 class ShardReplica:
@@ -100,6 +110,7 @@ class ShardReplica:
             return 0
         applied = 0
         offsets: dict[tuple[str, int], int] = {}
+        now_ms = time.time() * 1000
         while applied < max_records:
             batch = self.consumer.consume(min(5000, max_records - applied), timeout=0)
             if not batch:
@@ -115,7 +126,10 @@ class ShardReplica:
                 else:
                     self.db.put(key, value)
                 offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
-                self.stats.newest_record_ms = max(self.stats.newest_record_ms, msg.timestamp()[1])
+                written_ms = msg.timestamp()[1]
+                self.stats.newest_record_ms = max(self.stats.newest_record_ms, written_ms)
+                if self.stats.caught_up:
+                    self.stats.recent_lag_ms.append(max(0.0, now_ms - written_ms))
             applied += len(batch)
         for (topic, partition), offset in offsets.items():
             self.db.put(self._offset_key(topic, partition), b"%d" % offset)

@@ -36,14 +36,16 @@ def kafka() -> Iterator[LocalKafka]:
 
 
 @pytest.fixture
-def settings(kafka: LocalKafka, tmp_path: Path) -> Settings:
-    """Settings with topics and app id unique to one test, so tests never see each other's data."""
+def settings(kafka: LocalKafka, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings with topics and app id unique to one test, so tests never see each other's data.
+    ``@pytest.mark.partitions(n)`` sets the partition count (default 2)."""
+    marker = request.node.get_closest_marker("partitions")
     run = uuid.uuid4().hex[:8]
     s = load_settings(
         {},
         bootstrap_servers=kafka.bootstrap,
         app_id=f"it-{run}",
-        partitions=2,
+        partitions=marker.args[0] if marker else 2,
         events_topic=f"events-{run}",
         labels_topic=f"labels-{run}",
         scores_topic=f"scores-{run}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import time
 
 import orjson
 import pytest
@@ -155,3 +156,48 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_lo
     after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
     assert after["features"]["user_events_1h"] == 6
     assert after["features"]["user_age_h"] == pytest.approx(5 / 3600)
+
+
+def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, produce, tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.conftest import Worker
+
+    settings = settings.replace(sweep_every_events=5)
+    worker = Worker(settings, tmp_path / "logs").start()
+    scores = reader(settings.scores_topic)
+    try:
+        old = [event(f"old-{i}", "login", T0 + i, f"sleeper-{i}", ip="198.51.100.77", success=True) for i in range(3)]
+        produce(settings.events_topic, [as_record(e) for e in old])
+        scores.wait_for(lambda r: len(r) >= 3, worker=worker)
+
+        def ip_state() -> int:
+            url = f"http://127.0.0.1:{settings.web_port}/entities/ip/198.51.100.77/"
+            try:
+                return json.loads(urllib.request.urlopen(url, timeout=10).read())["shards"]
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
+                return 0
+
+        assert ip_state() >= 1
+        # Nine days of event time later (idle expiry is eight), traffic on every partition.
+        later = T0 + 9 * 86_400_000
+        fresh = [event(f"new-{i}", "post", later + i, f"active-{i}", ip=f"100.64.9.{i}", text="hello") for i in range(60)]
+        produce(settings.events_topic, [as_record(e) for e in fresh])
+        scores.wait_for(lambda r: len(r) >= 63, worker=worker)
+        deadline = time.monotonic() + 10
+        while ip_state() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ip_state() == 0, "the idle IP was not expired"
+
+        worker.stop()  # deleted means deleted, also after a restart that restores from the changelog
+        shutil.rmtree(settings.data_dir)
+        worker.start()
+        produce(settings.events_topic, [as_record(event("after", "post", later + 100, "active-0", ip="100.64.9.0", text="x"))])
+        scores.wait_for(lambda r: any(x[1]["event_id"] == "after" for x in r), timeout=90, worker=worker)
+        time.sleep(1)
+        assert ip_state() == 0
+    finally:
+        worker.stop()
