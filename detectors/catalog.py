@@ -359,10 +359,37 @@ EVENT_FEATURES: tuple[EventFeature, ...] = tuple(
     ]
 )
 
-ALL_FEATURES: tuple[Feature | EventFeature, ...] = EVENT_FEATURES + tuple(f for e in ENTITIES.values() for f in e.features)
+@dataclass(frozen=True)
+class LabelCount:
+    """Confirmed-abusive events involving this entity, counted from each label's decision time
+    (see ``detectors/reputation.py``)."""
+    entity: str
+    window: str
+    aggregation: str = "labels"
+
+    @property
+    def name(self) -> str:
+        return f"{self.entity}_abuse_labels_{self.window}"
+
+    def describe(self) -> str:
+        return f"events confirmed abusive on this {ENTITY_NOUN[self.entity]} in the last {self.window} (by label time)"
+
+
+REPUTATION_WINDOWS = ("1d", "7d", "28d")
+LABEL_FEATURES: tuple[LabelCount, ...] = tuple(LabelCount(e, w) for e in ENTITIES for w in REPUTATION_WINDOWS)
+
+ALL_FEATURES: tuple[Feature | EventFeature | LabelCount, ...] = (
+    EVENT_FEATURES + tuple(f for e in ENTITIES.values() for f in e.features) + LABEL_FEATURES
+)
 FEATURE_BY_NAME = {f.name: f for f in ALL_FEATURES}
 FEATURE_NAMES = tuple(FEATURE_BY_NAME)
 assert len(FEATURE_NAMES) == len(ALL_FEATURES), "feature names must be unique"
+
+
+def describe(name: str) -> str:
+    """Human words for a feature name (or the name itself if it is not in the catalogue)."""
+    feature = FEATURE_BY_NAME.get(name)
+    return feature.describe() if feature is not None else name
 
 
 def _layout(entity: Entity) -> dict[int, tuple[str, ...]]:

@@ -54,4 +54,7 @@ def build_alert(score: dict[str, Any], threshold: float, now_ms: int) -> dict[st
         "reasons": score["reasons"],
         "model_version": score["model_version"],
         "evidence_event_ids": [score["event_id"]],
+        "detectors": score.get("detectors", {}),
+        "matched_rules": score.get("matched_rules", []),
+        "rules_version": score.get("rules_version", ""),
     }

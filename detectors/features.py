@@ -21,6 +21,7 @@ import orjson
 
 from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, Event
 from detectors.entities import apply_event, entity_features, merge_records
+from detectors.reputation import reputation_features
 from detectors.sketches import simhash
 
 
@@ -30,6 +31,7 @@ class EntityState:
     (``own``) and, for sharded entities, the other shards as last replicated."""
     own: bytes | None = None
     others: tuple[bytes, ...] = ()
+    reputation: bytes | None = None  # label-derived record, see detectors/reputation.py
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             updates[name] = orjson.dumps(own)
         view = merge_records(entity, [own, *others])
         features.update(entity_features(entity, view, event, previous_last, novelty, fingerprint))
+    for name in ENTITIES:
+        state = states.get(name)
+        record = orjson.loads(state.reputation) if state is not None and state.reputation else None
+        features.update(reputation_features(name, record if name in keys else None, event["ts"]))
     return Extraction(features, updates, keys)
 
 

@@ -1,47 +1,66 @@
-"""Joining late labels to the features an event had when it was scored.
+"""Joining late labels to what an event looked like when it was scored.
 
-The join keeps one small record per scored event id (``pending``). Whichever
-of score and label arrives second triggers learning, so a label that overtakes
-its score is not lost. A later label that disagrees with the learned one (an
-appeal overturning a moderator) is learned as a correction.
+The join keeps one small record per scored event id (``pending``): the
+features, each detector's score and the text inputs at scoring time, and the
+entities involved. Whichever of score and label arrives second yields a
+*training example*, so a label that overtakes its score is not lost. A later
+label that disagrees with the learned one (an appeal overturning a moderator)
+yields a correction example carrying the previous label.
 
->>> pending, learn = on_label(None, "abuse")
->>> learn is None
+>>> score = {"event_id": "e1", "ts": 5, "features": {"x": 1.0}, "detectors": {"model": 0.4},
+...          "entities": {"user": "u1"}}
+>>> pending, example = on_label(None, {"event_id": "e1", "label": "abuse", "ts": 9, "source": "moderator"})
+>>> example is None
 True
->>> pending, learn = on_score(pending, {"x": 1.0}, ts=5)
->>> learn
-({'x': 1.0}, True)
->>> pending, learn = on_label(pending, "abuse")   # duplicate label: no new information
->>> learn is None
+>>> pending, example = on_score(pending, score)
+>>> example["label"], example["previous_label"], example["features"]
+('abuse', None, {'x': 1.0})
+>>> pending, example = on_label(pending, {"event_id": "e1", "label": "abuse", "ts": 10, "source": "moderator"})
+>>> example is None   # a duplicate label carries no new information
 True
->>> pending, learn = on_label(pending, "benign")  # appeal overturns it
->>> learn
-({'x': 1.0}, False)
+>>> pending, example = on_label(pending, {"event_id": "e1", "label": "benign", "ts": 99, "source": "appeal"})
+>>> example["label"], example["previous_label"], example["label_ts"]
+('benign', 'abuse', 99)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-Learn = tuple[dict[str, float], bool] | None
+Example = dict[str, Any]
 
 
-def on_score(pending: dict[str, Any] | None, features: dict[str, float], ts: int) -> tuple[dict[str, Any], Learn]:
+def on_score(pending: dict[str, Any] | None, risk_score: dict[str, Any]) -> tuple[dict[str, Any], Example | None]:
     pending = dict(pending or {})
-    pending["f"] = features
-    pending["ts"] = ts
-    return _learn_if_due(pending)
+    pending.update(
+        id=risk_score["event_id"], f=risk_score["features"], d=risk_score["detectors"], ts=risk_score["ts"],
+        e=risk_score.get("entities", {}), x=(risk_score.get("inputs") or {}).get("text"),
+    )
+    return _example_if_due(pending)
 
 
-def on_label(pending: dict[str, Any] | None, label: str) -> tuple[dict[str, Any], Learn]:
+def on_label(pending: dict[str, Any] | None, label: dict[str, Any]) -> tuple[dict[str, Any], Example | None]:
     pending = dict(pending or {})
-    pending["y"] = label
-    return _learn_if_due(pending)
+    pending.update(id=label["event_id"], y=label["label"], yts=label["ts"], src=label["source"])
+    return _example_if_due(pending)
 
 
-def _learn_if_due(pending: dict[str, Any]) -> tuple[dict[str, Any], Learn]:
-    features, label = pending.get("f"), pending.get("y")
-    if features is None or label is None or pending.get("learned") == label:
+def _example_if_due(pending: dict[str, Any]) -> tuple[dict[str, Any], Example | None]:
+    label = pending.get("y")
+    if pending.get("f") is None or label is None or pending.get("learned") == label:
         return pending, None
+    previous = pending.get("learned")
     pending["learned"] = label
-    return pending, (features, label == "abuse")
+    return pending, {
+        "schema_version": 1,
+        "event_id": pending["id"],
+        "label": label,
+        "previous_label": previous,
+        "label_ts": pending["yts"],
+        "source": pending["src"],
+        "event_ts": pending["ts"],
+        "features": pending["f"],
+        "detectors": pending["d"],
+        "text": pending.get("x"),
+        "entities": pending.get("e", {}),
+    }

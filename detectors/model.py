@@ -23,7 +23,7 @@ from typing import Mapping
 
 from river import linear_model, optim, preprocessing
 
-from detectors.catalog import FEATURE_BY_NAME
+from detectors.catalog import describe
 
 MODEL_NAME = "online-logreg"
 MODEL_GENERATION = 1
@@ -37,7 +37,8 @@ def _log_scaled(features: Mapping[str, float]) -> dict[str, float]:
 class OnlineRiskModel:
     """``observe`` every scored event, ``learn_one`` every label, ``predict_proba_one`` to score."""
 
-    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.01):
+    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.01, name: str = MODEL_NAME):
+        self.name = name
         self.min_labels_per_class = min_labels_per_class
         self.scaler = preprocessing.StandardScaler()
         # Adam: per-feature step sizes suit ~90 features of very different
@@ -54,7 +55,7 @@ class OnlineRiskModel:
     @property
     def version(self) -> str:
         """Changes with every update, so a score names the exact model state behind it."""
-        return f"{MODEL_NAME}/{MODEL_GENERATION}+{self.updates}"
+        return f"{self.name}/{MODEL_GENERATION}+{self.updates}"
 
     @property
     def ready(self) -> bool:
@@ -94,7 +95,7 @@ class OnlineRiskModel:
             value = features[name]
             reasons.append({
                 "code": name,
-                "text": f"{FEATURE_BY_NAME[name].describe() if name in FEATURE_BY_NAME else name}: {value:g}",
+                "text": f"{describe(name)}: {value:g}",
                 "weight": round(contribution, 4),
                 "value": value,
             })

@@ -1,10 +1,11 @@
-"""The detector: one valid event and its entities' state in, a score (and maybe an alert) out.
+"""The detector: one valid event and its entities' state in, a fused risk score
+(and maybe an alert) out; one training example in, every model a little wiser.
 
-This is the code the live worker, tests and offline tools all run; it knows
-nothing about Kafka or Faust. State crosses the boundary as bytes so the
+This is the code the live worker, offline evaluation and tests all run; it
+knows nothing about Kafka or Faust. State crosses the boundary as bytes so the
 worker stores exactly what the detector wrote.
 
->>> d = Detector(OnlineRiskModel(min_labels_per_class=1), alert_threshold=0.8)
+>>> d = Detector(ModelSet.new(min_labels_per_class=1))
 >>> out = d.score({"event_id": "e1", "type": "signup", "ts": 0, "user_id": "u1",
 ...                "schema_version": 1}, {}, now_ms=1)
 >>> 0.0 <= out.risk_score["score"] <= 1.0, out.alert is None, list(out.updates)
@@ -14,11 +15,30 @@ worker stores exactly what the detector wrote.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
-from detectors.decisions import build_alert, score_id
+import orjson
+
+from detectors.anomaly import AnomalyModel
+from detectors.catalog import CONTENT_TYPES
+from detectors.content import text_inputs
+from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, entity_keys, extract
-from detectors.model import OnlineRiskModel
+from detectors.lifecycle import ModelSet
+from detectors.reputation import REPUTATION_ENTITIES, add_label, label_deltas
+from detectors.rules import RuleSet, load_rules
+
+EVIDENCE_SHARE = 0.75  # events at 3/4 of the threshold are kept as evidence for the next alert
+MAX_EVIDENCE = 10
+
+
+class RulesSource(Protocol):
+    rules: RuleSet
+
+
+@dataclass
+class StaticRules:
+    rules: RuleSet
 
 
 @dataclass(frozen=True)
@@ -29,11 +49,21 @@ class Scored:
     alert: dict[str, Any] | None
 
 
-class Detector:
-    def __init__(self, model: OnlineRiskModel, alert_threshold: float):
-        self.model = model
-        self.alert_threshold = alert_threshold
+@dataclass(frozen=True)
+class ReputationDelta:
+    entity: str
+    key: str
+    label_ts: int
+    delta: int
 
+
+class Detector:
+    def __init__(self, models: ModelSet, rules: RulesSource | None = None, anomaly: AnomalyModel | None = None):
+        self.models = models
+        self.rules_source = rules or StaticRules(load_rules(None))
+        self.anomaly = anomaly or AnomalyModel()
+
+    # -- scoring ----------------------------------------------------------
     def score(
         self, event: dict[str, Any], states: Mapping[str, EntityState], now_ms: int,
         source: tuple[int, int] | None = None,
@@ -41,9 +71,21 @@ class Detector:
         """``source`` (partition, offset) makes state updates idempotent under redelivery."""
         extraction = extract(event, states, source)
         features = extraction.features
-        self.model.observe(features)
-        probability = self.model.predict_proba_one(features)
-        ready = self.model.ready
+        models, rules = self.models, self.rules_source.rules
+        champion = models.champion
+        champion.observe(features)
+        models.challenger.observe(features)
+        has_text = event["type"] in CONTENT_TYPES
+        text = text_inputs(event["text"]) if has_text else None
+        matched = rules.matches(features, event["type"])
+        scores = {
+            "model": round(champion.predict_proba_one(features), 6),
+            "anomaly": round(self.anomaly.score_one(features), 6),
+            "rules": max((r.score for r in matched), default=0.0),
+            "content": round(models.content.predict_proba_one(text), 6) if text else 0.0,
+        }
+        self.anomaly.learn_one(features)
+        fused = models.fusion.fuse(scores, champion.ready, models.content.ready, has_text)
         risk_score = {
             "schema_version": 1,
             "score_id": score_id(event["event_id"]),
@@ -52,19 +94,88 @@ class Detector:
             "user_id": event["user_id"],
             "ts": event["ts"],
             "scored_at": now_ms,
-            "score": round(min(1.0, max(0.0, probability)), 6),
-            "model_version": self.model.version,
-            "model_ready": ready,
-            "reasons": self.model.explain_one(features) if ready else [],
+            "score": round(min(1.0, max(0.0, fused)), 6),
+            "model_version": champion.version,
+            "model_ready": champion.ready,
+            "rules_version": rules.version,
+            "detectors": scores,
+            "matched_rules": [r.name for r in matched],
+            "shadow": {"model_version": models.challenger.version,
+                       "score": round(models.challenger.predict_proba_one(features), 6)},
+            "reasons": self._reasons(features, scores, matched),
+            "entities": extraction.keys,
             "features": features,
         }
-        alert = None
-        if ready and risk_score["score"] >= self.alert_threshold:
-            alert = build_alert(risk_score, self.alert_threshold, now_ms)
-        return Scored(extraction.updates, extraction.keys, risk_score, alert)
+        if text is not None:
+            risk_score["inputs"] = {"text": text}
+        updates = dict(extraction.updates)
+        alert = self._decide(event, risk_score, rules, states, updates, now_ms)
+        return Scored(updates, extraction.keys, risk_score, alert)
 
-    def learn(self, features: dict[str, float], is_abuse: bool) -> None:
-        self.model.learn_one(features, is_abuse)
+    def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list) -> list[dict[str, Any]]:
+        reasons: list[dict[str, Any]] = []
+        for rule in matched:
+            detail = "; ".join(c.describe(features) for c in rule.conditions)
+            reasons.append({"code": f"rule:{rule.name}", "text": f"{rule.description} ({detail})",
+                            "weight": rule.score, "value": None})
+        if self.models.content.ready and scores["content"] >= 0.7:
+            reasons.append({"code": "content", "text": f"text resembles confirmed abuse (content score {scores['content']:.2f})",
+                            "weight": scores["content"], "value": scores["content"]})
+        if self.models.champion.ready:
+            reasons.extend(self.models.champion.explain_one(features))
+        if scores["anomaly"] >= 0.7:
+            reasons.append({"code": "anomaly", "text": f"activity unlike normal traffic (anomaly score {scores['anomaly']:.2f})",
+                            "weight": scores["anomaly"], "value": scores["anomaly"]})
+        return reasons[:5]
+
+    def _decide(
+        self, event: dict[str, Any], risk_score: dict[str, Any], rules: RuleSet,
+        states: Mapping[str, EntityState], updates: dict[str, bytes], now_ms: int,
+    ) -> dict[str, Any] | None:
+        """The alert policy: per-type thresholds, one alert per account per cooldown,
+        evidence from the account's recent high scores. Its state lives in the user record."""
+        policy = rules.policy
+        threshold = policy.threshold_for(event["type"])
+        raw = updates.get("user") or (states["user"].own if "user" in states else None)
+        if raw is None:
+            return None
+        user = orjson.loads(raw)
+        state = user.get("a") or {"until": None, "id": None, "recent": [], "suppressed": 0}
+        ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])
+        recent = [r for r in state["recent"] if r[2] > ts - policy.cooldown_ms and r[0] != event["event_id"]]
+        if score >= EVIDENCE_SHARE * threshold:
+            recent = (recent + [[event["event_id"], score, ts]])[-MAX_EVIDENCE:]
+        state["recent"] = recent
+        alert = None
+        if score >= threshold:
+            cooling = state["until"] is not None and ts < state["until"] and state["id"] != this_alert
+            if cooling:
+                state["suppressed"] += 1
+            else:
+                alert = build_alert(risk_score, threshold, now_ms)
+                alert["evidence_event_ids"] = [r[0] for r in recent if r[0] != event["event_id"]] + [event["event_id"]]
+                alert["severity"] = max(
+                    [severity(score, threshold)] + [r.severity for r in rules.rules if r.name in risk_score["matched_rules"]],
+                    key=["low", "medium", "high", "critical"].index)
+                alert["suppressed_before"] = state["suppressed"]
+                state.update(until=ts + policy.cooldown_ms, id=this_alert, suppressed=0)
+        user["a"] = state
+        updates["user"] = orjson.dumps(user)
+        return alert
+
+    # -- learning ---------------------------------------------------------
+    def learn(self, example: dict[str, Any], offset: int) -> list[ReputationDelta]:
+        """Teaches every model one label; returns how entity reputations change."""
+        self.models.learn(example, offset)
+        return self.reputation_deltas(example)
+
+    @staticmethod
+    def reputation_deltas(example: dict[str, Any]) -> list[ReputationDelta]:
+        delta = label_deltas(example.get("previous_label"), example["label"])
+        if not delta:
+            return []
+        return [ReputationDelta(name, key, example["label_ts"], delta)
+                for name, key in example.get("entities", {}).items() if name in REPUTATION_ENTITIES]
 
 
 class LocalStore:
@@ -73,10 +184,18 @@ class LocalStore:
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], bytes] = {}
+        self.reputation: dict[tuple[str, str], bytes] = {}
 
     def score(self, detector: Detector, event: dict[str, Any], now_ms: int) -> Scored:
         keys = entity_keys(event)
-        scored = detector.score(event, {k: EntityState(self.records.get((k, v))) for k, v in keys.items()}, now_ms)
+        states = {k: EntityState(self.records.get((k, v)), reputation=self.reputation.get((k, v))) for k, v in keys.items()}
+        scored = detector.score(event, states, now_ms)
         for name, raw in scored.updates.items():
             self.records[(name, keys[name])] = raw
         return scored
+
+    def learn(self, detector: Detector, example: dict[str, Any], offset: int) -> None:
+        for d in detector.learn(example, offset):
+            current = self.reputation.get((d.entity, d.key))
+            record = add_label(orjson.loads(current) if current else None, d.label_ts, d.delta)
+            self.reputation[(d.entity, d.key)] = orjson.dumps(record)

@@ -31,15 +31,19 @@ from detectors.entities import entity_features, is_idle, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, entity_keys
 from detectors.labels import on_label, on_score
-from detectors.model import OnlineRiskModel
+from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector
+from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
+from streams.learning import LearningFeed
 from streams.state import ExpirySweeper, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
 REPLICA_POLL_S = 0.05
+LEARNING_POLL_S = 0.05
+RULES_POLL_S = 1.0
 
 
 def _now_ms() -> int:
@@ -54,13 +58,22 @@ def _load(raw: bytes | None) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
+def _applied(raw: bytes | None) -> int:
+    """The input offset a stored record last applied (-1 if none)."""
+    if raw is None:
+        return -1
+    applied = orjson.loads(raw).get("o")
+    return applied[1] if applied else -1
+
+
 def table_name(entity: str) -> str:
     return f"{entity}-state"
 
 
 def build_app(settings: Settings, detector: Detector | None = None) -> faust.App:
-    """A Faust app wired to ``settings``; ``detector`` defaults to a fresh online model."""
-    detector = detector or Detector(OnlineRiskModel(settings.min_labels_per_class), settings.alert_threshold)
+    """A Faust app wired to ``settings``; ``detector`` defaults to fresh models and the rules file."""
+    rules = RulesWatcher(Path(settings.rules_file) if settings.rules_file else None)
+    detector = detector or Detector(ModelSet.new(settings.min_labels_per_class), rules=rules)
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap_servers}",
@@ -84,6 +97,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     alerts = _raw_topic(app, settings.alerts_topic)
     dead_letters = _raw_topic(app, settings.dead_letter_topic)
     scores_and_labels = _raw_topic(app, settings.scores_topic, settings.labels_topic)
+    examples = _raw_topic(app, settings.examples_topic)
 
     # One compact record per entity (per shard for sharded entities): one
     # changelog write per entity per event. key_type/value_type bytes = stored raw.
@@ -107,7 +121,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         Path(settings.data_dir) / "shard-replica",
     )
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
-    app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
+    feed = LearningFeed(detector, settings.bootstrap_servers, settings.examples_topic, settings.checkpoint_topic,
+                        checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning")
+    feed.restore()
+    app.replica, app.sweeper, app.entity_tables, app.feed = replica, sweeper, tables, feed  # type: ignore[attr-defined]
 
     def table_key(entity: str, partition: int, key: str) -> bytes:
         return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
@@ -117,7 +134,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for name, key in keys.items():
             own = tables[name].get(table_key(name, partition, key))
             others = replica.shards(name, key, exclude=partition) if ENTITIES[name].sharded else ()
-            states[name] = EntityState(own, others)
+            states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
     def sweep(partition: int) -> None:
@@ -140,13 +157,59 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                              partition=message.partition, offset=message.offset, now_ms=_now_ms())
         await dead_letters.send(key=message.key, value=orjson.dumps(record))
 
-    @app.timer(REPLICA_POLL_S)
-    async def replicate_shards() -> None:
-        replica.poll()
+    def background(name: str, interval: float, step: Any) -> None:
+        """A periodic step that logs its failures and keeps running (a raising Faust timer stops for good)."""
+
+        async def run() -> None:
+            try:
+                step()
+            except Exception:
+                log.exception("%s failed; retrying in %.2fs", name, interval)
+
+        app.timer(interval, name=name)(run)
+
+    def reload_rules() -> None:
+        error_before = rules.error
+        if rules.poll():
+            log.warning("rules reloaded: version %s, %d rules", rules.rules.version, len(rules.rules.rules))
+        elif rules.error and rules.error != error_before:
+            log.error("rules file rejected, keeping version %s: %s", rules.rules.version, rules.error)
+
+    housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
+                    ("learn-from-examples", LEARNING_POLL_S, feed.poll),
+                    ("reload-rules", RULES_POLL_S, reload_rules)]
+    last_run = {name: 0.0 for name, _, _ in housekeeping}
+
+    def keep_up() -> None:
+        """Runs the periodic steps that are due. Called by the agents between events, and by
+        timers when idle: Faust starts timers only after the first recovery, and a worker must
+        read fresh shards from its first event on."""
+        now = time.monotonic()
+        for name, interval, step in housekeeping:
+            if now - last_run[name] >= interval:
+                last_run[name] = now
+                try:
+                    step()
+                except Exception:
+                    log.exception("%s failed; retrying in %.2fs", name, interval)
+
+    background("housekeeping", REPLICA_POLL_S, keep_up)
+
+    warmed_up = False
+
+    def warm_up() -> None:
+        """Before the first event: shards replicated and models current, like Faust's table recovery."""
+        nonlocal warmed_up
+        if not warmed_up:
+            replica.catch_up()
+            feed.catch_up()
+            warmed_up = True
 
     @app.agent(events, name="score-events")
     async def score_events(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            warm_up()
+            keep_up()
             try:
                 record = decode_event(event.value, settings.max_event_bytes)
             except ContractViolation as violation:
@@ -175,10 +238,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            warm_up()
+            keep_up()
             if event.message.topic == settings.scores_topic:
                 score = orjson.loads(event.value)
                 key = score["event_id"].encode()
-                pending, learn = on_score(_load(label_join.get(key)), score["features"], score["ts"])
+                pending, example = on_score(_load(label_join.get(key)), score)
             else:
                 try:
                     label = decode_label(event.value, settings.max_event_bytes)
@@ -186,21 +251,24 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     await reject(event, violation)
                     continue
                 key = label["event_id"].encode()
-                pending, learn = on_label(_load(label_join.get(key)), label["label"])
+                pending, example = on_label(_load(label_join.get(key)), label)
             label_join[key] = orjson.dumps(pending)
-            if learn is not None:
-                detector.learn(*learn)
+            if example is not None:
+                # every worker learns it, in the same order (see streams/learning.py)
+                await examples.send(key=key, value=orjson.dumps(example), partition=0)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
+        warm_up()
+        keep_up()
         entity = ENTITIES[kind]
         if entity.sharded:
             by_partition = replica.shard_map(kind, key)
-            # Shards this worker writes now: the table is exact, the replica may lag. (A table
-            # partition this worker owned before a rebalance is stale; the replica is not.)
-            active = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == settings.events_topic}
-            for partition in active:
+            # A table copy may be fresher (a shard this worker writes) or staler (a partition it
+            # owned before a rebalance, or one still recovering) than the replica: every record
+            # names the last input offset it applied, so keep the newer of the two.
+            for partition in range(settings.partitions):
                 own = tables[kind].get(shard_key(partition, key))
-                if own is not None:
+                if own is not None and _applied(own) > _applied(by_partition.get(partition)):
                     by_partition[partition] = own
             shards = list(by_partition.values())
         else:
@@ -233,11 +301,19 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return web.json({"error": f"no state for {kind}:{key}"}, status=404)
         return web.json(answer)
 
+    @app.page("/models/")
+    async def models_view(web: Any, request: Any) -> Any:
+        keep_up()
+        return web.json({**detector.models.report(), "rules_version": rules.rules.version,
+                         "rules_error": rules.error, "restored_from": feed.restored_from})
+
     @app.page("/replica/")
     async def replica_view(web: Any, request: Any) -> Any:
+        keep_up()
         stats = replica.stats
         return web.json({
             "applied": stats.applied,
+            "polls": stats.polls,
             "caught_up": stats.caught_up,
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),

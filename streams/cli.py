@@ -14,8 +14,8 @@ from streams.config import add_settings_arguments, load_settings
 
 KAFKA_FLAGS = ["home", "kafka_port", "kafka_controller_port"]
 CONNECTION_FLAGS = ["bootstrap_servers", "partitions", "events_topic", "labels_topic", "scores_topic",
-                    "alerts_topic", "dead_letter_topic"]
-WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "alert_threshold", "min_labels_per_class",
+                    "alerts_topic", "dead_letter_topic", "examples_topic", "checkpoint_topic"]
+WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "rules_file", "min_labels_per_class",
                 "max_event_bytes", "label_ttl_s", "sweep_every_events"]
 
 
@@ -55,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
     demo.add_argument("--rate", type=float, default=500.0, help="records per second offered")
     demo.add_argument("--seed", type=int, default=7)
-    add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "alert_threshold", "min_labels_per_class", "log_level"])
+    add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "rules_file", "min_labels_per_class", "log_level"])
+
+    model = sub.add_parser("model", help="champion/challenger status, promotion and rollback")
+    model.add_argument("action", choices=["status", "promote", "rollback"])
+    model.add_argument("--url", help="worker web server for status (default http://127.0.0.1:<web-port>)")
+    add_settings_arguments(model, ["bootstrap_servers", "examples_topic", "web_port", "kafka_port"])
     return parser
 
 
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return explain_entity(args.entity, args.url or f"http://127.0.0.1:{settings.web_port}")
 
+    if args.command == "model":
+        return _model_command(args.action, settings, args.url)
+
     if args.command == "demo":
         from streams.demo import run_demo
 
@@ -135,6 +143,35 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 0 if summary.alerts > 0 else 1
     return 2
+
+
+def _model_command(action: str, settings, url: str | None) -> int:
+    import getpass
+    import urllib.request
+
+    import orjson
+
+    if action == "status":
+        base = url or f"http://127.0.0.1:{settings.web_port}"
+        try:
+            report = orjson.loads(urllib.request.urlopen(f"{base}/models/", timeout=10).read())
+        except OSError as exc:
+            print(f"error: no worker answered at {base} ({exc})", file=sys.stderr)
+            return 1
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    from streams.kafka.io import make_producer
+    from streams.learning import control_record
+
+    # On the training-example feed: every worker swaps at the same point of its history.
+    producer = make_producer(settings)
+    producer.produce(settings.examples_topic, key=b"control", value=control_record(action, getpass.getuser()), partition=0)
+    if producer.flush(30):
+        print("error: Kafka did not acknowledge the control record", file=sys.stderr)
+        return 1
+    print(f"{action} recorded on {settings.examples_topic}; workers apply it within a second "
+          "(check with `abuse-detector model status`)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def split_shard_key(raw: bytes) -> tuple[int, str]:
 @dataclass
 class ReplicaStats:
     applied: int = 0
+    polls: int = 0
     last_poll_monotonic: float = 0.0
     newest_record_ms: int = 0  # timestamp of the newest replicated write
     caught_up: bool = False  # reached the end offsets seen at start
@@ -92,20 +93,26 @@ class ShardReplica:
 
     def _assign(self) -> bool:
         metadata = self.consumer.list_topics(timeout=5)
-        if any(t not in metadata.topics or metadata.topics[t].error for t in self.changelogs.values()):
+        missing = [t for t in self.changelogs.values() if t not in metadata.topics or metadata.topics[t].error]
+        if missing:
+            log.info("shard replica waiting for changelogs %s", missing)
             return False  # Faust creates the changelogs when it starts; try again on the next poll
         assignment = []
         for topic in self.changelogs.values():
             for p in metadata.topics[topic].partitions:
                 stored = self.db.get(self._offset_key(topic, p))
-                assignment.append(TopicPartition(topic, p, int(stored) if stored is not None else -2))  # -2: beginning
+                start = int(stored) if stored is not None else -2  # -2: from the beginning
+                assignment.append(TopicPartition(topic, p, start))
                 low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
-                self._end_offsets[(topic, p)] = high
+                # 0: nothing to replicate (empty, or already replicated up to the end before a restart)
+                self._end_offsets[(topic, p)] = high if high > max(low, start) else 0
         self.consumer.assign(assignment)
         self._assigned = True
+        log.info("shard replica following %s", [(tp.topic, tp.partition, tp.offset) for tp in assignment])
         return True
 
     def poll(self, max_records: int = 20_000) -> int:
+        self.stats.polls += 1
         if not self._assigned and not self._assign():
             return 0
         applied = 0
@@ -140,6 +147,20 @@ class ShardReplica:
                 [TopicPartition(t, p) for t, p in self._end_offsets])}
             self.stats.caught_up = all(positions.get(tp, -1) >= end or end == 0 for tp, end in self._end_offsets.items())
         return applied
+
+    def catch_up(self, timeout_s: float = 300.0) -> bool:
+        """Blocks until every changelog partition is replicated up to its end as of now.
+
+        Called before a worker scores its first event, so no event is ever scored
+        against a replica that is still loading."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll()
+            if self.stats.caught_up:
+                return True
+            time.sleep(0.01)
+        log.error("shard replica did not catch up within %.0fs; scoring with what it has", timeout_s)
+        return False
 
     def shards(self, entity: str, key: str, exclude: int | None = None) -> tuple[bytes, ...]:
         """The replicated shards of one entity, except partition ``exclude``."""

@@ -12,9 +12,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from streams.config import Settings
 
 
+CHECKPOINT_MAX_BYTES = 64 * 1024 * 1024
+
+
 def io_topics(settings: Settings) -> list[str]:
     return [settings.events_topic, settings.labels_topic, settings.scores_topic,
-            settings.alerts_topic, settings.dead_letter_topic]
+            settings.alerts_topic, settings.dead_letter_topic, settings.examples_topic, settings.checkpoint_topic]
 
 
 def create_topics(settings: Settings, recreate: bool = False, timeout: float = 30.0) -> list[str]:
@@ -26,12 +29,23 @@ def create_topics(settings: Settings, recreate: bool = False, timeout: float = 3
     existing = admin.list_topics(timeout=timeout).topics
     wanted = [n for n in names if n not in existing]
     for name in names:
-        if name in existing and len(existing[name].partitions) != settings.partitions:
+        expected = 1 if name in (settings.examples_topic, settings.checkpoint_topic) else settings.partitions
+        if name in existing and len(existing[name].partitions) != expected:
             raise SystemExit(
-                f"topic {name!r} has {len(existing[name].partitions)} partitions, settings say {settings.partitions}; "
+                f"topic {name!r} has {len(existing[name].partitions)} partitions, it needs {expected}; "
                 "keyed topics must be co-partitioned: use `topics create --recreate` or set ABUSE_PARTITIONS"
             )
-    futures = admin.create_topics([NewTopic(n, settings.partitions, 1) for n in wanted], operation_timeout=timeout)
+    new_topics = []
+    for name in wanted:
+        if name == settings.examples_topic:
+            # One partition: every worker applies training examples in the same order.
+            new_topics.append(NewTopic(name, 1, 1, config={"retention.ms": str(35 * 86_400_000)}))
+        elif name == settings.checkpoint_topic:
+            new_topics.append(NewTopic(name, 1, 1, config={"cleanup.policy": "compact",
+                                                           "max.message.bytes": str(CHECKPOINT_MAX_BYTES)}))
+        else:
+            new_topics.append(NewTopic(name, settings.partitions, 1))
+    futures = admin.create_topics(new_topics, operation_timeout=timeout)
     for name, future in futures.items():
         try:
             future.result()

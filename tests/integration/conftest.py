@@ -51,6 +51,8 @@ def settings(kafka: LocalKafka, tmp_path: Path, request: pytest.FixtureRequest) 
         scores_topic=f"scores-{run}",
         alerts_topic=f"alerts-{run}",
         dead_letter_topic=f"dlq-{run}",
+        examples_topic=f"examples-{run}",
+        checkpoint_topic=f"checkpoints-{run}",
         data_dir=str(tmp_path / "worker"),
         web_port=free_port(),
         log_level="info",

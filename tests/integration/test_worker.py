@@ -11,11 +11,13 @@ import orjson
 import pytest
 
 import schemas
+from detectors.rules import load_rules
 from tests.integration.helpers import as_record, event
 
 pytestmark = pytest.mark.integration
 
 T0 = 1_767_225_600_000
+THRESHOLD = load_rules(None).policy.threshold
 MINUTE = 60_000
 
 
@@ -63,14 +65,14 @@ def test_events_in_scores_and_alerts_out(settings, worker, reader, produce):
     for key, record, _, _ in alerts.records:
         schemas.check("alert", record)
         assert key == record["user_id"].encode()
-        assert record["score"] >= settings.alert_threshold
+        assert record["score"] >= THRESHOLD
         assert record["event_id"].startswith("bad-")
         assert record["reasons"], "an alert must say why"
     # Benign posts scored after learning stay low.
     produce(settings.events_topic, [as_record(_benign_post(5000, "user-1"))])
     late = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5000" for x in r), worker=worker)
     benign = next(x[1] for x in late if x[1]["event_id"] == "good-5000")
-    assert benign["score"] < settings.alert_threshold
+    assert benign["score"] < THRESHOLD
 
 
 def test_malformed_events_go_to_dead_letters_with_reason(settings, worker, reader, produce):

@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 
 import schemas
 from detectors.events import decode_event, decode_label, dead_letter
-from detectors.model import OnlineRiskModel
+from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, LocalStore
 from schemas import ContractViolation
 from streams.simulator import SimulationConfig, simulate
@@ -104,7 +104,7 @@ def test_dead_letter_records_honour_their_contract():
 
 
 def test_simulated_stream_honours_contracts_and_outputs_do_too():
-    detector = Detector(OnlineRiskModel(min_labels_per_class=1), alert_threshold=0.5)
+    detector = Detector(ModelSet.new(min_labels_per_class=1))
     store = LocalStore()
     kinds = {"event": 0, "label": 0, "malformed": 0}
     alerts = 0
@@ -115,7 +115,7 @@ def test_simulated_stream_honours_contracts_and_outputs_do_too():
                 decode_event(rec.value, 65536)
         elif rec.kind == "label":
             label = decode_label(rec.value, 65536)
-            detector.learn({"events_1m": 1.0}, label["label"] == "abuse")
+            schemas.check("label", label)
         else:
             event = decode_event(rec.value, 65536)
             assert rec.key == event["user_id"].encode()

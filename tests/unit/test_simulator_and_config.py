@@ -60,10 +60,10 @@ def test_files_written_match_the_stream(tmp_path):
 
 
 def test_settings_come_from_env_and_flags_win():
-    env = {"ABUSE_ALERT_THRESHOLD": "0.9", "ABUSE_EVENTS_TOPIC": "ev", "ABUSE_KAFKA_PORT": "19999"}
+    env = {"ABUSE_LABEL_TTL_S": "90", "ABUSE_EVENTS_TOPIC": "ev", "ABUSE_KAFKA_PORT": "19999"}
     s = load_settings(env)
-    assert (s.alert_threshold, s.events_topic, s.bootstrap_servers) == (0.9, "ev", "127.0.0.1:19999")
-    assert load_settings(env, alert_threshold=0.5).alert_threshold == 0.5
+    assert (s.label_ttl_s, s.events_topic, s.bootstrap_servers) == (90, "ev", "127.0.0.1:19999")
+    assert load_settings(env, label_ttl_s=5).label_ttl_s == 5
 
 
 def test_bad_setting_value_says_which_variable():

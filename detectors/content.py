@@ -1,0 +1,59 @@
+"""Online text classifier for posts, comments and messages.
+
+Character 4-grams of the normalised text are hashed into 2^18 buckets (no
+vocabulary to grow) and fed to a River logistic regression trained from labels
+of content events.
+
+>>> m = ContentModel(min_labels_per_class=1)
+>>> spam, ham = "get a FREE phone now visit http://x.example", "lovely walk in the park today"
+>>> for _ in range(30):
+...     m.learn_one(text_inputs(spam), True); m.learn_one(text_inputs(ham), False)
+>>> m.predict_proba_one(text_inputs("FREE phone now!!! http://y.example")) > 0.5 > m.predict_proba_one(text_inputs("walk in the park"))
+True
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Mapping
+
+from river import linear_model, optim
+
+from detectors.sketches import normalize_text
+
+BUCKETS = 1 << 18
+NGRAM = 4
+
+
+def text_inputs(text: str) -> dict[str, float]:
+    """Hashed character n-gram counts: the content model's input, stored with each score."""
+    normalized = f" {normalize_text(text)} "
+    counts: dict[str, float] = {}
+    for i in range(max(1, len(normalized) - NGRAM + 1)):
+        bucket = str(zlib.crc32(normalized[i:i + NGRAM].encode()) & (BUCKETS - 1))
+        counts[bucket] = counts.get(bucket, 0.0) + 1.0
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()}
+
+
+class ContentModel:
+    version = "text-logreg/1"
+
+    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.05):
+        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(learning_rate), l2=0.0)
+        self.min_labels_per_class = min_labels_per_class
+        self.positives = self.negatives = 0
+
+    @property
+    def ready(self) -> bool:
+        return min(self.positives, self.negatives) >= self.min_labels_per_class
+
+    def predict_proba_one(self, inputs: Mapping[str, float]) -> float:
+        return float(self.classifier.predict_proba_one(dict(inputs)).get(True, 0.0))
+
+    def learn_one(self, inputs: Mapping[str, float], is_abuse: bool) -> None:
+        if is_abuse:
+            self.positives += 1
+        else:
+            self.negatives += 1
+        self.classifier.learn_one(dict(inputs), is_abuse)

@@ -1,0 +1,70 @@
+"""One calibrated risk score from the detectors' scores.
+
+A logistic regression over the detectors' outputs (supervised model, anomaly,
+rules, content), trained online from labels on the scores each detector gave
+*at scoring time*: a stacker whose log-loss training calibrates the result.
+Until it has seen enough labels of both classes, the fused score is the most
+confident trusted detector (rules always; the model and content classifier
+once they are ready), which needs no calibration to be conservative.
+
+>>> f = FusionModel(min_labels_per_class=1)
+>>> f.fuse({"model": 0.9, "anomaly": 0.1, "rules": 0.0, "content": 0.0}, model_ready=True, content_ready=False)
+0.9
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from river import linear_model, optim
+
+DETECTORS = ("model", "anomaly", "rules", "content")
+
+
+def _logit(p: float) -> float:
+    p = min(1 - 1e-6, max(1e-6, p))
+    return math.log(p / (1 - p))
+
+
+def fusion_inputs(scores: Mapping[str, float], has_text: bool) -> dict[str, float]:
+    return {
+        "model": _logit(scores.get("model", 0.5)),
+        "anomaly": scores.get("anomaly", 0.0),
+        "rules": scores.get("rules", 0.0),
+        "content": _logit(scores.get("content", 0.5)) if has_text else 0.0,
+        "has_text": float(has_text),
+    }
+
+
+class FusionModel:
+    version = "stack-logreg/1"
+
+    def __init__(self, min_labels_per_class: int = 50):
+        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(0.02), l2=0.0)
+        self.min_labels_per_class = min_labels_per_class
+        self.positives = self.negatives = 0
+
+    @property
+    def ready(self) -> bool:
+        return min(self.positives, self.negatives) >= self.min_labels_per_class
+
+    def fuse(self, scores: Mapping[str, float], model_ready: bool, content_ready: bool, has_text: bool = False) -> float:
+        if self.ready:
+            return float(self.classifier.predict_proba_one(fusion_inputs(scores, has_text)).get(True, 0.0))
+        trusted = [scores.get("rules", 0.0)]
+        if model_ready:
+            trusted.append(scores.get("model", 0.0))
+        if content_ready and has_text:
+            trusted.append(scores.get("content", 0.0))
+        return max(trusted)
+
+    def learn_one(self, scores: Mapping[str, float], has_text: bool, is_abuse: bool) -> None:
+        if is_abuse:
+            self.positives += 1
+        else:
+            self.negatives += 1
+        self.classifier.learn_one(fusion_inputs(scores, has_text), is_abuse)
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.classifier.weights)
