@@ -53,7 +53,7 @@ class ModelMetrics:
         self.examples += 1
 
     def report(self) -> dict[str, float]:
-        return {"roc_auc": round(self.roc_auc.get(), 4), "log_loss": round(self.log_loss.get(), 4),
+        return {"roc_auc": round(float(self.roc_auc.get()), 4), "log_loss": round(float(self.log_loss.get()), 4),
                 "examples": self.examples}
 
 
@@ -105,7 +105,8 @@ class ModelSet:
             "champion": {"version": self.champion.version, **self.champion_metrics.report()},
             "challenger": {"version": self.challenger.version, **self.challenger_metrics.report()},
             "content": {"version": self.content.version, "ready": self.content.ready},
-            "fusion": {"version": self.fusion.version, "ready": self.fusion.ready, "weights": self.fusion.weights()},
+            "fusion": {"version": self.fusion.version, "ready": self.fusion.ready,
+                       "weights": {k: float(v) for k, v in self.fusion.weights().items()}},
             "examples": self.examples,
             "offset": self.offset,
             "promotions": self.promotions,
