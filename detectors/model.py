@@ -37,14 +37,15 @@ def _log_scaled(features: Mapping[str, float]) -> dict[str, float]:
 class OnlineRiskModel:
     """``observe`` every scored event, ``learn_one`` every label, ``predict_proba_one`` to score."""
 
-    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.01, name: str = MODEL_NAME):
+    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.01, name: str = MODEL_NAME,
+                 l2: float = 0.0):
         self.name = name
         self.min_labels_per_class = min_labels_per_class
         self.scaler = preprocessing.StandardScaler()
         # Adam: per-feature step sizes suit ~90 features of very different
         # scales and sparsity (measured on the simulator: alert precision/recall
         # 0.75/0.74 after 0.8 simulated days, against 0.67/0.39 with plain SGD).
-        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(learning_rate), l2=0.0)
+        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(learning_rate), l2=l2)
         self.positives = 0
         self.negatives = 0
 

@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "rules_file", "min_labels_per_class", "log_level"])
 
+    evaluate = sub.add_parser("evaluate", help="prequential evaluation of the live detector code over JSONL files")
+    evaluate.add_argument("--events", type=Path, required=True, help="events JSONL in event-time order")
+    evaluate.add_argument("--labels", type=Path, required=True, help="labels JSONL (label contract)")
+    evaluate.add_argument("--label-delay", default="7d", help="a label is revealed this long after its event (e.g. 7d, 12h)")
+    evaluate.add_argument("--scores-out", type=Path, help="write one JSONL line per event: scores, alert, label")
+    evaluate.add_argument("--plot", type=Path, help="write a PNG of precision-recall curves and score distributions")
+
     model = sub.add_parser("model", help="champion/challenger status, promotion and rollback")
     model.add_argument("action", choices=["status", "promote", "rollback"])
     model.add_argument("--url", help="worker web server for status (default http://127.0.0.1:<web-port>)")
@@ -129,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             print("error: give the entity as <entity-type>:<id>, e.g. ip:203.0.113.7", file=sys.stderr)
             return 2
         return explain_entity(args.entity, args.url or f"http://127.0.0.1:{settings.web_port}")
+
+    if args.command == "evaluate":
+        from streams.offline import run_evaluate
+
+        return run_evaluate(args.events, args.labels, args.label_delay, args.scores_out, args.plot)
 
     if args.command == "model":
         return _model_command(args.action, settings, args.url)

@@ -414,7 +414,7 @@ def run_simulation(
     files = {}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        files = {name: open(out_dir / f"{name}.jsonl", "wb") for name in ("events", "labels", "truth")}
+        files = {name: open(out_dir / f"{name}.jsonl", "wb") for name in ("events", "labels", "truth", "truth-labels")}
     started = time.monotonic()
     sent = 0
     try:
@@ -448,6 +448,11 @@ def run_simulation(
                 if record.kind == "event":
                     files["truth"].write(orjson.dumps({"event_id": record.event_id, "is_abuse": record.is_abuse,
                                                        "campaign": record.campaign}) + b"\n")
+                    # the ground truth as label records, for `abuse-detector evaluate --labels`
+                    files["truth-labels"].write(orjson.dumps({
+                        "event_id": record.event_id, "label": "abuse" if record.is_abuse else "benign",
+                        "source": "automated", "ts": record.ts, "schema_version": 1,
+                        "category": record.campaign if record.is_abuse else None}) + b"\n")
             sent += 1
             if rate > 0:
                 ahead = sent / rate - (time.monotonic() - started)
