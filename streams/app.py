@@ -85,6 +85,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # At-least-once: a redelivered event is scored again (same ids) but never
         # counted twice in state (records remember the last offset they applied).
         broker_commit_interval=1.0,
+        # Small fetches interleave partitions finely: a lagging worker then keeps its
+        # partitions close together in event time, so shards merged across partitions
+        # describe the same moment.
+        broker_max_poll_records=100,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         web_port=settings.web_port,

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="local Kafka + topics + worker + a minute of traffic + summary")
     demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
-    demo.add_argument("--rate", type=float, default=500.0, help="records per second offered")
+    demo.add_argument("--rate", type=float, default=800.0, help="records per second offered")
     demo.add_argument("--seed", type=int, default=7)
     add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "rules_file", "min_labels_per_class", "log_level"])
 
