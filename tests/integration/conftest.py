@@ -27,7 +27,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[LocalKafka]:
-    broker = LocalKafka(Path(os.environ.get("ABUSE_HOME", REPO / ".abuse")), TEST_KAFKA_PORT, TEST_KAFKA_PORT + 1)
+    home = Path(os.environ.get("ABUSE_HOME", REPO / ".abuse"))
+    broker = LocalKafka(home, TEST_KAFKA_PORT, TEST_KAFKA_PORT + 1)
+    if not broker.status().running and broker.answers(timeout=1.0):
+        # another checkout's broker holds the port: run our own on free ports
+        port, controller = free_port(), free_port()
+        broker = LocalKafka(home, port, controller)
     already_running = broker.status().running
     broker.up(wait_s=120)
     yield broker
