@@ -6,6 +6,7 @@ into ``<home>/kafka/lib`` on first use; later starts reuse them.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -162,9 +163,7 @@ class LocalKafka:
         self.ensure_jars()
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
-            cluster_id = uuid.uuid4().bytes
-            import base64
-            cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(self._java_cmd(STORAGE_TOOL, "format", "-t", cid, "-c", str(self.config_file)),
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
