@@ -13,3 +13,23 @@ def event(event_id: str, kind: str, ts: int, user_id: str, **fields: object) -> 
 def as_record(e: dict) -> tuple[bytes, bytes]:
     return e["user_id"].encode(), orjson.dumps(e)
 
+
+
+T0 = 1_767_225_600_000
+
+
+def stuffing_login(i: int, user: str) -> dict:
+    """A failed login from a rotating attacker IP: labelled abuse by ``moderator_label``."""
+    return event(f"bad-{i}", "login", T0 + i * 1000, user, ip=f"203.0.113.{i % 250}", device_id=None,
+                 success=False, failure_reason="bad_password")
+
+
+def benign_post(i: int, user: str) -> dict:
+    return event(f"good-{i}", "post", T0 + i * 1000, user, text=f"lovely walk in the park number {i}")
+
+
+def moderator_label(e: dict, ts: int) -> tuple[bytes, bytes]:
+    """The label record (keyed by event id) for an event built above: ``bad-*`` is abuse."""
+    return e["event_id"].encode(), orjson.dumps({
+        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
+        "source": "moderator", "ts": ts, "schema_version": 1})

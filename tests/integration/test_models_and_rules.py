@@ -11,25 +11,21 @@ import sys
 import time
 import urllib.request
 
-import orjson
 import pytest
 
 from tests.integration.conftest import Worker
-from tests.integration.helpers import as_record, event
+from tests.integration.helpers import T0, as_record, benign_post, event, moderator_label, stuffing_login
 from streams.demo import settings_env
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_767_225_600_000
-
 
 def _attack(i: int) -> dict:
-    return event(f"bad-{i}", "login", T0 + i * 1000, f"victim-{i}", ip=f"203.0.113.{i % 250}", device_id=None,
-                 success=False, failure_reason="bad_password")
+    return stuffing_login(i, f"victim-{i}")
 
 
 def _benign(i: int) -> dict:
-    return event(f"good-{i}", "post", T0 + i * 1000, f"user-{i % 5}", text=f"lovely walk in the park number {i}")
+    return benign_post(i, f"user-{i % 5}")
 
 
 def _models(worker: Worker) -> dict:
@@ -49,9 +45,7 @@ def _train(settings, worker, reader, produce, n: int = 30) -> None:
     train = [_attack(i) for i in range(n)] + [_benign(i) for i in range(n)]
     produce(settings.events_topic, [as_record(e) for e in train])
     scores.wait_for(lambda r: len(r) >= 2 * n, worker=worker)
-    produce(settings.labels_topic, [(e["event_id"].encode(), orjson.dumps({
-        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
-        "source": "moderator", "ts": e["ts"] + 60_000, "schema_version": 1})) for e in train])
+    produce(settings.labels_topic, [moderator_label(e, e["ts"] + 60_000) for e in train])
     deadline = time.monotonic() + 60
     while _models(worker)["examples"] < 2 * n:
         assert time.monotonic() < deadline, _models(worker)

@@ -12,34 +12,22 @@ import pytest
 
 import schemas
 from detectors.rules import load_rules
-from tests.integration.helpers import as_record, event
+from tests.integration.helpers import T0, as_record, benign_post, event, moderator_label, stuffing_login
 
 pytestmark = pytest.mark.integration
 
-T0 = 1_767_225_600_000
 THRESHOLD = load_rules(None).policy.threshold
 MINUTE = 60_000
-
-
-def _stuffing_login(i: int, user: str) -> dict:
-    return event(f"bad-{i}", "login", T0 + i * 1000, user, ip=f"203.0.113.{i % 250}", device_id=None,
-                 success=False, failure_reason="bad_password")
-
-
-def _benign_post(i: int, user: str) -> dict:
-    return event(f"good-{i}", "post", T0 + i * 1000, user, text=f"lovely walk in the park number {i}")
 
 
 def test_events_in_scores_and_alerts_out(settings, worker, reader, produce):
     scores = reader(settings.scores_topic)
     alerts = reader(settings.alerts_topic)
     # Teach the model the difference first: scored events, then their labels.
-    train = [_stuffing_login(i, f"victim-{i}") for i in range(30)] + [_benign_post(i, f"user-{i % 5}") for i in range(30)]
+    train = [stuffing_login(i, f"victim-{i}") for i in range(30)] + [benign_post(i, f"user-{i % 5}") for i in range(30)]
     produce(settings.events_topic, [as_record(e) for e in train])
     scores.wait_for(lambda r: len(r) >= 60, worker=worker)
-    labels = [(e["event_id"].encode(), orjson.dumps({
-        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
-        "source": "moderator", "ts": e["ts"] + MINUTE, "schema_version": 1})) for e in train]
+    labels = [moderator_label(e, e["ts"] + MINUTE) for e in train]
     produce(settings.labels_topic, labels)
 
     # The worker learns from labels asynchronously; keep sending attacks until one alerts.
@@ -47,7 +35,7 @@ def test_events_in_scores_and_alerts_out(settings, worker, reader, produce):
     def alerted(records: list) -> bool:
         return len(records) > 0
     for round_ in range(20):
-        batch = [_stuffing_login(1000 + round_ * 10 + i, f"victim2-{round_}-{i}") for i in range(10)]
+        batch = [stuffing_login(1000 + round_ * 10 + i, f"victim2-{round_}-{i}") for i in range(10)]
         produce(settings.events_topic, [as_record(e) for e in batch])
         sent += len(batch)
         try:
@@ -69,7 +57,7 @@ def test_events_in_scores_and_alerts_out(settings, worker, reader, produce):
         assert record["event_id"].startswith("bad-")
         assert record["reasons"], "an alert must say why"
     # Benign posts scored after learning stay low.
-    produce(settings.events_topic, [as_record(_benign_post(5000, "user-1"))])
+    produce(settings.events_topic, [as_record(benign_post(5000, "user-1"))])
     late = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5000" for x in r), worker=worker)
     benign = next(x[1] for x in late if x[1]["event_id"] == "good-5000")
     assert benign["score"] < THRESHOLD
@@ -114,17 +102,15 @@ def test_malformed_events_go_to_dead_letters_with_reason(settings, worker, reade
 
 def test_label_after_score_changes_the_model(settings, worker, reader, produce):
     scores = reader(settings.scores_topic)
-    probe = _stuffing_login(0, "probe-user")
+    probe = stuffing_login(0, "probe-user")
     produce(settings.events_topic, [as_record(probe)])
     before = scores.wait_for(lambda r: len(r) >= 1, worker=worker)[0][1]
     assert before["model_version"].endswith("+0")
 
-    train = [_stuffing_login(i, f"v-{i}") for i in range(1, 6)] + [_benign_post(i, f"g-{i}") for i in range(1, 6)]
+    train = [stuffing_login(i, f"v-{i}") for i in range(1, 6)] + [benign_post(i, f"g-{i}") for i in range(1, 6)]
     produce(settings.events_topic, [as_record(e) for e in train])
     scores.wait_for(lambda r: len(r) >= 11, worker=worker)
-    produce(settings.labels_topic, [(e["event_id"].encode(), orjson.dumps({
-        "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
-        "source": "moderator", "ts": T0 + 10 * MINUTE, "schema_version": 1})) for e in train])
+    produce(settings.labels_topic, [moderator_label(e, T0 + 10 * MINUTE) for e in train])
 
     # Same features as the probe, new id: scored by the updated model.
     for attempt in range(30):
@@ -144,7 +130,7 @@ def test_label_after_score_changes_the_model(settings, worker, reader, produce):
 @pytest.mark.parametrize("wipe_local_state", [False, True], ids=["rocksdb", "changelog-recovery"])
 def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_local_state):
     scores = reader(settings.scores_topic)
-    first = [_benign_post(i, "steady-user") for i in range(5)]
+    first = [benign_post(i, "steady-user") for i in range(5)]
     produce(settings.events_topic, [as_record(e) for e in first])
     scores.wait_for(lambda r: len(r) >= 5, worker=worker)
     assert max(r[1]["features"]["user_events_1h"] for r in scores.records) == 5
@@ -153,7 +139,7 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, wipe_lo
     if wipe_local_state:
         shutil.rmtree(settings.data_dir)  # state must come back from the changelog topic
     worker.start()
-    produce(settings.events_topic, [as_record(_benign_post(5, "steady-user"))])
+    produce(settings.events_topic, [as_record(benign_post(5, "steady-user"))])
     records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
     after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
     assert after["features"]["user_events_1h"] == 6
