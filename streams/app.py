@@ -199,6 +199,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     background("housekeeping", REPLICA_POLL_S, keep_up)
 
+    @app.on_before_shutdown.connect
+    async def release(app: faust.App, **kwargs: Any) -> None:
+        feed.close()  # a last checkpoint: a restart then replays nothing it already learned
+        replica.close()
+
     warmed_up = False
 
     def warm_up() -> None:

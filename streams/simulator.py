@@ -389,8 +389,6 @@ class SimulationReport:
     malformed: int = 0
     abusive_events: int = 0
     truth: dict[str, bool] = field(default_factory=dict)
-    first_ts: int | None = None
-    last_ts: int | None = None
 
 
 def run_simulation(
@@ -433,8 +431,6 @@ def run_simulation(
                     report.abusive_events += bool(record.is_abuse)
                     if keep_truth:
                         report.truth[record.event_id] = bool(record.is_abuse)  # type: ignore[index]
-                    report.first_ts = record.ts if report.first_ts is None else report.first_ts
-                    report.last_ts = record.ts
             if producer is not None:
                 while True:
                     try:

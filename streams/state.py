@@ -46,7 +46,6 @@ def split_shard_key(raw: bytes) -> tuple[int, str]:
 class ReplicaStats:
     applied: int = 0
     polls: int = 0
-    last_poll_monotonic: float = 0.0
     newest_record_ms: int = 0  # timestamp of the newest replicated write
     caught_up: bool = False  # reached the end offsets seen at start
     # write-to-apply delay of recently replicated writes (ms): the staleness of the other shards
@@ -141,7 +140,6 @@ class ShardReplica:
         for (topic, partition), offset in offsets.items():
             self.db.put(self._offset_key(topic, partition), b"%d" % offset)
         self.stats.applied += applied
-        self.stats.last_poll_monotonic = time.monotonic()
         if not self.stats.caught_up:
             positions = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(
                 [TopicPartition(t, p) for t, p in self._end_offsets])}
