@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from detectors.reputation import WINDOWS as LABEL_WINDOWS
+from detectors.reputation import feature_name
+
 Event = dict[str, Any]
 
 MINUTE = 60_000
@@ -369,14 +372,13 @@ class LabelCount:
 
     @property
     def name(self) -> str:
-        return f"{self.entity}_abuse_labels_{self.window}"
+        return feature_name(self.entity, self.window)
 
     def describe(self) -> str:
         return f"events confirmed abusive on this {ENTITY_NOUN[self.entity]} in the last {self.window} (by label time)"
 
 
-REPUTATION_WINDOWS = ("1d", "7d", "28d")
-LABEL_FEATURES: tuple[LabelCount, ...] = tuple(LabelCount(e, w) for e in ENTITIES for w in REPUTATION_WINDOWS)
+LABEL_FEATURES: tuple[LabelCount, ...] = tuple(LabelCount(e, w) for e in ENTITIES for w in LABEL_WINDOWS)
 
 ALL_FEATURES: tuple[Feature | EventFeature | LabelCount, ...] = (
     EVENT_FEATURES + tuple(f for e in ENTITIES.values() for f in e.features) + LABEL_FEATURES

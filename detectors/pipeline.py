@@ -20,12 +20,12 @@ from typing import Any, Mapping, Protocol
 import orjson
 
 from detectors.anomaly import AnomalyModel
-from detectors.catalog import CONTENT_TYPES
+from detectors.catalog import CONTENT_TYPES, ENTITIES
 from detectors.content import text_inputs
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, entity_keys, extract
 from detectors.lifecycle import ModelSet
-from detectors.reputation import REPUTATION_ENTITIES, add_label, label_deltas
+from detectors.reputation import add_label, label_deltas
 from detectors.rules import RuleSet, load_rules
 
 EVIDENCE_SHARE = 0.75  # events at 3/4 of the threshold are kept as evidence for the next alert
@@ -175,7 +175,7 @@ class Detector:
         if not delta:
             return []
         return [ReputationDelta(name, key, example["label_ts"], delta)
-                for name, key in example.get("entities", {}).items() if name in REPUTATION_ENTITIES]
+                for name, key in example.get("entities", {}).items() if name in ENTITIES]
 
 
 class LocalStore:

@@ -26,7 +26,6 @@ from __future__ import annotations
 DAY = 86_400_000
 WINDOWS = {"1d": DAY, "7d": 7 * DAY, "28d": 28 * DAY}
 MEMORY_MS = 28 * DAY
-REPUTATION_ENTITIES = ("user", "ip", "device", "merchant", "card")
 
 HOUR = 3_600_000
 EXACT_MS = 2 * HOUR
@@ -34,8 +33,12 @@ EXACT_MS = 2 * HOUR
 Reputation = dict[str, list[list[int]]]
 
 
+def feature_name(entity: str, window: str) -> str:
+    return f"{entity}_abuse_labels_{window}"
+
+
 def feature_names(entity: str) -> list[str]:
-    return [f"{entity}_abuse_labels_{w}" for w in WINDOWS]
+    return [feature_name(entity, w) for w in WINDOWS]
 
 
 
