@@ -144,16 +144,15 @@ class LearningFeed:
 
     def catch_up(self, timeout_s: float = 300.0) -> None:
         """Applies every example already on the feed before the worker scores anything."""
-        probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "training-feed-probe", "log_level": 3})
-        try:
-            metadata = probe.list_topics(self.examples_topic, timeout=10).topics.get(self.examples_topic)
-            if metadata is None or metadata.error:
-                return
-            _, end = probe.get_watermark_offsets(TopicPartition(self.examples_topic, 0), timeout=10)
-        finally:
-            probe.close()
+        if self.consumer is None:
+            self._start_consumer()
+        assert self.consumer is not None
+        metadata = self.consumer.list_topics(self.examples_topic, timeout=10).topics.get(self.examples_topic)
+        if metadata is None or metadata.error:
+            return
+        _, end = self.consumer.get_watermark_offsets(TopicPartition(self.examples_topic, 0), timeout=10)
         deadline = time.monotonic() + timeout_s
-        while min(self.detector.models.offset, self.reputation_offset if self.consumer else -1) < end - 1:
+        while min(self.detector.models.offset, self.reputation_offset) < end - 1:
             if time.monotonic() > deadline:
                 log.error("training feed did not catch up within %.0fs", timeout_s)
                 return
