@@ -37,8 +37,13 @@ class EntityState:
 @dataclass(frozen=True)
 class Extraction:
     features: dict[str, float]
-    updates: dict[str, bytes]  # entity name -> new bytes of its own shard
+    records: dict[str, dict]  # entity name -> its own shard's record, for entities this event changed
     keys: dict[str, str] = field(default_factory=dict)  # entity name -> key in this event
+
+    @property
+    def updates(self) -> dict[str, bytes]:
+        """The changed records as the store keeps them."""
+        return {name: orjson.dumps(record) for name, record in self.records.items()}
 
 
 def entity_keys(event: Event) -> dict[str, str]:
@@ -60,7 +65,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     """
     features = {f.name: f.compute(event) for f in EVENT_FEATURES}
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
-    updates: dict[str, bytes] = {}
+    records: dict[str, dict] = {}
     keys = entity_keys(event)
     for name, entity in ENTITIES.items():
         if name not in keys:
@@ -76,14 +81,14 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None)
             if source is not None:
                 own["o"] = list(source)
-            updates[name] = orjson.dumps(own)
+            records[name] = own
         view = merge_records(entity, [own, *others])
         features.update(entity_features(entity, view, event, previous_last, novelty, fingerprint))
     for name in ENTITIES:
         state = states.get(name)
         record = orjson.loads(state.reputation) if state is not None and state.reputation else None
         features.update(reputation_features(name, record if name in keys else None, event["ts"]))
-    return Extraction(features, updates, keys)
+    return Extraction(features, records, keys)
 
 
 def already_applied(record: dict, source: tuple[int, int]) -> bool:

@@ -108,8 +108,9 @@ class Detector:
         }
         if text is not None:
             risk_score["inputs"] = {"text": text}
-        updates = dict(extraction.updates)
-        alert = self._decide(event, risk_score, rules, states, updates, now_ms)
+        records = dict(extraction.records)
+        alert = self._decide(event, risk_score, rules, states, records, now_ms)
+        updates = {name: orjson.dumps(record) for name, record in records.items()}
         return Scored(updates, extraction.keys, risk_score, alert)
 
     def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list) -> list[dict[str, Any]]:
@@ -130,16 +131,17 @@ class Detector:
 
     def _decide(
         self, event: dict[str, Any], risk_score: dict[str, Any], rules: RuleSet,
-        states: Mapping[str, EntityState], updates: dict[str, bytes], now_ms: int,
+        states: Mapping[str, EntityState], records: dict[str, dict], now_ms: int,
     ) -> dict[str, Any] | None:
         """The alert policy: per-type thresholds, one alert per account per cooldown,
         evidence from the account's recent high scores. Its state lives in the user record."""
         policy = rules.policy
         threshold = policy.threshold_for(event["type"])
-        raw = updates.get("user") or (states["user"].own if "user" in states else None)
-        if raw is None:
-            return None
-        user = orjson.loads(raw)
+        user = records.get("user")
+        if user is None:  # a redelivered event: the record already applied it
+            if "user" not in states or states["user"].own is None:
+                return None
+            user = orjson.loads(states["user"].own)
         state = user.get("a") or {"until": None, "id": None, "recent": [], "suppressed": 0}
         ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])
         recent = [r for r in state["recent"] if r[2] > ts - policy.cooldown_ms and r[0] != event["event_id"]]
@@ -160,7 +162,7 @@ class Detector:
                 alert["suppressed_before"] = state["suppressed"]
                 state.update(until=ts + policy.cooldown_ms, id=this_alert, suppressed=0)
         user["a"] = state
-        updates["user"] = orjson.dumps(user)
+        records["user"] = user
         return alert
 
     # -- learning ---------------------------------------------------------
