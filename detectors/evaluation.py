@@ -2,7 +2,7 @@
 
 Each event is scored with what the detector knew at that moment; its label is
 revealed only ``label_delay_ms`` later (as moderation, appeals and chargebacks
-would), and only then joins the training feed, exactly like the live worker's
+would; ``None`` reveals each label at its own timestamp), and only then joins the training feed, exactly like the live worker's
 label join. Memory is bounded by the entity state and the labels in flight,
 not by the stream: scores are kept as five floats per labelled event.
 """
@@ -77,7 +77,7 @@ class Evaluation:
 def evaluate(
     events: Iterable[bytes],
     labels: dict[str, dict[str, Any]],
-    label_delay_ms: int,
+    label_delay_ms: int | None,
     detector: Detector | None = None,
     on_score_record: Callable[[dict[str, Any], bool | None, bool], None] | None = None,
     max_event_bytes: int = 65536,
@@ -122,7 +122,8 @@ def evaluate(
                 result.scores[name].append(scored.risk_score["detectors"][name])
             pending[event["event_id"]], _ = on_score(None, scored.risk_score)
             sequence += 1
-            heapq.heappush(reveal, (event["ts"] + label_delay_ms, sequence, event["event_id"]))
+            reveal_at = max(event["ts"], label["ts"]) if label_delay_ms is None else event["ts"] + label_delay_ms
+            heapq.heappush(reveal, (reveal_at, sequence, event["event_id"]))
             if alerted:
                 result.true_alerts += is_abuse
         if alerted:

@@ -3,7 +3,11 @@
 A logistic regression over the detectors' outputs (supervised model, anomaly,
 rules, content), trained online from labels on the scores each detector gave
 *at scoring time*: a stacker whose log-loss training calibrates the result.
-Until it has seen enough labels of both classes, the fused score is the most
+The stacker is monotone: a detector's weight never goes below zero, so a
+higher score from any detector never lowers the fused score. Without that, a
+stretch of labels on which one detector happened to be wrong (say the model
+missing a new campaign) can flip its weight negative and invert it for every
+later event. Until it has seen enough labels of both classes, the fused score is the most
 confident trusted detector (rules always; the model and content classifier
 once they are ready), which needs no calibration to be conservative.
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from river import linear_model, optim
+from river import linear_model, optim, utils
 
 DETECTORS = ("model", "anomaly", "rules", "content")
 
@@ -65,6 +69,20 @@ class FusionModel:
         else:
             self.negatives += 1
         self.classifier.learn_one(fusion_inputs(scores, has_text), is_abuse)
+        self._keep_monotone()
+
+    def _keep_monotone(self) -> None:
+        weights = self.classifier._weights
+        for name in DETECTORS:
+            if weights.get(name, 0.0) < 0.0:
+                weights[name] = 0.0
+
+    def warm_start(self, weights: Mapping[str, float], intercept: float, positives: int, negatives: int) -> None:
+        """Starts from a stacker fitted offline (on ``fusion_inputs``)."""
+        self.classifier._weights = utils.VectorDict(dict(weights))
+        self.classifier.intercept = float(intercept)
+        self.positives, self.negatives = positives, negatives
+        self._keep_monotone()
 
     def weights(self) -> dict[str, float]:
         return dict(self.classifier.weights)

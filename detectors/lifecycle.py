@@ -68,6 +68,7 @@ class ModelSet:
     examples: int = 0
     offset: int = -1  # of the last training example applied
     promotions: list[str] = field(default_factory=list)
+    bootstrap: dict[str, Any] | None = None  # the report of the offline fit this set started from
 
     @classmethod
     def new(cls, min_labels_per_class: int = 20) -> "ModelSet":
@@ -110,6 +111,7 @@ class ModelSet:
             "examples": self.examples,
             "offset": self.offset,
             "promotions": self.promotions,
+            "bootstrap": self.bootstrap,
         }
 
     def to_bytes(self) -> bytes:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from river import linear_model, optim, preprocessing
+from river import linear_model, optim, preprocessing, utils
 
 from detectors.catalog import describe
 
@@ -65,11 +65,12 @@ class OnlineRiskModel:
     def observe(self, features: Mapping[str, float]) -> None:
         self.scaler.learn_one(_log_scaled(features))
 
-    def _inputs(self, features: Mapping[str, float]) -> dict[str, float]:
+    def inputs(self, features: Mapping[str, float]) -> dict[str, float]:
+        """What the classifier sees: log-scaled, standardised features."""
         return self.scaler.transform_one(_log_scaled(features))
 
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        return self.classifier.predict_proba_one(self._inputs(features)).get(True, 0.0)
+        return self.classifier.predict_proba_one(self.inputs(features)).get(True, 0.0)
 
     def learn_one(self, features: Mapping[str, float], is_abuse: bool) -> None:
         if is_abuse:
@@ -79,14 +80,20 @@ class OnlineRiskModel:
             self.negatives += 1
             weight = self.positives / self.negatives
         weight = min(MAX_CLASS_WEIGHT, max(1.0, weight))
-        self.classifier.learn_one(self._inputs(features), is_abuse, w=weight)
+        self.classifier.learn_one(self.inputs(features), is_abuse, w=weight)
+
+    def warm_start(self, weights: Mapping[str, float], intercept: float, positives: int, negatives: int) -> None:
+        """Starts from weights fitted offline (on ``inputs``) as if it had learned that many labels."""
+        self.classifier._weights = utils.VectorDict(dict(weights))
+        self.classifier.intercept = float(intercept)
+        self.positives, self.negatives = positives, negatives
 
     def explain_one(self, features: Mapping[str, float], top: int = 3) -> list[dict]:
         """The features that pushed this score up most, in human words."""
         weights = self.classifier.weights
         contributions = [
             (weights.get(name, 0.0) * value, name)
-            for name, value in self._inputs(features).items()
+            for name, value in self.inputs(features).items()
         ]
         contributions.sort(reverse=True)
         reasons = []

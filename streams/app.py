@@ -19,24 +19,27 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import faust
 import orjson
 from faust.exceptions import SameNode
+from faust.streams import _current_event
 
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, is_idle, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, entity_keys
 from detectors.labels import on_label, on_score
-from detectors.lifecycle import ModelSet
+from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
 from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.learning import LearningFeed
+from streams.ordering import event_time_order
 from streams.state import ExpirySweeper, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
@@ -85,10 +88,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # At-least-once: a redelivered event is scored again (same ids) but never
         # counted twice in state (records remember the last offset they applied).
         broker_commit_interval=1.0,
-        # Small fetches interleave partitions finely: a lagging worker then keeps its
-        # partitions close together in event time, so shards merged across partitions
-        # describe the same moment.
-        broker_max_poll_records=100,
+        # A fetch hands over one partition's whole chunk before the next partition's, so
+        # a lagging worker's partitions drift apart in event time by up to a chunk each.
+        # Small chunks keep them within a batch of each other; each batch is then scored
+        # in event-time order (streams/ordering.py), so shards merged across partitions
+        # describe the same moment. ~64 KB is ~200 events.
+        consumer_max_fetch_size=64 * 1024,
+        broker_max_poll_records=500,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
         web_port=settings.web_port,
@@ -128,16 +134,41 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     feed = LearningFeed(detector, settings.bootstrap_servers, settings.examples_topic, settings.checkpoint_topic,
                         checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning")
     feed.restore()
+    if not feed.restored and settings.warm_start:
+        try:  # a checkpoint, once there is one, always wins: it already holds the warm start
+            detector.models = ModelSet.from_bytes(Path(settings.warm_start).read_bytes())
+        except (OSError, CheckpointError) as exc:
+            raise SystemExit(f"ABUSE_WARM_START={settings.warm_start}: {exc}; "
+                             "write one with `abuse-detector bootstrap` or unset it") from None
+        feed.restored_from = f"warm start {settings.warm_start}"
     app.replica, app.sweeper, app.entity_tables, app.feed = replica, sweeper, tables, feed  # type: ignore[attr-defined]
 
     def table_key(entity: str, partition: int, key: str) -> bytes:
         return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
 
+    # Partitions of the events topic this worker processes now. Their shards are read from
+    # the local stores (exact, written by this process); only the others come from the
+    # replica (one replication delay old).
+    owned: set[int] = set()
+
+    @app.on_partitions_revoked.connect
+    async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+        owned.difference_update(tp.partition for tp in revoked if tp.topic == settings.events_topic)
+
+    @app.on_partitions_assigned.connect
+    async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        owned.clear()
+        owned.update(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.events_topic)
+
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
         for name, key in keys.items():
             own = tables[name].get(table_key(name, partition, key))
-            others = replica.shards(name, key, exclude=partition) if ENTITIES[name].sharded else ()
+            others: tuple[bytes, ...] = ()
+            if ENTITIES[name].sharded:
+                store = tables[name].data
+                local = [store._db_for_partition(p).get(shard_key(p, key)) for p in owned if p != partition]
+                others = replica.shards(name, key, exclude=owned | {partition}) + tuple(r for r in local if r is not None)
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
@@ -155,11 +186,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     del table[key]
                     sweeper.deleted += 1
 
-    async def reject(event: faust.EventT, violation: ContractViolation) -> None:
+    def reject(event: faust.EventT, violation: ContractViolation) -> None:
         message = event.message
         record = dead_letter(violation, value=message.value, key=message.key, topic=message.topic,
                              partition=message.partition, offset=message.offset, now_ms=_now_ms())
-        await dead_letters.send(key=message.key, value=orjson.dumps(record))
+        dead_letters.send_soon(key=message.key, value=orjson.dumps(record))
 
     def background(name: str, interval: float, step: Any) -> None:
         """A periodic step that logs its failures and keeps running (a raising Faust timer stops for good)."""
@@ -214,35 +245,47 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             feed.catch_up()
             warmed_up = True
 
+    def score_one(event: faust.EventT, record: dict[str, Any]) -> None:
+        partition = event.message.partition
+        try:
+            keys = entity_keys(record)
+            scored = detector.score(record, states_for(keys, partition), _now_ms(),
+                                    source=(partition, event.message.offset))
+        except Exception as exc:  # a detector bug must not stop the partition
+            log.exception("scoring failed for event %s", record.get("event_id"))
+            reject(event, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+            return
+        for name, raw in scored.updates.items():
+            tables[name][table_key(name, partition, keys[name])] = raw
+        scores.send_soon(key=record["event_id"].encode(), value=orjson.dumps(scored.risk_score))
+        if scored.alert is not None:
+            alerts.send_soon(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
+        if sweeper.observe(partition, record["ts"]):
+            try:
+                sweep(partition)
+            except Exception:  # housekeeping must never stop scoring
+                log.exception("expiry sweep of partition %d failed", partition)
+
+    # Agent bodies never await: outputs go to the producer buffer (send_soon), which a
+    # commit flushes first, and Faust acks a batch as soon as the agent asks for the
+    # next one, also when a shutdown cancels it. Without an await inside, a batch is
+    # always either untouched or finished.
     @app.agent(events, name="score-events")
     async def score_events(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
-            try:
-                record = decode_event(event.value, settings.max_event_bytes)
-            except ContractViolation as violation:
-                await reject(event, violation)
-                continue
-            partition = event.message.partition
-            try:
-                keys = entity_keys(record)
-                scored = detector.score(record, states_for(keys, partition), _now_ms(),
-                                        source=(partition, event.message.offset))
-            except Exception as exc:  # a detector bug must not stop the partition
-                log.exception("scoring failed for event %s", record.get("event_id"))
-                await reject(event, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
-                continue
-            for name, raw in scored.updates.items():
-                tables[name][table_key(name, partition, keys[name])] = raw
-            await scores.send(key=record["event_id"].encode(), value=orjson.dumps(scored.risk_score))
-            if scored.alert is not None:
-                await alerts.send(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
-            if sweeper.observe(partition, record["ts"]):
+            decoded: list[tuple[faust.EventT, dict[str, Any] | None]] = []
+            for event in batch:
                 try:
-                    sweep(partition)
-                except Exception:  # housekeeping must never stop scoring
-                    log.exception("expiry sweep of partition %d failed", partition)
+                    decoded.append((event, decode_event(event.value, settings.max_event_bytes)))
+                except ContractViolation as violation:
+                    reject(event, violation)
+            for event, record in event_time_order(decoded, partition=lambda d: d[0].message.partition,
+                                                  ts=lambda d: d[1]["ts"]):
+                # Faust's tables pick the store and changelog partition from the current event.
+                _current_event.set(weakref.ref(event))
+                score_one(event, record)
 
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
@@ -257,14 +300,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 try:
                     label = decode_label(event.value, settings.max_event_bytes)
                 except ContractViolation as violation:
-                    await reject(event, violation)
+                    reject(event, violation)
                     continue
                 key = label["event_id"].encode()
                 pending, example = on_label(_load(label_join.get(key)), label)
             label_join[key] = orjson.dumps(pending)
             if example is not None:
                 # every worker learns it, in the same order (see streams/learning.py)
-                await examples.send(key=key, value=orjson.dumps(example), partition=0)
+                examples.send_soon(key=key, value=orjson.dumps(example), partition=0)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()

@@ -15,8 +15,8 @@ from streams.config import add_settings_arguments, load_settings
 KAFKA_FLAGS = ["home", "kafka_port", "kafka_controller_port"]
 CONNECTION_FLAGS = ["bootstrap_servers", "partitions", "events_topic", "labels_topic", "scores_topic",
                     "alerts_topic", "dead_letter_topic", "examples_topic", "checkpoint_topic"]
-WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "rules_file", "min_labels_per_class",
-                "max_event_bytes", "label_ttl_s", "sweep_every_events"]
+WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "rules_file", "warm_start", "min_labels_per_class",
+                "max_event_bytes", "label_ttl_s", "sweep_every_events", "batch_max_events", "batch_wait_s"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rate", type=float, default=0.0, help="records per second (0 = as fast as possible)")
     simulate.add_argument("--out-dir", type=Path, help="also write events.jsonl, labels.jsonl, truth.jsonl here")
     simulate.add_argument("--no-kafka", action="store_true", help="only write files, do not produce")
+    simulate.add_argument("--labels-after-end", action="store_true",
+                          help="also emit labels due after the last event (a history export, e.g. for bootstrap)")
     add_settings_arguments(simulate, CONNECTION_FLAGS + ["kafka_port"])
 
     features = sub.add_parser("features", help="print the feature catalogue, or explain one entity's live state")
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=60.0, help="about how long to produce traffic")
     demo.add_argument("--rate", type=float, default=800.0, help="records per second offered")
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--history-days", type=float, default=1.0,
+                      help="labelled history to bootstrap the models from (0 = start cold)")
     add_settings_arguments(demo, KAFKA_FLAGS + ["partitions", "rules_file", "min_labels_per_class", "log_level"])
 
     evaluate = sub.add_parser("evaluate", help="prequential evaluation of the live detector code over JSONL files")
@@ -63,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-delay", default="7d", help="a label is revealed this long after its event (e.g. 7d, 12h)")
     evaluate.add_argument("--scores-out", type=Path, help="write one JSONL line per event: scores, alert, label")
     evaluate.add_argument("--plot", type=Path, help="write a PNG of precision-recall curves and score distributions")
+
+    bootstrap = sub.add_parser("bootstrap", help="fit a warm-start model with scikit-learn on a labelled JSONL history")
+    bootstrap.add_argument("--events", type=Path, required=True, help="history events JSONL in event-time order")
+    bootstrap.add_argument("--labels", type=Path, required=True, help="labels JSONL; each is revealed at its own ts")
+    bootstrap.add_argument("--out", type=Path, required=True, help="model file for the worker's --warm-start")
+    bootstrap.add_argument("--holdout", type=float, default=0.2, help="newest share of labelled events held out")
+    add_settings_arguments(bootstrap, ["min_labels_per_class"])
 
     model = sub.add_parser("model", help="champion/challenger status, promotion and rollback")
     model.add_argument("action", choices=["status", "promote", "rollback"])
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         from streams.kafka.io import make_producer
         from streams.simulator import SimulationConfig, run_simulation
 
-        config = SimulationConfig(seed=args.seed, users=args.users, days=args.days)
+        config = SimulationConfig(seed=args.seed, users=args.users, days=args.days, labels_after_end=args.labels_after_end)
         producer = None if args.no_kafka else make_producer(settings)
         if producer is None and args.out_dir is None:
             print("error: --no-kafka needs --out-dir", file=sys.stderr)
@@ -142,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_evaluate(args.events, args.labels, args.label_delay, args.scores_out, args.plot)
 
+    if args.command == "bootstrap":
+        from streams.offline import run_bootstrap
+
+        return run_bootstrap(args.events, args.labels, args.out, args.holdout, settings.min_labels_per_class)
+
     if args.command == "model":
         return _model_command(args.action, settings, args.url)
 
@@ -149,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         from streams.demo import run_demo
 
         try:
-            summary = run_demo(settings, seconds=args.seconds, rate=args.rate, seed=args.seed)
+            summary = run_demo(settings, seconds=args.seconds, rate=args.rate, seed=args.seed,
+                               history_days=args.history_days)
         except KeyboardInterrupt:
             print("\ninterrupted; everything the demo started was stopped", file=sys.stderr)
             return 130

@@ -142,12 +142,35 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, seed: int = 7) -> DemoSummary:
+def _bootstrap_from_history(settings: Settings, run_dir: Path, seed: int, days: float, live_start_ms: int) -> Settings:
+    """Simulates the platform's labelled past (another seed, the days before the live
+    stream), fits the warm-start model on it and hands it to the worker."""
+    from detectors.bootstrap import bootstrap
+    from streams.offline import load_labels
+
+    history = SimulationConfig(seed=seed + 1000, days=days, start_ms=live_start_ms - int(days * 86_400_000),
+                               labels_after_end=True)
+    out = run_dir / "history"
+    run_simulation(history, out_dir=out)
+    with open(out / "events.jsonl", "rb") as f:
+        models, report = bootstrap(f, load_labels(out / "labels.jsonl"), min_labels_per_class=settings.min_labels_per_class)
+    model_file = run_dir / "warm-start.models"
+    model_file.write_bytes(models.to_bytes())
+    held_out = report["held_out"]
+    print(f"      {report['history_events']} history events, {report['labelled_events']} labelled; held-out "
+          f"PR AUC: scikit-learn model {held_out['sklearn_model'].get('pr_auc')}, "
+          f"stacked fusion {held_out['stacked_fusion'].get('pr_auc')}; model file {model_file}")
+    return settings.replace(warm_start=str(model_file))
+
+
+def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, seed: int = 7,
+             history_days: float = 1.0) -> DemoSummary:
     run_id = time.strftime("%Y%m%d-%H%M%S")
     home = settings.home_path
+    run_dir = home / "demo" / run_id
     settings = settings.replace(
         app_id=f"abuse-demo-{run_id}",
-        data_dir=str(home / "demo" / run_id / "worker"),
+        data_dir=str(run_dir / "worker"),
         web_port=free_port(),
     )
     kafka = LocalKafka(home, settings.kafka_port, settings.kafka_controller_port)
@@ -156,25 +179,31 @@ def run_demo(settings: Settings, seconds: float = 60.0, rate: float = 1000.0, se
     # SIGTERM (e.g. from make or CI) cleans up like Ctrl-C does.
     previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        print(f"[1/5] local Apache Kafka on {kafka.bootstrap}")
+        print(f"[1/6] local Apache Kafka on {kafka.bootstrap}")
         we_started_kafka = kafka.status().running is False
         status = kafka.up()
         print(f"      {status.detail}; log: {status.log_file}")
         settings = settings.replace(bootstrap_servers=kafka.bootstrap)
-        print(f"[2/5] topics ({settings.partitions} partitions each), recreated for a clean run")
+        print(f"[2/6] topics ({settings.partitions} partitions each), recreated for a clean run")
         create_topics(settings, recreate=True)
-        log_file = home / "demo" / run_id / "worker.log"
-        print(f"[3/5] worker {settings.app_id}; log: {log_file}")
-        worker = start_worker(settings, log_file)
         # ~37k input records per simulated day at these settings; size the day count to the time asked for.
         config = SimulationConfig(seed=seed, days=max(0.25, seconds * rate / 37_000))
-        print(f"[4/5] simulating {config.days:.2f} days of a {config.users}-user platform at {rate:.0f} records/s (seed {seed})")
+        if history_days > 0:
+            print(f"[3/6] warm start: {history_days:g} labelled days of history through the live feature code, "
+                  "fitted with scikit-learn")
+            settings = _bootstrap_from_history(settings, run_dir, seed, history_days, config.start_ms)
+        else:
+            print("[3/6] no history: the models start cold and learn from the live labels")
+        log_file = run_dir / "worker.log"
+        print(f"[4/6] worker {settings.app_id}; log: {log_file}")
+        worker = start_worker(settings, log_file)
+        print(f"[5/6] simulating {config.days:.2f} days of a {config.users}-user platform at {rate:.0f} records/s (seed {seed})")
         report = run_simulation(config, producer=make_producer(settings), events_topic=settings.events_topic,
                                 labels_topic=settings.labels_topic, rate=rate, keep_truth=True,
                                 should_stop=lambda: worker is not None and worker.poll() is not None)
         print(f"      produced {report.events} events ({report.abusive_events} abusive), {report.labels} labels, "
               f"{report.malformed} malformed records")
-        print("[5/5] waiting for the worker to drain")
+        print("[6/6] waiting for the worker to drain")
         _wait_for_outputs(settings, report, worker, timeout=max(120.0, seconds * 2))
         summary = summarise(settings, report)
     finally:

@@ -63,6 +63,7 @@ class LearningFeed:
         self.applied_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.restored_from: str = "nothing (new models)"
+        self.restored = False
 
     # -- start-up ------------------------------------------------------------
     def restore(self) -> None:
@@ -83,6 +84,7 @@ class LearningFeed:
             source, models = max(candidates, key=lambda c: c[1].offset)
             self.detector.models = models
             self.restored_from = f"{source} at example offset {models.offset}"
+            self.restored = True
         log.info("models restored from %s", self.restored_from)
 
     def _latest_checkpoint_in_topic(self) -> bytes | None:

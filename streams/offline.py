@@ -1,4 +1,5 @@
-"""`abuse-detector evaluate`: files in, metrics, per-event scores and a chart out. No Kafka."""
+"""`abuse-detector evaluate` and `bootstrap`: files in; metrics, per-event scores, a chart
+or a warm-start model out. No Kafka."""
 
 from __future__ import annotations
 
@@ -114,5 +115,26 @@ def run_evaluate(events: Path, labels: Path, label_delay: str, scores_out: Path 
     if plot_out is not None and result.truth:
         plot(result, plot_out)
         report["chart"] = str(plot_out)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def run_bootstrap(events: Path, labels: Path, out: Path, holdout: float, min_labels_per_class: int) -> int:
+    from detectors.bootstrap import BootstrapError, bootstrap
+
+    if not 0.05 <= holdout <= 0.5:
+        print("error: --holdout is a share of the labelled events between 0.05 and 0.5", file=sys.stderr)
+        return 2
+    known = load_labels(labels)
+    print(f"{len(known):,} labels loaded; each is revealed at its own timestamp", file=sys.stderr)
+    try:
+        with open(events, "rb") as f:
+            models, report = bootstrap(_progress(f, events.stat().st_size), known, holdout, min_labels_per_class)
+    except BootstrapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(models.to_bytes())
+    report["model_file"] = str(out)
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0

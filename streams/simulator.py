@@ -61,6 +61,9 @@ class SimulationConfig:
     card_testing_per_day: float = 3.0
     abuse_label_share: float = 0.3
     benign_label_share: float = 0.03
+    # A history exported after the fact holds the labels that arrived after its last
+    # event too; a live stream that stops at the end does not.
+    labels_after_end: bool = False
 
 
 @dataclass
@@ -359,7 +362,7 @@ class _Generator:
                     yield self._malformed(item.ts)
                 yield item
                 label = self._label_for(item.payload, *item.truth)  # type: ignore[arg-type, misc]
-                if label is not None and label.ts < end:
+                if label is not None and (label.ts < end or c.labels_after_end):
                     heapq.heappush(labels, label)
             hour += HOUR_MS
         while labels:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
@@ -160,9 +160,9 @@ class ShardReplica:
         log.error("shard replica did not catch up within %.0fs; scoring with what it has", timeout_s)
         return False
 
-    def shards(self, entity: str, key: str, exclude: int | None = None) -> tuple[bytes, ...]:
-        """The replicated shards of one entity, except partition ``exclude``."""
-        return tuple(raw for p, raw in self.shard_map(entity, key).items() if p != exclude)
+    def shards(self, entity: str, key: str, exclude: Collection[int] = ()) -> tuple[bytes, ...]:
+        """The replicated shards of one entity, except those of the ``exclude`` partitions."""
+        return tuple(raw for p, raw in self.shard_map(entity, key).items() if p not in exclude)
 
     def shard_map(self, entity: str, key: str) -> dict[int, bytes]:
         """Partition -> replicated shard of one entity."""

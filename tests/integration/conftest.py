@@ -117,7 +117,9 @@ class TopicReader:
         self.consumer.subscribe([topic])
         self.records: list[tuple[bytes | None, dict, int, int]] = []
 
-    def wait_for(self, predicate: Callable[[list], bool], timeout: float = 60.0, worker: Worker | None = None) -> list:
+    def wait_for(self, predicate: Callable[[list], bool], timeout: float = 60.0, worker: Worker | None = None,
+                 describe: Callable[[list], str] | None = None) -> list:
+        """``describe`` says what is missing when the wait times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for msg in self.consumer.consume(500, timeout=0.5):
@@ -129,6 +131,7 @@ class TopicReader:
             if worker is not None and not worker.alive():
                 raise AssertionError(f"worker died:\n{worker.log()[-5000:]}")
         raise AssertionError(f"timed out after {timeout}s with {len(self.records)} records"
+                             + (f"; {describe(self.records)}" if describe else "")
                              + (f"\nworker log tail:\n{worker.log()[-3000:]}" if worker else ""))
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """Model lifecycle and rules on the real broker: a restarted worker (even on an empty
-disk) keeps what it learned; a rules file edit takes effect in a running worker
+disk) keeps what it learned; a new worker starts from a bootstrap model; a rules file edit takes effect in a running worker
 within seconds; promotion reaches the worker through the training feed."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from detectors.bootstrap import bootstrap
 from tests.integration.conftest import Worker
 from tests.integration.helpers import T0, as_record, benign_post, event, moderator_label, stuffing_login
 from streams.demo import settings_env
@@ -135,3 +136,33 @@ def test_promotion_reaches_the_worker_through_the_feed(settings, worker):
     after = _models(worker)
     assert after["champion"]["version"].split("+")[0] == before["challenger"]["version"].split("+")[0]
     assert after["promotions"] == [after["champion"]["version"].split("/")[0]]
+
+
+def test_a_new_worker_starts_from_the_bootstrap_model(settings, reader, produce, tmp_path):
+    history = sorted([_attack(i) for i in range(40)] + [_benign(i) for i in range(40)], key=lambda e: e["ts"])
+    labels = {e["event_id"]: json.loads(moderator_label(e, e["ts"] + 60_000)[1]) for e in history}
+    models, report = bootstrap([json.dumps(e).encode() for e in history], labels, holdout=0.25)
+    model_file = tmp_path / "warm.models"
+    model_file.write_bytes(models.to_bytes())
+
+    worker = Worker(settings.replace(warm_start=str(model_file)), tmp_path / "logs").start()
+    try:
+        scores = reader(settings.scores_topic)
+        probe = _attack(999)
+        produce(settings.events_topic, [as_record(probe)])
+        records = scores.wait_for(lambda r: any(x[1]["event_id"] == probe["event_id"] for x in r), timeout=90,
+                                  worker=worker)
+        scored = next(x[1] for x in records if x[1]["event_id"] == probe["event_id"])
+        assert scored["model_ready"] and scored["model_version"] == models.champion.version  # no live label yet
+        assert scored["detectors"]["model"] > 0.8
+        status = _models(worker)
+        assert status["restored_from"] == f"warm start {model_file}"
+        assert status["bootstrap"]["held_out"] == report["held_out"]
+    finally:
+        worker.stop()
+
+
+def test_an_unreadable_warm_start_stops_the_worker_with_advice(settings, tmp_path):
+    worker = Worker(settings.replace(warm_start=str(tmp_path / "missing.models")), tmp_path / "logs").start()
+    assert worker.proc is not None and worker.proc.wait(60) != 0
+    assert "abuse-detector bootstrap" in worker.log()

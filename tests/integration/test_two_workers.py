@@ -7,6 +7,7 @@ import json
 import time
 import urllib.request
 from collections import defaultdict
+from typing import Callable
 
 import pytest
 
@@ -59,6 +60,14 @@ def _scored_ids(records: list) -> set[str]:
     return {r[1]["event_id"] for r in records}
 
 
+def _missing(sent: list[dict], workers: list[Worker]) -> Callable[[list], str]:
+    def describe(records: list) -> str:
+        missing = sorted({e["event_id"] for e in sent} - _scored_ids(records))
+        errors = [line for w in workers for line in w.log().splitlines() if "ERROR" in line or "Traceback" in line]
+        return f"unscored: {missing[:20]}; worker errors: {errors[:20]}"
+    return describe
+
+
 @pytest.mark.partitions(4)
 def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produce, tmp_path):
     a = Worker(settings.replace(data_dir=str(tmp_path / "a"), web_port=free_port()), tmp_path / "logs-a").start()
@@ -71,15 +80,15 @@ def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produc
             produce(settings.events_topic, [as_record(e) for e in batch])
 
         send(_phase(0, 400))
-        scores.wait_for(lambda r: len(_scored_ids(r)) >= 400, timeout=120, worker=a)
+        scores.wait_for(lambda r: len(_scored_ids(r)) >= 400, timeout=120, worker=a, describe=_missing(sent, [a, b]))
         b.stop()  # its partitions move to a, mid-stream
         send(_phase(400, 400))
-        scores.wait_for(lambda r: len(_scored_ids(r)) >= 800, timeout=120, worker=a)
+        scores.wait_for(lambda r: len(_scored_ids(r)) >= 800, timeout=120, worker=a, describe=_missing(sent, [a, b]))
         b.start()  # and back again, while input keeps coming
         for start in range(800, 1200, 100):
             send(_phase(start, 100))
             time.sleep(0.5)
-        scores.wait_for(lambda r: len(_scored_ids(r)) >= 1200, timeout=120, worker=a)
+        scores.wait_for(lambda r: len(_scored_ids(r)) >= 1200, timeout=120, worker=a, describe=_missing(sent, [a, b]))
 
         time.sleep(STALENESS_BOUND_S)  # input paused: replicas converge within the bound
         # One probe per IP and per device, each from a new account, landing on either worker.
