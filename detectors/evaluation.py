@@ -33,7 +33,9 @@ class Evaluation:
     labelled: int = 0
     examples: int = 0
     alerts: int = 0
+    labelled_alerts: int = 0  # precision can only be known where there is a label
     true_alerts: int = 0
+    day_alerts: dict[int, list[int]] = field(default_factory=dict)  # day -> [labelled alerts, true alerts]
     days: list[int] = field(default_factory=list)
     truth: list[bool] = field(default_factory=list)
     scores: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SCORED})
@@ -48,6 +50,10 @@ class Evaluation:
                              "pr_auc": round(float(average_precision_score(y, s)), 4)}
         return out
 
+    def _alert_precision(self, day: int) -> float | None:
+        alerted, true = self.day_alerts.get(day, (0, 0))
+        return round(true / alerted, 4) if alerted else None
+
     def report(self, k: int = 100) -> dict[str, Any]:
         days = np.asarray(self.days)
         positives = int(np.sum(self.truth))
@@ -59,6 +65,7 @@ class Evaluation:
             top = np.argsort(-fused)[:k]
             per_day.append({"day": int(day), "events": int(mask.sum()), "abusive": int(y.sum()),
                             f"precision_at_{k}": round(float(y[top].mean()), 4) if top.size else 0.0,
+                            "alert_precision": self._alert_precision(int(day)),
                             **{name: m for name, m in self._metrics(mask).items() if name in ("fused", "model")}})
         return {
             "events": self.events,
@@ -67,8 +74,8 @@ class Evaluation:
             "abusive_events": positives,
             "training_examples": self.examples,
             "overall": self._metrics(np.ones(len(self.truth), dtype=bool)),
-            "alerts": {"count": self.alerts,
-                       "precision": round(self.true_alerts / self.alerts, 4) if self.alerts else 0.0,
+            "alerts": {"count": self.alerts, "on_labelled_events": self.labelled_alerts,
+                       "precision": round(self.true_alerts / self.labelled_alerts, 4) if self.labelled_alerts else 0.0,
                        "recall": round(self.true_alerts / positives, 4) if positives else 0.0},
             "per_day": per_day,
         }
@@ -125,7 +132,11 @@ def evaluate(
             reveal_at = max(event["ts"], label["ts"]) if label_delay_ms is None else event["ts"] + label_delay_ms
             heapq.heappush(reveal, (reveal_at, sequence, event["event_id"]))
             if alerted:
+                result.labelled_alerts += 1
                 result.true_alerts += is_abuse
+                day = result.day_alerts.setdefault(event["ts"] // DAY, [0, 0])
+                day[0] += 1
+                day[1] += is_abuse
         if alerted:
             result.alerts += 1
         if on_score_record is not None:

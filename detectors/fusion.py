@@ -9,7 +9,10 @@ stretch of labels on which one detector happened to be wrong (say the model
 missing a new campaign) can flip its weight negative and invert it for every
 later event. Until it has seen enough labels of both classes, the fused score is the most
 confident trusted detector (rules always; the model and content classifier
-once they are ready), which needs no calibration to be conservative.
+once they are ready), which needs no calibration to be conservative. The
+anomaly score joins that maximum scaled to at most 0.5, below the default alert thresholds
+(``UNTRUSTED_CAP``): with no labels yet it is the best ordering of events for
+review there is, but an uncalibrated detector never raises an alert alone.
 
 >>> f = FusionModel(min_labels_per_class=1)
 >>> f.fuse({"model": 0.9, "anomaly": 0.1, "rules": 0.0, "content": 0.0}, model_ready=True, content_ready=False)
@@ -24,6 +27,7 @@ from typing import Mapping
 from river import linear_model, optim, utils
 
 DETECTORS = ("model", "anomaly", "rules", "content")
+UNTRUSTED_CAP = 0.5
 
 
 def _logit(p: float) -> float:
@@ -56,7 +60,7 @@ class FusionModel:
     def fuse(self, scores: Mapping[str, float], model_ready: bool, content_ready: bool, has_text: bool = False) -> float:
         if self.ready:
             return float(self.classifier.predict_proba_one(fusion_inputs(scores, has_text)).get(True, 0.0))
-        trusted = [scores.get("rules", 0.0)]
+        trusted = [scores.get("rules", 0.0), UNTRUSTED_CAP * scores.get("anomaly", 0.0)]
         if model_ready:
             trusted.append(scores.get("model", 0.0))
         if content_ready and has_text:

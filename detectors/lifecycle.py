@@ -83,14 +83,21 @@ class ModelSet:
     def learn(self, example: dict[str, Any], offset: int) -> None:
         is_abuse = example["label"] == "abuse"
         features = example["features"]
-        self.champion_metrics.update(is_abuse, self.champion.predict_proba_one(features))
+        has_text = bool(example.get("text"))
+        # The stacker learns from what the models say *now*, before they learn this label
+        # (out of sample): their scores at scoring time may be days old, from a model that
+        # was not even trained yet, and would teach the stacker to ignore a model that has
+        # since become good. Rules and anomaly keep their scoring-time scores.
+        now = dict(example["detectors"], model=self.champion.predict_proba_one(features))
+        if has_text:
+            now["content"] = self.content.predict_proba_one(example["text"])
+        self.champion_metrics.update(is_abuse, now["model"])
         self.challenger_metrics.update(is_abuse, self.challenger.predict_proba_one(features))
+        self.fusion.learn_one(now, has_text, is_abuse)
         self.champion.learn_one(features, is_abuse)
         self.challenger.learn_one(features, is_abuse)
-        has_text = bool(example.get("text"))
         if has_text:
             self.content.learn_one(example["text"], is_abuse)
-        self.fusion.learn_one(example["detectors"], has_text, is_abuse)
         self.examples += 1
         self.offset = offset
 

@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--holdout", type=float, default=0.2, help="newest share of labelled events held out")
     add_settings_arguments(bootstrap, ["min_labels_per_class"])
 
+    replay = sub.add_parser("replay", help="re-run a topic range in isolation; compare it with live; clean it up",
+                            description="replay --topic T --from F --to T --run-id ID: writes only to "
+                                        "<scores>.replay.ID and <alerts>.replay.ID. "
+                                        "replay compare --run-id ID; replay clean --run-id ID.")
+    replay.add_argument("action", nargs="?", choices=["run", "compare", "clean"], default="run")
+    replay.add_argument("--run-id", required=True, help="names the run's topics, consumer group and state")
+    replay.add_argument("--topic", help="topic to replay (default: the events topic)")
+    replay.add_argument("--from", dest="start", help="first offset (digits) or time (ISO 8601, Kafka record time)")
+    replay.add_argument("--to", dest="end", help="end offset or time, exclusive")
+    replay.add_argument("--model", type=Path, help="model file (bootstrap or saved checkpoint); default: the live checkpoint")
+    replay.add_argument("--rules", type=Path, help="rules TOML; default: the built-in rules")
+    replay.add_argument("--chart", type=Path, help="compare: where to write the PNG (default in the run's folder)")
+    add_settings_arguments(replay, CONNECTION_FLAGS + ["app_id", "home", "kafka_port"])
+
     model = sub.add_parser("model", help="champion/challenger status, promotion and rollback")
     model.add_argument("action", choices=["status", "promote", "rollback"])
     model.add_argument("--url", help="worker web server for status (default http://127.0.0.1:<web-port>)")
@@ -158,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_bootstrap(args.events, args.labels, args.out, args.holdout, settings.min_labels_per_class)
 
+    if args.command == "replay":
+        return _replay_command(args, settings)
+
     if args.command == "model":
         return _model_command(args.action, settings, args.url)
 
@@ -172,6 +189,31 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 0 if summary.alerts > 0 else 1
     return 2
+
+
+def _replay_command(args: argparse.Namespace, settings) -> int:
+    import orjson
+
+    from streams.replay import ReplayError, clean_replay, compare_replay, print_comparison, run_replay, state_dir
+
+    try:
+        if args.action == "clean":
+            removed = clean_replay(settings, args.run_id)
+            print("removed: " + (", ".join(removed) or "nothing (no such run)"))
+        elif args.action == "compare":
+            chart = args.chart or state_dir(settings, args.run_id) / "compare.png"
+            print_comparison(compare_replay(settings, args.run_id, chart))
+        else:
+            if args.start is None or args.end is None:
+                print("error: a replay needs --from and --to (offsets or ISO 8601 times)", file=sys.stderr)
+                return 2
+            summary = run_replay(settings, args.topic or settings.events_topic, args.start, args.end, args.run_id,
+                                 model_file=args.model, rules_file=args.rules)
+            print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    except ReplayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _model_command(action: str, settings, url: str | None) -> int:

@@ -74,7 +74,7 @@ class LearningFeed:
                 candidates.append((str(self.checkpoint_file), ModelSet.from_bytes(self.checkpoint_file.read_bytes())))
             except CheckpointError as exc:
                 log.warning("ignoring local checkpoint: %s", exc)
-        from_topic = self._latest_checkpoint_in_topic()
+        from_topic = latest_checkpoint(self.bootstrap, self.checkpoint_topic, self.checkpoint_key)
         if from_topic is not None:
             try:
                 candidates.append((f"topic {self.checkpoint_topic}", ModelSet.from_bytes(from_topic)))
@@ -86,32 +86,6 @@ class LearningFeed:
             self.restored_from = f"{source} at example offset {models.offset}"
             self.restored = True
         log.info("models restored from %s", self.restored_from)
-
-    def _latest_checkpoint_in_topic(self) -> bytes | None:
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "checkpoint-reader",
-                             "enable.auto.commit": False, "log_level": 3})
-        try:
-            metadata = consumer.list_topics(self.checkpoint_topic, timeout=10).topics.get(self.checkpoint_topic)
-            if metadata is None or metadata.error:
-                return None
-            latest = None
-            for p in metadata.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.checkpoint_topic, p), timeout=10)
-                if high <= low:
-                    continue
-                consumer.assign([TopicPartition(self.checkpoint_topic, p, low)])
-                remaining = high - low
-                while remaining > 0:
-                    batch = consumer.consume(500, timeout=2)
-                    if not batch:
-                        break
-                    for msg in batch:
-                        remaining -= 1
-                        if not msg.error() and msg.key() == self.checkpoint_key and msg.value() is not None:
-                            latest = msg.value()
-            return latest
-        finally:
-            consumer.close()
 
     def _start_consumer(self) -> None:
         models_offset = self.detector.models.offset
@@ -206,3 +180,31 @@ class LearningFeed:
 
 def control_record(action: str, actor: str) -> bytes:
     return orjson.dumps({"kind": "control", "action": action, "actor": actor, "ts": int(time.time() * 1000)})
+
+
+def latest_checkpoint(bootstrap: str, topic: str, key: bytes) -> bytes | None:
+    """The newest model checkpoint stored under ``key`` in the compacted checkpoint topic."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "checkpoint-reader",
+                         "enable.auto.commit": False, "log_level": 3})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error:
+            return None
+        latest = None
+        for p in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, p, low)])
+            remaining = high - low
+            while remaining > 0:
+                batch = consumer.consume(500, timeout=2)
+                if not batch:
+                    break
+                for msg in batch:
+                    remaining -= 1
+                    if not msg.error() and msg.key() == key and msg.value() is not None:
+                        latest = msg.value()
+        return latest
+    finally:
+        consumer.close()

@@ -33,3 +33,15 @@ def moderator_label(e: dict, ts: int) -> tuple[bytes, bytes]:
     return e["event_id"].encode(), orjson.dumps({
         "event_id": e["event_id"], "label": "abuse" if e["event_id"].startswith("bad") else "benign",
         "source": "moderator", "ts": ts, "schema_version": 1})
+
+
+def bootstrap_model_file(path) -> tuple[object, dict]:
+    """A warm-start model file fitted (by the real bootstrap) on stuffing logins and benign posts."""
+    from detectors.bootstrap import bootstrap
+
+    history = sorted([stuffing_login(i, f"victim-{i}") for i in range(40)]
+                     + [benign_post(i, f"user-{i % 5}") for i in range(40)], key=lambda e: e["ts"])
+    labels = {e["event_id"]: orjson.loads(moderator_label(e, e["ts"] + 60_000)[1]) for e in history}
+    models, report = bootstrap([orjson.dumps(e) for e in history], labels, holdout=0.25)
+    path.write_bytes(models.to_bytes())
+    return models, report

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from detectors.bootstrap import bootstrap
 from tests.integration.conftest import Worker
-from tests.integration.helpers import T0, as_record, benign_post, event, moderator_label, stuffing_login
+from tests.integration.helpers import (T0, as_record, benign_post, bootstrap_model_file, event, moderator_label,
+                                       stuffing_login)
 from streams.demo import settings_env
 
 pytestmark = pytest.mark.integration
@@ -139,11 +139,8 @@ def test_promotion_reaches_the_worker_through_the_feed(settings, worker):
 
 
 def test_a_new_worker_starts_from_the_bootstrap_model(settings, reader, produce, tmp_path):
-    history = sorted([_attack(i) for i in range(40)] + [_benign(i) for i in range(40)], key=lambda e: e["ts"])
-    labels = {e["event_id"]: json.loads(moderator_label(e, e["ts"] + 60_000)[1]) for e in history}
-    models, report = bootstrap([json.dumps(e).encode() for e in history], labels, holdout=0.25)
     model_file = tmp_path / "warm.models"
-    model_file.write_bytes(models.to_bytes())
+    models, report = bootstrap_model_file(model_file)
 
     worker = Worker(settings.replace(warm_start=str(model_file)), tmp_path / "logs").start()
     try:
