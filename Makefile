@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration kafka-up kafka-down clean
+.PHONY: install demo test unit integration bench kafka-up kafka-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 ## Local Kafka, topics, a worker, about a minute of simulated traffic, a summary.
 demo: install
 	$(BIN)/abuse-detector demo
+
+## Throughput, latency, the plain-loop ceiling and two workers on the local broker (docs/performance.md).
+bench: install
+	$(BIN)/abuse-detector bench
 
 ## Unit tests (no broker) and integration tests (the tests start a real local Kafka).
 test: install

@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--holdout", type=float, default=0.2, help="newest share of labelled events held out")
     add_settings_arguments(bootstrap, ["min_labels_per_class"])
 
+    bench = sub.add_parser("bench", help="throughput, latency, plain-loop ceiling and two workers on the local broker")
+    bench.add_argument("--events", type=int, default=40_000, help="simulated records preloaded per measurement")
+    bench.add_argument("--rate", type=float, default=5000.0, help="offered load for the latency measurement")
+    bench.add_argument("--latency-seconds", type=float, default=10.0)
+    add_settings_arguments(bench, KAFKA_FLAGS + ["partitions"])
+
     replay = sub.add_parser("replay", help="re-run a topic range in isolation; compare it with live; clean it up",
                             description="replay --topic T --from F --to T --run-id ID: writes only to "
                                         "<scores>.replay.ID and <alerts>.replay.ID. "
@@ -171,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         from streams.offline import run_bootstrap
 
         return run_bootstrap(args.events, args.labels, args.out, args.holdout, settings.min_labels_per_class)
+
+    if args.command == "bench":
+        from streams.bench import run_bench
+
+        run_bench(settings, events=args.events, rate=args.rate, latency_seconds=args.latency_seconds)
+        return 0
 
     if args.command == "replay":
         return _replay_command(args, settings)

@@ -1,0 +1,278 @@
+"""`abuse-detector bench`: how fast one worker is, on the local real broker.
+
+Four measurements in one run, each on its own fresh topics:
+
+(a) throughput: N simulated records (events, labels and a few malformed ones)
+    are preloaded, then one worker process consumes them with the full
+    pipeline; events/s = scored events / (last score's write time - first's).
+(b) latency: a caught-up worker gets a fixed offered load; per event, the risk
+    score's Kafka timestamp (when the worker produced it) minus the event's
+    (when it was produced); p50/p95/p99.
+(c) ceiling: the same records through a plain confluent-kafka loop in this
+    process (consume, decode, the same ``Detector`` with RocksDB state, produce
+    scores and alerts, no Faust), the local upper bound; ratio = (a) / (c).
+(d) two worker processes against one on the same preload.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+from rocksdict import Rdict
+
+from detectors.events import decode_event
+from detectors.features import EntityState, entity_keys
+from detectors.lifecycle import ModelSet
+from detectors.pipeline import Detector
+from schemas import ContractViolation
+from streams.config import Settings
+from streams.demo import free_port, start_worker, stop_worker
+from streams.kafka.io import create_topics, make_producer
+from streams.kafka.local import LocalKafka
+from streams.simulator import SimulationConfig, simulate
+
+
+@dataclass
+class BenchResult:
+    events: int
+    events_per_s: float
+    ceiling_events_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    offered_per_s: float
+    latency_events: int
+    two_worker_events_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.events_per_s / self.ceiling_events_per_s if self.ceiling_events_per_s else 0.0
+
+    @property
+    def two_worker_speedup(self) -> float:
+        return self.two_worker_events_per_s / self.events_per_s if self.events_per_s else 0.0
+
+    def line(self) -> str:
+        return (f"BENCH events_per_s={self.events_per_s:.0f} ceiling_events_per_s={self.ceiling_events_per_s:.0f} "
+                f"ratio={self.ratio:.2f} p99_ms={self.p99_ms:.0f} two_worker_speedup={self.two_worker_speedup:.2f}")
+
+
+def _fresh(settings: Settings, name: str, home: Path) -> Settings:
+    run = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    s = settings.replace(
+        app_id=run, events_topic=f"{run}-events", labels_topic=f"{run}-labels", scores_topic=f"{run}-scores",
+        alerts_topic=f"{run}-alerts", dead_letter_topic=f"{run}-dlq", examples_topic=f"{run}-examples",
+        checkpoint_topic=f"{run}-checkpoints", data_dir=str(home / run), web_port=free_port(), log_level="warning")
+    create_topics(s)
+    return s
+
+
+def _preload(settings: Settings, records: list[Any]) -> int:
+    producer = make_producer(settings, **{"linger.ms": 50, "batch.size": 1_000_000})
+    events = 0
+    for r in records:
+        topic = settings.labels_topic if r.kind == "label" else settings.events_topic
+        events += r.kind == "event"
+        while True:
+            try:
+                producer.produce(topic, key=r.key, value=r.value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    assert producer.flush(120) == 0, "the broker did not take the preload"
+    return events
+
+
+class _ScoreWatcher:
+    """Reads a scores topic, keeping each record's Kafka timestamp and event id."""
+
+    def __init__(self, settings: Settings):
+        self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"bench-{uuid.uuid4().hex}",
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        self.consumer.subscribe([settings.scores_topic])
+        self.seen: dict[str, int] = {}
+
+    def until(self, count: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < count and time.monotonic() < deadline and alive():
+            for msg in self.consumer.consume(2000, timeout=0.5):
+                if not msg.error():
+                    self.seen.setdefault(orjson.loads(msg.value())["event_id"], msg.timestamp()[1])
+        return self.seen
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float) -> float:
+    events = _preload(settings, records)
+    watcher = _ScoreWatcher(settings)
+    procs = []
+    try:
+        for i in range(workers):
+            s = settings.replace(data_dir=f"{settings.data_dir}-{i}", web_port=free_port())
+            procs.append(start_worker(s, log_dir / f"{settings.app_id}-{i}.log"))
+        seen = watcher.until(events, timeout, alive=lambda: all(p.poll() is None for p in procs))
+        for i, p in enumerate(procs):
+            if p.poll() is not None:
+                print(f"  warning: worker {i} exited with code {p.returncode}; log: {log_dir / f'{settings.app_id}-{i}.log'}")
+    finally:
+        for p in procs:
+            stop_worker(p)
+        watcher.close()
+    if len(seen) < events:
+        print(f"  warning: only {len(seen)} of {events} events scored within {timeout:.0f}s")
+    stamps = sorted(seen.values())
+    # from the first score to the last: startup and recovery are not throughput
+    return (len(stamps) - 1) / max(1e-3, (stamps[-1] - stamps[0]) / 1000) if len(stamps) > 1 else 0.0
+
+
+def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path) -> list[float]:
+    worker = start_worker(settings, log_dir / f"{settings.app_id}.log")
+    watcher = _ScoreWatcher(settings)
+    producer = make_producer(settings, **{"linger.ms": 1})
+    try:
+        warmup = records[:200]
+        sent: set[str] = set()
+        _preload(settings, warmup)
+        watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
+        started = time.monotonic()
+        for n, r in enumerate(records[200:], 1):
+            producer.produce(settings.events_topic, key=r.key, value=r.value)
+            sent.add(r.event_id)
+            producer.poll(0)
+            ahead = n / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        producer.flush(60)
+        seen = watcher.until(len(watcher.seen) + len(sent), 180, alive=lambda: worker.poll() is None)
+    finally:
+        stop_worker(worker)
+        watcher.close()
+    produced = _event_timestamps(settings, sent)
+    return sorted(seen[e] - produced[e] for e in produced if e in seen)
+
+
+def _event_timestamps(settings: Settings, wanted: set[str]) -> dict[str, int]:
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"bench-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([settings.events_topic])
+    found: dict[str, int] = {}
+    idle = time.monotonic()
+    while len(found) < len(wanted) and time.monotonic() - idle < 10:
+        for msg in consumer.consume(2000, timeout=0.5):
+            idle = time.monotonic()
+            try:
+                event_id = orjson.loads(msg.value()).get("event_id")
+            except orjson.JSONDecodeError:
+                continue
+            if event_id in wanted:
+                found[event_id] = msg.timestamp()[1]
+    consumer.close()
+    return found
+
+
+def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
+    """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"plain-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         "fetch.max.bytes": 4 * 1024 * 1024})
+    partitions = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic].partitions
+    consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in partitions])
+    producer = make_producer(settings)
+    db = Rdict(str(state_dir / "plain-loop"))
+    detector = Detector(ModelSet.new(settings.min_labels_per_class))
+    done = 0
+    started = None
+    idle = time.monotonic()
+    while done < events and time.monotonic() - idle < 30:
+        batch = consumer.consume(1000, timeout=1.0)
+        if batch:
+            idle = time.monotonic()
+        for msg in batch:
+            if msg.error():
+                continue
+            started = started or time.monotonic()
+            try:
+                event = decode_event(msg.value(), settings.max_event_bytes)
+            except ContractViolation:
+                continue
+            keys = entity_keys(event)
+            state_keys = {name: f"{name}|{key}".encode() for name, key in keys.items()}
+            states = {name: EntityState(db.get(k)) for name, k in state_keys.items()}
+            scored = detector.score(event, states, int(time.time() * 1000), source=(msg.partition(), msg.offset()))
+            for name, raw in scored.updates.items():
+                db[state_keys[name]] = raw
+            producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=orjson.dumps(scored.risk_score))
+            if scored.alert is not None:
+                producer.produce(settings.alerts_topic, key=event["user_id"].encode(), value=orjson.dumps(scored.alert))
+            producer.poll(0)
+            done += 1
+    producer.flush(60)
+    elapsed = time.monotonic() - (started or time.monotonic())
+    consumer.close()
+    db.close()
+    return done / max(elapsed, 1e-3)
+
+
+def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, latency_seconds: float = 10.0,
+              seed: int = 11) -> BenchResult:
+    home = settings.home_path / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    home.mkdir(parents=True, exist_ok=True)
+    kafka = LocalKafka(settings.home_path, settings.kafka_port, settings.kafka_controller_port)
+    we_started = not kafka.status().running
+    kafka.up()
+    settings = settings.replace(bootstrap_servers=kafka.bootstrap)
+    try:
+        days = events / 40_000
+        records = [r for r in simulate(SimulationConfig(seed=seed, days=days)) if r.kind != "malformed"]
+        n_events = sum(r.kind == "event" for r in records)
+        print(f"bench: {n_events} events (+{len(records) - n_events} labels) preloaded per measurement; "
+              f"logs and state in {home}")
+
+        one = _fresh(settings, "one", home)
+        print("  (a) one worker, full pipeline ...", flush=True)
+        throughput = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
+        print(f"      {throughput:,.0f} events/s")
+
+        print("  (c) plain confluent-kafka loop, same detector, no Faust ...", flush=True)
+        ceiling = plain_loop(one, n_events, home)
+        print(f"      {ceiling:,.0f} events/s")
+
+        print("  (d) two workers ...", flush=True)
+        two = _fresh(settings, "two", home)
+        two_workers = _worker_throughput(two, records, 2, home, timeout=max(600.0, n_events / 50))
+        print(f"      {two_workers:,.0f} events/s")
+
+        print(f"  (b) latency at {rate:,.0f} events/s offered for {latency_seconds:.0f}s ...", flush=True)
+        live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * latency_seconds / 37_000))
+                if r.kind == "event"]
+        latencies = _latency(_fresh(settings, "latency", home), live, rate, home)
+        def pct(q: float) -> float:
+            return float(latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else float("nan")
+        result = BenchResult(n_events, throughput, ceiling, pct(0.5), pct(0.95), pct(0.99), rate, len(latencies),
+                             two_workers)
+    finally:
+        if we_started:
+            kafka.down()
+    print()
+    print(f"  {'measure':44s}{'value':>14s}")
+    print(f"  {'(a) one worker, events/s':44s}{result.events_per_s:>14,.0f}")
+    print(f"  {'(c) plain loop ceiling, events/s':44s}{result.ceiling_events_per_s:>14,.0f}")
+    print(f"  {'    ratio (a)/(c)':44s}{result.ratio:>14.2f}")
+    print(f"  {'(d) two workers, events/s':44s}{result.two_worker_events_per_s:>14,.0f}")
+    print(f"  {'    speedup':44s}{result.two_worker_speedup:>14.2f}")
+    print(f"  {f'(b) latency at {rate:,.0f}/s offered, p50 ms':44s}{result.p50_ms:>14,.0f}")
+    print(f"  {'    p95 ms':44s}{result.p95_ms:>14,.0f}")
+    print(f"  {'    p99 ms':44s}{result.p99_ms:>14,.0f}")
+    print(f"  {'    events measured':44s}{result.latency_events:>14,d}")
+    print(result.line())
+    return result
+
