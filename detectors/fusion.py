@@ -28,6 +28,7 @@ from river import linear_model, optim, utils
 
 DETECTORS = ("model", "anomaly", "rules", "content")
 UNTRUSTED_CAP = 0.5
+LEARNING_RATE = 0.02
 
 
 def _logit(p: float) -> float:
@@ -49,7 +50,7 @@ class FusionModel:
     version = "stack-logreg/1"
 
     def __init__(self, min_labels_per_class: int = 50):
-        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(0.02), l2=0.0)
+        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(LEARNING_RATE), l2=0.0)
         self.min_labels_per_class = min_labels_per_class
         self.positives = self.negatives = 0
 
@@ -82,7 +83,9 @@ class FusionModel:
                 weights[name] = 0.0
 
     def warm_start(self, weights: Mapping[str, float], intercept: float, positives: int, negatives: int) -> None:
-        """Starts from a stacker fitted offline (on ``fusion_inputs``)."""
+        """Starts from a stacker fitted offline (on ``fusion_inputs``), with a fresh optimizer
+        (see ``OnlineRiskModel.warm_start``)."""
+        self.classifier.optimizer = optim.Adam(LEARNING_RATE)
         self.classifier._weights = utils.VectorDict(dict(weights))
         self.classifier.intercept = float(intercept)
         self.positives, self.negatives = positives, negatives

@@ -33,7 +33,7 @@ from detectors.pipeline import Detector
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.demo import free_port, start_worker, stop_worker
-from streams.kafka.io import create_topics, make_producer
+from streams.kafka.io import create_topics, make_producer, produce_waiting
 from streams.kafka.local import LocalKafka
 from streams.simulator import SimulationConfig, simulate
 
@@ -79,13 +79,7 @@ def _preload(settings: Settings, records: list[Any]) -> int:
     for r in records:
         topic = settings.labels_topic if r.kind == "label" else settings.events_topic
         events += r.kind == "event"
-        while True:
-            try:
-                producer.produce(topic, key=r.key, value=r.value)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
+        produce_waiting(producer, topic, r.key, r.value)
     assert producer.flush(120) == 0, "the broker did not take the preload"
     return events
 

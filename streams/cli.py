@@ -193,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from streams.demo import run_demo
 
+        from streams.kafka.local import LocalKafkaError
+
         try:
             summary = run_demo(settings, seconds=args.seconds, rate=args.rate, seed=args.seed,
                                history_days=args.history_days)
+        except LocalKafkaError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("\ninterrupted; everything the demo started was stopped", file=sys.stderr)
             return 130

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import orjson
 
+from streams.kafka.io import produce_waiting
+
 if TYPE_CHECKING:
     from confluent_kafka import Producer
 
@@ -435,13 +437,7 @@ def run_simulation(
                     if keep_truth:
                         report.truth[record.event_id] = bool(record.is_abuse)  # type: ignore[index]
             if producer is not None:
-                while True:
-                    try:
-                        producer.produce(topic, key=record.key, value=record.value)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-                producer.poll(0)
+                produce_waiting(producer, topic, record.key, record.value)
             if files:
                 files["labels" if record.kind == "label" else "events"].write(record.value.replace(b"\n", b" ") + b"\n")
                 if record.kind == "event":

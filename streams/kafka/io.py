@@ -94,6 +94,17 @@ def make_producer(settings: Settings, **extra: object) -> Producer:
     return Producer(config)
 
 
+def produce_waiting(producer: Producer, topic: str, key: bytes | None, value: bytes) -> None:
+    """Produces one record, waiting while the producer's local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            break
+        except BufferError:
+            producer.poll(0.05)
+    producer.poll(0)
+
+
 def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> Iterator[tuple[bytes | None, bytes | None]]:
     """Every record currently in ``topic`` (up to the end offsets seen at the start)."""
     consumer = Consumer({

@@ -79,3 +79,10 @@ def test_a_history_without_enough_labels_is_refused_with_advice(history):
     few = dict(list(labels.items())[:15])
     with pytest.raises(BootstrapError, match="longer history"):
         bootstrap(events, few)
+
+
+def test_warm_start_forgets_the_optimizer_state_of_the_history_pass(warm):
+    """Stale Adam moments would drag the fitted weights along the history's trajectory."""
+    models, _ = warm
+    for classifier in (models.champion.classifier, models.challenger.classifier, models.fusion.classifier):
+        assert classifier.optimizer.n_iterations == 0
