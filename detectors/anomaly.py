@@ -49,10 +49,21 @@ class AnomalyModel:
         }
 
     def score_one(self, features: Mapping[str, float]) -> float:
+        return self._score(self._inputs(features))
+
+    def _score(self, inputs: dict[str, float]) -> float:
         if self.seen < 2 * self.window_size:  # half-space trees know nothing before two windows
             return 0.0
-        return float(self.trees.score_one(self._inputs(features)))
+        return float(self.trees.score_one(inputs))
 
     def learn_one(self, features: Mapping[str, float]) -> None:
         self.trees.learn_one(self._inputs(features))
         self.seen += 1
+
+    def score_then_learn(self, features: Mapping[str, float]) -> float:
+        """``score_one`` then ``learn_one``, mapping the features once."""
+        inputs = self._inputs(features)
+        score = self._score(inputs)
+        self.trees.learn_one(inputs)
+        self.seen += 1
+        return score

@@ -31,7 +31,7 @@ from river import metrics
 
 from detectors.content import ContentModel
 from detectors.fusion import FusionModel
-from detectors.model import OnlineRiskModel
+from detectors.model import OnlineRiskModel, log_scaled
 
 CHECKPOINT_FORMAT = 1
 
@@ -72,10 +72,12 @@ class ModelSet:
 
     @classmethod
     def new(cls, min_labels_per_class: int = 20) -> "ModelSet":
+        champion = OnlineRiskModel(min_labels_per_class, learning_rate=0.01, name="online-logreg")
         return cls(
-            champion=OnlineRiskModel(min_labels_per_class, learning_rate=0.01, name="online-logreg"),
+            champion=champion,
             # The shadow differs in one knob at a time; promote it when it wins.
-            challenger=OnlineRiskModel(min_labels_per_class, learning_rate=0.003, name="online-logreg-slow"),
+            challenger=OnlineRiskModel(min_labels_per_class, learning_rate=0.003, name="online-logreg-slow",
+                                       scaler=champion.scaler),
             content=ContentModel(min_labels_per_class),
             fusion=FusionModel(),
         )
@@ -100,6 +102,19 @@ class ModelSet:
             self.content.learn_one(example["text"], is_abuse)
         self.examples += 1
         self.offset = offset
+
+    def observe_and_score(self, features: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+        """One scored event: every scaler learns it once, then champion and challenger score
+        it. Returns both probabilities and the champion's inputs (for its reasons)."""
+        logged = log_scaled(features)
+        scalers = {id(m.scaler): m.scaler for m in (self.champion, self.challenger)}
+        inputs = {}
+        for key, scaler in scalers.items():
+            scaler.learn_one(logged)
+            inputs[key] = scaler.transform_one(logged)
+        champion_inputs = inputs[id(self.champion.scaler)]
+        return (self.champion.predict_proba_inputs(champion_inputs),
+                self.challenger.predict_proba_inputs(inputs[id(self.challenger.scaler)]), champion_inputs)
 
     def promote(self) -> str:
         """The challenger becomes champion (and the champion its shadow)."""

@@ -30,7 +30,7 @@ MODEL_GENERATION = 1
 MAX_CLASS_WEIGHT = 20.0
 
 
-def _log_scaled(features: Mapping[str, float]) -> dict[str, float]:
+def log_scaled(features: Mapping[str, float]) -> dict[str, float]:
     return {k: math.log1p(v) if v > 0 else v for k, v in features.items()}
 
 
@@ -38,10 +38,11 @@ class OnlineRiskModel:
     """``observe`` every scored event, ``learn_one`` every label, ``predict_proba_one`` to score."""
 
     def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.01, name: str = MODEL_NAME,
-                 l2: float = 0.0):
+                 l2: float = 0.0, scaler: preprocessing.StandardScaler | None = None):
         self.name = name
         self.min_labels_per_class = min_labels_per_class
-        self.scaler = preprocessing.StandardScaler()
+        # Models over the same traffic may share one scaler (champion and challenger do).
+        self.scaler = scaler if scaler is not None else preprocessing.StandardScaler()
         # Adam: per-feature step sizes suit ~90 features of very different
         # scales and sparsity (measured on the simulator: alert precision/recall
         # 0.75/0.74 after 0.8 simulated days, against 0.67/0.39 with plain SGD).
@@ -64,14 +65,18 @@ class OnlineRiskModel:
         return min(self.positives, self.negatives) >= self.min_labels_per_class
 
     def observe(self, features: Mapping[str, float]) -> None:
-        self.scaler.learn_one(_log_scaled(features))
+        self.scaler.learn_one(log_scaled(features))
 
     def inputs(self, features: Mapping[str, float]) -> dict[str, float]:
         """What the classifier sees: log-scaled, standardised features."""
-        return self.scaler.transform_one(_log_scaled(features))
+        return self.scaler.transform_one(log_scaled(features))
 
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        return self.classifier.predict_proba_one(self.inputs(features)).get(True, 0.0)
+        return self.predict_proba_inputs(self.inputs(features))
+
+    def predict_proba_inputs(self, inputs: Mapping[str, float]) -> float:
+        """``predict_proba_one`` on features already through ``inputs``."""
+        return self.classifier.predict_proba_one(inputs).get(True, 0.0)
 
     def learn_one(self, features: Mapping[str, float], is_abuse: bool) -> None:
         if is_abuse:
@@ -92,12 +97,13 @@ class OnlineRiskModel:
         self.classifier.intercept = float(intercept)
         self.positives, self.negatives = positives, negatives
 
-    def explain_one(self, features: Mapping[str, float], top: int = 3) -> list[dict]:
+    def explain_one(self, features: Mapping[str, float], top: int = 3,
+                    inputs: Mapping[str, float] | None = None) -> list[dict]:
         """The features that pushed this score up most, in human words."""
-        weights = self.classifier.weights
+        weights = self.classifier._weights
         contributions = [
             (weights.get(name, 0.0) * value, name)
-            for name, value in self.inputs(features).items()
+            for name, value in (inputs if inputs is not None else self.inputs(features)).items()
         ]
         contributions.sort(reverse=True)
         reasons = []

@@ -73,18 +73,16 @@ class Detector:
         features = extraction.features
         models, rules = self.models, self.rules_source.rules
         champion = models.champion
-        champion.observe(features)
-        models.challenger.observe(features)
+        model_score, shadow_score, model_inputs = models.observe_and_score(features)
         has_text = event["type"] in CONTENT_TYPES
         text = text_inputs(event["text"]) if has_text else None
         matched = rules.matches(features, event["type"])
         scores = {
-            "model": round(champion.predict_proba_one(features), 6),
-            "anomaly": round(self.anomaly.score_one(features), 6),
+            "model": round(model_score, 6),
+            "anomaly": round(self.anomaly.score_then_learn(features), 6),
             "rules": max((r.score for r in matched), default=0.0),
             "content": round(models.content.predict_proba_one(text), 6) if text else 0.0,
         }
-        self.anomaly.learn_one(features)
         fused = models.fusion.fuse(scores, champion.ready, models.content.ready, has_text)
         risk_score = {
             "schema_version": 1,
@@ -101,8 +99,8 @@ class Detector:
             "detectors": scores,
             "matched_rules": [r.name for r in matched],
             "shadow": {"model_version": models.challenger.version,
-                       "score": round(models.challenger.predict_proba_one(features), 6)},
-            "reasons": self._reasons(features, scores, matched),
+                       "score": round(shadow_score, 6)},
+            "reasons": self._reasons(features, scores, matched, model_inputs),
             "entities": extraction.keys,
             "features": features,
         }
@@ -113,7 +111,8 @@ class Detector:
         updates = {name: orjson.dumps(record) for name, record in records.items()}
         return Scored(updates, extraction.keys, risk_score, alert)
 
-    def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list) -> list[dict[str, Any]]:
+    def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list,
+                 model_inputs: dict[str, float]) -> list[dict[str, Any]]:
         reasons: list[dict[str, Any]] = []
         for rule in matched:
             detail = "; ".join(c.describe(features) for c in rule.conditions)
@@ -123,7 +122,7 @@ class Detector:
             reasons.append({"code": "content", "text": f"text resembles confirmed abuse (content score {scores['content']:.2f})",
                             "weight": scores["content"], "value": scores["content"]})
         if self.models.champion.ready:
-            reasons.extend(self.models.champion.explain_one(features))
+            reasons.extend(self.models.champion.explain_one(features, inputs=model_inputs))
         if scores["anomaly"] >= 0.7:
             reasons.append({"code": "anomaly", "text": f"activity unlike normal traffic (anomaly score {scores['anomaly']:.2f})",
                             "weight": scores["anomaly"], "value": scores["anomaly"]})

@@ -292,27 +292,32 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 _current_event.set(weakref.ref(event))
                 score_one(event, record)
 
+    def join_one(event: faust.EventT) -> None:
+        if event.message.topic == settings.scores_topic:
+            score = orjson.loads(event.value)
+            key = score["event_id"].encode()
+            pending, example = on_score(_load(label_join.get(key)), score)
+        else:
+            try:
+                label = decode_label(event.value, settings.max_event_bytes)
+            except ContractViolation as violation:
+                reject(event, violation)
+                return
+            key = label["event_id"].encode()
+            pending, example = on_label(_load(label_join.get(key)), label)
+        label_join[key] = orjson.dumps(pending)
+        if example is not None:
+            # every worker learns it, in the same order (see streams/learning.py)
+            examples.send_soon(key=key, value=orjson.dumps(example), partition=0)
+
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
-            if event.message.topic == settings.scores_topic:
-                score = orjson.loads(event.value)
-                key = score["event_id"].encode()
-                pending, example = on_score(_load(label_join.get(key)), score)
-            else:
-                try:
-                    label = decode_label(event.value, settings.max_event_bytes)
-                except ContractViolation as violation:
-                    reject(event, violation)
-                    continue
-                key = label["event_id"].encode()
-                pending, example = on_label(_load(label_join.get(key)), label)
-            label_join[key] = orjson.dumps(pending)
-            if example is not None:
-                # every worker learns it, in the same order (see streams/learning.py)
-                examples.send_soon(key=key, value=orjson.dumps(example), partition=0)
+            for event in batch:  # in arrival order: a score and its label may come in either order
+                _current_event.set(weakref.ref(event))
+                join_one(event)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()
