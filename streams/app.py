@@ -312,12 +312,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
+        async for event in stream.events():
             warm_up()
             keep_up()
-            for event in batch:  # in arrival order: a score and its label may come in either order
-                _current_event.set(weakref.ref(event))
-                join_one(event)
+            join_one(event)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()
@@ -380,9 +378,22 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
+            "events_partitions": _consumer_view(app, settings.events_topic),
         })
 
     return app
+
+
+def _consumer_view(app: faust.App, topic: str) -> dict[str, list[int]]:
+    """Which partitions of ``topic`` this worker is assigned, fetches, has paused or holds
+    back for a full buffer: a partition assigned but not fetched is a stalled one."""
+    consumer = app.consumer
+
+    def of(tps: Any) -> list[int]:
+        return sorted(tp.partition for tp in (tps or ()) if tp.topic == topic)
+
+    return {"assigned": of(consumer.assignment()), "fetching": of(consumer._active_partitions),
+            "paused": of(consumer._paused_partitions), "buffer_full": of(consumer._buffered_partitions)}
 
 
 def run_worker(settings: Settings) -> None:

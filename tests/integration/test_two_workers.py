@@ -60,18 +60,46 @@ def _scored_ids(records: list) -> set[str]:
     return {r[1]["event_id"] for r in records}
 
 
+def _consumer(worker: Worker) -> dict:
+    url = f"http://127.0.0.1:{worker.settings.web_port}/replica/"
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())["events_partitions"]
+
+
+def _wait_ready(worker: Worker, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _consumer(worker)["assigned"]:
+                return
+        except OSError:
+            pass
+        assert worker.alive(), worker.log()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"worker on port {worker.settings.web_port} got no partitions within {timeout}s")
+
+
 def _missing(sent: list[dict], workers: list[Worker]) -> Callable[[list], str]:
     def describe(records: list) -> str:
         missing = sorted({e["event_id"] for e in sent} - _scored_ids(records))
         errors = [line for w in workers for line in w.log().splitlines() if "ERROR" in line or "Traceback" in line]
-        return f"unscored: {missing[:20]}; worker errors: {errors[:20]}"
+        consumers = []
+        for w in workers:
+            try:
+                consumers.append(_consumer(w) if w.alive() else "stopped")
+            except OSError as exc:
+                consumers.append(str(exc))
+        return f"unscored: {missing[:20]}; worker errors: {errors[:20]}; events partitions per worker: {consumers}"
     return describe
 
 
 @pytest.mark.partitions(4)
 def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produce, tmp_path):
+    # One after the other: two workers joining at the same instant can leave a partition
+    # unfetched in Faust (see the issue notes); partitions still move when b joins.
     a = Worker(settings.replace(data_dir=str(tmp_path / "a"), web_port=free_port()), tmp_path / "logs-a").start()
+    _wait_ready(a)
     b = Worker(settings.replace(data_dir=str(tmp_path / "b"), web_port=free_port()), tmp_path / "logs-b").start()
+    _wait_ready(b)
     scores = reader(settings.scores_topic)
     sent: list[dict] = []
     try:
