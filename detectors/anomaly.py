@@ -57,13 +57,15 @@ class AnomalyModel:
         return float(self.trees.score_one(inputs))
 
     def learn_one(self, features: Mapping[str, float]) -> None:
-        self.trees.learn_one(self._inputs(features))
+        self._learn(self._inputs(features))
+
+    def _learn(self, inputs: dict[str, float]) -> None:
+        self.trees.learn_one(inputs)
         self.seen += 1
 
     def score_then_learn(self, features: Mapping[str, float]) -> float:
         """``score_one`` then ``learn_one``, mapping the features once."""
         inputs = self._inputs(features)
         score = self._score(inputs)
-        self.trees.learn_one(inputs)
-        self.seen += 1
+        self._learn(inputs)
         return score

@@ -2,8 +2,8 @@
 
 Each event is scored with what the detector knew at that moment; its label is
 revealed only ``label_delay_ms`` later (as moderation, appeals and chargebacks
-would; ``None`` reveals each label at its own timestamp), and only then joins the training feed, exactly like the live worker's
-label join. Memory is bounded by the entity state and the labels in flight,
+would; ``None`` reveals each label at its own timestamp), and only then joins
+the training feed, exactly like the live worker's label join. Memory is bounded by the entity state and the labels in flight,
 not by the stream: scores are kept as five floats per labelled event.
 """
 

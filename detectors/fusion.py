@@ -1,17 +1,19 @@
 """One calibrated risk score from the detectors' scores.
 
 A logistic regression over the detectors' outputs (supervised model, anomaly,
-rules, content), trained online from labels on the scores each detector gave
-*at scoring time*: a stacker whose log-loss training calibrates the result.
+rules, content), trained online from labels: a stacker whose log-loss training
+calibrates the result. It learns from the rules and anomaly scores an event got
+at scoring time and from what the model and content classifier say about it
+when its label arrives (``ModelSet.learn``).
 The stacker is monotone: a detector's weight never goes below zero, so a
 higher score from any detector never lowers the fused score. Without that, a
 stretch of labels on which one detector happened to be wrong (say the model
 missing a new campaign) can flip its weight negative and invert it for every
-later event. Until it has seen enough labels of both classes, the fused score is the most
-confident trusted detector (rules always; the model and content classifier
+later event. Until it has seen enough labels of both classes, the fused score is
+the most confident trusted detector (rules always; the model and content classifier
 once they are ready), which needs no calibration to be conservative. The
-anomaly score joins that maximum scaled to at most 0.5, below the default alert thresholds
-(``UNTRUSTED_CAP``): with no labels yet it is the best ordering of events for
+anomaly score joins that maximum scaled to at most 0.5, below the default alert
+thresholds (``UNTRUSTED_CAP``): with no labels yet it is the best ordering of events for
 review there is, but an uncalibrated detector never raises an alert alone.
 
 >>> f = FusionModel(min_labels_per_class=1)

@@ -25,7 +25,7 @@ from detectors.content import text_inputs
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, entity_keys, extract
 from detectors.lifecycle import ModelSet
-from detectors.reputation import add_label, label_deltas
+from detectors.reputation import add_label_stored, label_deltas
 from detectors.rules import RuleSet, load_rules
 
 EVIDENCE_SHARE = 0.75  # events at 3/4 of the threshold are kept as evidence for the next alert
@@ -197,6 +197,5 @@ class LocalStore:
 
     def learn(self, detector: Detector, example: dict[str, Any], offset: int) -> None:
         for d in detector.learn(example, offset):
-            current = self.reputation.get((d.entity, d.key))
-            record = add_label(orjson.loads(current) if current else None, d.label_ts, d.delta)
-            self.reputation[(d.entity, d.key)] = orjson.dumps(record)
+            self.reputation[(d.entity, d.key)] = add_label_stored(self.reputation.get((d.entity, d.key)),
+                                                                  d.label_ts, d.delta)

@@ -23,6 +23,8 @@ worst an undercount for events that arrive hours late).
 
 from __future__ import annotations
 
+import orjson
+
 DAY = 86_400_000
 WINDOWS = {"1d": DAY, "7d": 7 * DAY, "28d": 28 * DAY}
 MEMORY_MS = 28 * DAY
@@ -55,6 +57,11 @@ def add_label(record: Reputation | None, label_ts: int, delta: int) -> Reputatio
             keep.append([ts, d])
     oldest_hour = (newest - MEMORY_MS) // HOUR
     return {"r": keep, "h": sorted([h, c] for h, c in hours.items() if h > oldest_hour and c)}
+
+
+def add_label_stored(stored: bytes | None, label_ts: int, delta: int) -> bytes:
+    """``add_label`` on a record as the stores keep it (JSON bytes in and out)."""
+    return orjson.dumps(add_label(orjson.loads(stored) if stored else None, label_ts, delta))
 
 
 def reputation_features(entity: str, record: Reputation | None, at_ts: int) -> dict[str, float]:

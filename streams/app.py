@@ -192,17 +192,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                              partition=message.partition, offset=message.offset, now_ms=_now_ms())
         dead_letters.send_soon(key=message.key, value=orjson.dumps(record))
 
-    def background(name: str, interval: float, step: Any) -> None:
-        """A periodic step that logs its failures and keeps running (a raising Faust timer stops for good)."""
-
-        async def run() -> None:
-            try:
-                step()
-            except Exception:
-                log.exception("%s failed; retrying in %.2fs", name, interval)
-
-        app.timer(interval, name=name)(run)
-
     def reload_rules() -> None:
         error_before = rules.error
         if rules.poll():
@@ -228,7 +217,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 except Exception:
                     log.exception("%s failed; retrying in %.2fs", name, interval)
 
-    background("housekeeping", REPLICA_POLL_S, keep_up)
+    @app.timer(REPLICA_POLL_S, name="housekeeping")
+    async def housekeeping_when_idle() -> None:
+        keep_up()  # never raises: each step's failure is logged and retried (a raising timer stops for good)
 
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:

@@ -30,7 +30,7 @@ from rocksdict import AccessType, Options, Rdict
 
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
-from detectors.reputation import add_label
+from detectors.reputation import add_label_stored
 from streams.kafka.io import CHECKPOINT_MAX_BYTES
 
 log = logging.getLogger("abuse_detector.learning")
@@ -151,9 +151,7 @@ class LearningFeed:
         if offset > self.reputation_offset:
             for d in deltas:
                 key = reputation_key(d.entity, d.key)
-                current = self.reputation.get(key)
-                self.reputation.put(key, orjson.dumps(add_label(orjson.loads(current) if current else None,
-                                                                d.label_ts, d.delta)))
+                self.reputation.put(key, add_label_stored(self.reputation.get(key), d.label_ts, d.delta))
             self.reputation_offset = offset
 
     def reputation_of(self, entity: str, key: str) -> bytes | None:
