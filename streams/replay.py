@@ -48,7 +48,7 @@ from detectors.events import dead_letter, decode_event
 from detectors.features import EntityState, entity_keys
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, StaticRules
-from detectors.reputation import add_label
+from detectors.reputation import add_label_stored
 from detectors.rules import load_rules
 from schemas import ContractViolation
 from streams.config import Settings
@@ -246,18 +246,21 @@ def _ordered(consumer: Consumer, topic: str, ranges: dict[int, tuple[int, int]])
             heapq.heappush(heads, (ts, p, msg.offset()))
 
 
-def _examples_by_label_time(settings: Settings, limit: int) -> list[tuple[int, int, dict]]:
-    """The first ``limit`` records of the training-example topic, as a heap by label time."""
+def _examples_by_label_time(settings: Settings, limit: int | None) -> tuple[list[tuple[int, int, dict]], int]:
+    """The training examples among the first ``limit`` records of their topic (all if None),
+    as a heap by label time, and how many records were read."""
     heap = []
-    for n, (key, value) in enumerate(read_topic(settings, settings.examples_topic)):
-        if n >= limit:
+    read = 0
+    for key, value in read_topic(settings, settings.examples_topic):
+        if limit is not None and read >= limit:
             break
+        read += 1
         if key == b"control" or value is None:
             continue
         example = orjson.loads(value)
-        heap.append((example["label_ts"], n, example))
+        heap.append((example["label_ts"], read, example))
     heapq.heapify(heap)
-    return heap
+    return heap, read
 
 
 # -- the run ---------------------------------------------------------------
@@ -291,10 +294,10 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
             models, model_source = _initial_models(settings, model_file)
             rules = load_rules(rules_file)
             detector = Detector(models, rules=StaticRules(rules))
-            examples_end = sum(1 for _ in read_topic(settings, settings.examples_topic))
+            examples, examples_known = _examples_by_label_time(settings, None)
             manifest = {"format": FORMAT, "asked": asked, "ranges": {str(p): r for p, r in ranges.items()},
                         "model_source": model_source, "model_version": models.champion.version,
-                        "rules_version": rules.version, "examples_known": examples_end,
+                        "rules_version": rules.version, "examples_known": examples_known,
                         "outputs": outputs.all(), "started_at": int(time.time() * 1000), "complete": False}
             state.db.put(_MANIFEST, orjson.dumps(manifest))
             progress = {"next": {str(p): lo for p, (lo, _) in ranges.items()}, "events": 0, "rejected": 0,
@@ -307,11 +310,11 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
             detector = state.meta(_DETECTOR)
             if manifest["complete"]:
                 return {**manifest, **progress, "resumed": True}
+            examples, _ = _examples_by_label_time(settings, manifest["examples_known"])
         _create_outputs(settings, topic, outputs)
         ranges = {int(p): (progress["next"][p], hi) for p, (_, hi) in manifest["ranges"].items()}
         total = sum(hi - lo for lo, hi in (tuple(r) for r in manifest["ranges"].values()))
         done_before = total - sum(hi - lo for lo, hi in ranges.values())
-        examples = _examples_by_label_time(settings, manifest["examples_known"])
         for _ in range(progress["examples_applied"]):  # already in the stored reputations
             heapq.heappop(examples)
         producer = make_producer(settings)
@@ -325,7 +328,7 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
                             asynchronous=False)
 
         for msg in _ordered(consumer, topic, ranges):
-            _replay_one(msg, detector, state, producer, outputs, examples, progress)
+            _replay_one(msg, detector, state, producer, outputs, examples, progress, settings.max_event_bytes)
             progress["next"][str(msg.partition())] = msg.offset() + 1
             since_checkpoint += 1
             processed += 1
@@ -351,9 +354,9 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
 
 
 def _replay_one(msg: Any, detector: Detector, state: ReplayState, producer: Any, outputs: ReplayTopics,
-                examples: list, progress: dict[str, Any]) -> None:
+                examples: list, progress: dict[str, Any], max_event_bytes: int) -> None:
     try:
-        event = decode_event(msg.value(), 1 << 20)
+        event = decode_event(msg.value(), max_event_bytes)  # the live worker's bound
     except ContractViolation as violation:
         record = dead_letter(violation, value=msg.value(), key=msg.key(), topic=msg.topic(),
                              partition=msg.partition(), offset=msg.offset(), now_ms=msg.timestamp()[1])
@@ -364,8 +367,7 @@ def _replay_one(msg: Any, detector: Detector, state: ReplayState, producer: Any,
         _, _, example = heapq.heappop(examples)
         for d in detector.reputation_deltas(example):
             key = _reputation_key(d.entity, d.key)
-            current = state.get(key)
-            state.put(key, orjson.dumps(add_label(orjson.loads(current) if current else None, d.label_ts, d.delta)))
+            state.put(key, add_label_stored(state.get(key), d.label_ts, d.delta))
         progress["examples_applied"] += 1
     keys = entity_keys(event)
     states = {name: EntityState(state.get(_record_key(name, key)), reputation=state.get(_reputation_key(name, key)))
