@@ -38,6 +38,7 @@ from detectors.pipeline import Detector
 from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
+from streams.guard import OffsetGuard, Origin
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.state import ExpirySweeper, ShardReplica, shard_key
@@ -47,6 +48,7 @@ log = logging.getLogger("abuse_detector.worker")
 REPLICA_POLL_S = 0.05
 LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
+PROGRESS_CHECK_S = 1.0
 
 
 def _now_ms() -> int:
@@ -146,19 +148,23 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def table_key(entity: str, partition: int, key: str) -> bytes:
         return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
 
-    # Partitions of the events topic this worker processes now. Their shards are read from
-    # the local stores (exact, written by this process); only the others come from the
-    # replica (one replication delay old).
-    owned: set[int] = set()
+    # Every record of an owned input partition is processed, also when Faust skips one or
+    # stalls a partition (streams/guard.py). The events guard's owned partitions are also
+    # the ones whose shards are read from the local stores (exact, written by this
+    # process); only the others come from the replica (one replication delay old).
+    guards = {topic: OffsetGuard(app, settings, topic)
+              for topic in (settings.events_topic, settings.scores_topic, settings.labels_topic)}
+    events_guard = guards[settings.events_topic]
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
-        owned.difference_update(tp.partition for tp in revoked if tp.topic == settings.events_topic)
+        for guard in guards.values():
+            guard.owned = guard.owned - {tp.partition for tp in revoked if tp.topic == guard.topic}
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        owned.clear()
-        owned.update(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.events_topic)
+        for guard in guards.values():
+            await guard.on_assigned()
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
@@ -167,6 +173,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             others: tuple[bytes, ...] = ()
             if ENTITIES[name].sharded:
                 store = tables[name].data
+                owned = events_guard.owned
                 local = [store._db_for_partition(p).get(shard_key(p, key)) for p in owned if p != partition]
                 others = replica.shards(name, key, exclude=owned | {partition}) + tuple(r for r in local if r is not None)
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
@@ -186,11 +193,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     del table[key]
                     sweeper.deleted += 1
 
-    def reject(event: faust.EventT, violation: ContractViolation) -> None:
-        message = event.message
-        record = dead_letter(violation, value=message.value, key=message.key, topic=message.topic,
-                             partition=message.partition, offset=message.offset, now_ms=_now_ms())
-        dead_letters.send_soon(key=message.key, value=orjson.dumps(record))
+    def reject(origin: Origin, violation: ContractViolation) -> None:
+        record = dead_letter(violation, value=origin.value, key=origin.key, topic=origin.topic,
+                             partition=origin.partition, offset=origin.offset, now_ms=_now_ms())
+        dead_letters.send_soon(key=origin.key, value=orjson.dumps(record))
 
     def reload_rules() -> None:
         error_before = rules.error
@@ -225,6 +231,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def release(app: faust.App, **kwargs: Any) -> None:
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
         replica.close()
+        for guard in guards.values():
+            guard.close()
 
     warmed_up = False
 
@@ -241,15 +249,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             feed.catch_up()
             warmed_up = True
 
-    def score_one(event: faust.EventT, record: dict[str, Any]) -> None:
-        partition = event.message.partition
+    def score_one(origin: Origin, record: dict[str, Any]) -> None:
+        partition = origin.partition
         try:
             keys = entity_keys(record)
             scored = detector.score(record, states_for(keys, partition), _now_ms(),
-                                    source=(partition, event.message.offset))
+                                    source=(partition, origin.offset))
         except Exception as exc:  # a detector bug must not stop the partition
             log.exception("scoring failed for event %s", record.get("event_id"))
-            reject(event, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+            reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, raw in scored.updates.items():
             tables[name][table_key(name, partition, keys[name])] = raw
@@ -271,28 +279,43 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
-            decoded: list[tuple[faust.EventT, dict[str, Any] | None]] = []
-            for event in batch:
+            # (origin, the Faust event whose partition the table writes go to, record)
+            decoded: list[tuple[Origin, faust.EventT, dict[str, Any]]] = []
+
+            def decode(origin: Origin, event: faust.EventT) -> None:
                 try:
-                    decoded.append((event, decode_event(event.value, settings.max_event_bytes)))
+                    decoded.append((origin, event, decode_event(origin.value, settings.max_event_bytes)))
                 except ContractViolation as violation:
-                    reject(event, violation)
-            for event, record in event_time_order(decoded, partition=lambda d: d[0].message.partition,
-                                                  ts=lambda d: d[1]["ts"]):
+                    reject(origin, violation)
+
+            now = time.monotonic()
+            for event in batch:
+                for origin in events_guard.admit(event.message, now):
+                    decode(origin, event)
+            for origin, event, record in event_time_order(decoded, partition=lambda d: d[0].partition,
+                                                          ts=lambda d: d[2]["ts"]):
                 # Faust's tables pick the store and changelog partition from the current event.
                 _current_event.set(weakref.ref(event))
-                score_one(event, record)
+                score_one(origin, record)
 
-    def join_one(event: faust.EventT) -> None:
-        if event.message.topic == settings.scores_topic:
-            score = orjson.loads(event.value)
+    @app.timer(PROGRESS_CHECK_S, name="watch-progress")
+    async def watch_progress() -> None:
+        try:
+            for guard in guards.values():
+                await guard.watch()
+        except Exception:  # a raising timer stops for good
+            log.exception("checking partition progress failed; retrying in %.1fs", PROGRESS_CHECK_S)
+
+    def join_one(origin: Origin) -> None:
+        if origin.topic == settings.scores_topic:
+            score = orjson.loads(origin.value)
             key = score["event_id"].encode()
             pending, example = on_score(_load(label_join.get(key)), score)
         else:
             try:
-                label = decode_label(event.value, settings.max_event_bytes)
+                label = decode_label(origin.value, settings.max_event_bytes)
             except ContractViolation as violation:
-                reject(event, violation)
+                reject(origin, violation)
                 return
             key = label["event_id"].encode()
             pending, example = on_label(_load(label_join.get(key)), label)
@@ -306,7 +329,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         async for event in stream.events():
             warm_up()
             keep_up()
-            join_one(event)
+            for origin in guards[event.message.topic].admit(event.message, time.monotonic()):
+                join_one(origin)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()
@@ -369,22 +393,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
-            "events_partitions": _consumer_view(app, settings.events_topic),
+            "events_partitions": events_guard.view(),
+            "label_join_partitions": {topic: guards[topic].view()
+                                      for topic in (settings.scores_topic, settings.labels_topic)},
         })
 
     return app
-
-
-def _consumer_view(app: faust.App, topic: str) -> dict[str, list[int]]:
-    """Which partitions of ``topic`` this worker is assigned, fetches, has paused or holds
-    back for a full buffer: a partition assigned but not fetched is a stalled one."""
-    consumer = app.consumer
-
-    def of(tps: Any) -> list[int]:
-        return sorted(tp.partition for tp in (tps or ()) if tp.topic == topic)
-
-    return {"assigned": of(consumer.assignment()), "fetching": of(consumer._active_partitions),
-            "paused": of(consumer._paused_partitions), "buffer_full": of(consumer._buffered_partitions)}
 
 
 def run_worker(settings: Settings) -> None:

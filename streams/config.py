@@ -40,6 +40,7 @@ class Settings:
     batch_max_events: int = field(default=1000, metadata={"help": "events the worker takes per batch (scored in event-time order)"})
     batch_wait_s: float = field(default=0.02, metadata={"help": "longest wait for a batch to fill (adds at most this latency)"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
+    stall_after_s: float = field(default=10.0, metadata={"help": "seconds an owned partition with unscored records may go without progress before the worker seeks it back"})
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     # Local Kafka

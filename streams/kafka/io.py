@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Iterator
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Settings
@@ -152,3 +153,73 @@ def topic_size(settings: Settings, topic: str, timeout: float = 10.0) -> int:
         return total
     finally:
         consumer.close()
+
+
+class PartitionReader:
+    """Offsets and record ranges of one topic's partitions, read straight from the broker.
+
+    Never joins the group: ``group_id`` is only used to read the offsets the group has
+    committed. One lock serialises calls, so the worker's agent and its timer can share it.
+    """
+
+    def __init__(self, settings: Settings, topic: str, group_id: str, timeout: float = 10.0) -> None:
+        self.topic, self.timeout = topic, timeout
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": settings.max_event_bytes * 64,
+        })
+        self._lock = threading.Lock()
+
+    def start_offsets(self, partitions: list[int]) -> dict[int, int]:
+        """Where the group resumes each partition: its committed offset, else the log start."""
+        with self._lock:
+            committed = self._consumer.committed([TopicPartition(self.topic, p) for p in partitions],
+                                                 timeout=self.timeout)
+            starts = {}
+            for tp in committed:
+                if tp.offset >= 0:
+                    starts[tp.partition] = tp.offset
+                else:
+                    low, _ = self._consumer.get_watermark_offsets(tp, timeout=self.timeout, cached=False)
+                    starts[tp.partition] = low
+            return starts
+
+    def end_offsets(self, partitions: list[int]) -> dict[int, int]:
+        with self._lock:
+            return {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=self.timeout,
+                                                            cached=False)[1]
+                    for p in partitions}
+
+    def read_range(self, partition: int, start: int, end: int) -> list[tuple[int, bytes | None, bytes | None]]:
+        """(offset, key, value) of the records in [start, end); offsets with no record
+        (transaction markers, compacted away) are simply absent."""
+        with self._lock:
+            self._consumer.assign([TopicPartition(self.topic, partition, start)])
+            try:
+                records = []
+                deadline = time.monotonic() + self.timeout
+                while time.monotonic() < deadline:
+                    msg = self._consumer.poll(0.5)
+                    if msg is None:
+                        continue
+                    if msg.error():
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            return records
+                        raise KafkaException(msg.error())
+                    if msg.offset() >= end:
+                        return records
+                    records.append((msg.offset(), msg.key(), msg.value()))
+                    if msg.offset() + 1 >= end:
+                        return records
+                raise TimeoutError(f"reading {self.topic}[{partition}] offsets {start}..{end - 1} "
+                                   f"took over {self.timeout}s; is the broker reachable?")
+            finally:
+                self._consumer.unassign()
+
+    def close(self) -> None:
+        with self._lock:
+            self._consumer.close()
