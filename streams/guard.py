@@ -62,7 +62,15 @@ class OffsetGuard:
         return origins
 
     def _skipped(self, partition: int, start: int, end: int) -> list[Origin]:
-        records = self.reader.read_range(partition, start, end)
+        try:
+            records = self.reader.read_range(partition, start, end)
+        except Exception:  # the broker is unreachable: say exactly what to replay
+            self.progress.unfilled.append((partition, start, end))
+            log.exception("%s partition %d: the consumer skipped offsets %d..%d and reading them from the "
+                          "broker failed; they are NOT processed: produce those records to %s again "
+                          "(they never reached state, so nothing counts twice)",
+                          self.topic, partition, start, end - 1, self.topic)
+            return []
         if records:  # no records: transaction markers, a real gap
             self.progress.gaps_filled += 1
             self.progress.records_filled += len(records)
@@ -127,6 +135,7 @@ class OffsetGuard:
                         for tp in assigned},
             "gaps_filled": progress.gaps_filled, "records_filled": progress.records_filled,
             "stall_recoveries": progress.recoveries,
+            "unfilled_gaps": [{"partition": p, "from": a, "to": b - 1} for p, a, b in progress.unfilled],
         }
 
     def close(self) -> None:

@@ -61,6 +61,7 @@ class PartitionProgress:
         self.gaps_filled = 0
         self.records_filled = 0
         self.recoveries = 0
+        self.unfilled: list[tuple[int, int, int]] = []  # (partition, start, end) that could not be read
         self.generation = 0
 
     def assigned(self, partitions: Iterable[int], now: float) -> None:
