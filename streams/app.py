@@ -94,8 +94,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # a lagging worker's partitions drift apart in event time by up to a chunk each.
         # Small chunks keep them within a batch of each other; each batch is then scored
         # in event-time order (streams/ordering.py), so shards merged across partitions
-        # describe the same moment. ~64 KB is ~200 events.
-        consumer_max_fetch_size=64 * 1024,
+        # describe the same moment. 64 KB is ~200 events.
+        consumer_max_fetch_size=settings.fetch_bytes,
         broker_max_poll_records=500,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
@@ -111,8 +111,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     scores_and_labels = _raw_topic(app, settings.scores_topic, settings.labels_topic)
     examples = _raw_topic(app, settings.examples_topic)
 
-    # One compact record per entity (per shard for sharded entities): one
-    # changelog write per entity per event. key_type/value_type bytes = stored raw.
+    # One compact record per entity (per shard for sharded entities): at most one
+    # changelog write per entity per batch. key_type/value_type bytes = stored raw.
     tables = {
         name: app.Table(table_name(name), default=None, key_type=bytes, value_type=bytes,
                         partitions=settings.partitions, options={"driver": "rocksdict"})
@@ -166,15 +166,31 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for guard in guards.values():
             await guard.on_assigned()
 
+    # The batch's entity writes, applied once per entity when the batch ends: a hot IP in
+    # a batch of 1,000 events costs one store write and one changelog record, not one per
+    # event. Reads within the batch see them first. {(entity, table key): (record, event)}
+    batch_writes: dict[tuple[str, bytes], tuple[bytes, faust.EventT]] = {}
+
+    def stored(name: str, table_key: bytes, read: Any) -> bytes | None:
+        pending = batch_writes.get((name, table_key))
+        return pending[0] if pending is not None else read(table_key)
+
+    def write_batch() -> None:
+        for (name, key), (raw, event) in batch_writes.items():
+            # Faust's tables pick the store and changelog partition from the current event.
+            _current_event.set(weakref.ref(event))
+            tables[name][key] = raw
+        batch_writes.clear()
+
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
         for name, key in keys.items():
-            own = tables[name].get(table_key(name, partition, key))
+            own = stored(name, table_key(name, partition, key), tables[name].get)
             others: tuple[bytes, ...] = ()
             if ENTITIES[name].sharded:
                 store = tables[name].data
                 owned = events_guard.owned
-                local = [store._db_for_partition(p).get(shard_key(p, key)) for p in owned if p != partition]
+                local = [stored(name, shard_key(p, key), store._db_for_partition(p).get) for p in owned if p != partition]
                 others = replica.shards(name, key, exclude=owned | {partition}) + tuple(r for r in local if r is not None)
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
@@ -186,7 +202,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
             for key in sweeper.next_slice(name, partition, db.keys(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key:
+                if key == store.offset_key or (name, key) in batch_writes:
                     continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
@@ -249,7 +265,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             feed.catch_up()
             warmed_up = True
 
-    def score_one(origin: Origin, record: dict[str, Any]) -> None:
+    def score_one(origin: Origin, event: faust.EventT, record: dict[str, Any]) -> None:
         partition = origin.partition
         try:
             keys = entity_keys(record)
@@ -260,7 +276,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, raw in scored.updates.items():
-            tables[name][table_key(name, partition, keys[name])] = raw
+            batch_writes[(name, table_key(name, partition, keys[name]))] = (raw, event)
         scores.send_soon(key=record["event_id"].encode(), value=orjson.dumps(scored.risk_score))
         if scored.alert is not None:
             alerts.send_soon(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
@@ -294,9 +310,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     decode(origin, event)
             for origin, event, record in event_time_order(decoded, partition=lambda d: d[0].partition,
                                                           ts=lambda d: d[2]["ts"]):
-                # Faust's tables pick the store and changelog partition from the current event.
-                _current_event.set(weakref.ref(event))
-                score_one(origin, record)
+                _current_event.set(weakref.ref(event))  # the expiry sweep deletes through the table
+                score_one(origin, event, record)
+            write_batch()
 
     @app.timer(PROGRESS_CHECK_S, name="watch-progress")
     async def watch_progress() -> None:
@@ -326,11 +342,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
-            for origin in guards[event.message.topic].admit(event.message, time.monotonic()):
-                join_one(origin)
+            now = time.monotonic()
+            for event in batch:
+                _current_event.set(weakref.ref(event))  # the label-join table's partition
+                for origin in guards[event.message.topic].admit(event.message, now):
+                    join_one(origin)
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()

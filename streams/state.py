@@ -12,7 +12,7 @@ tails all partitions of those changelogs into a local RocksDB replica. An
 event on partition ``p`` reads its own shard from the table (exact) and the
 other shards from the replica (at most one replication delay old), and the
 detector merges them. No event ever crosses a topic to reach its IP's owner;
-the cost is one changelog write per entity per event plus the replication
+the cost is at most one changelog write per entity per event plus the replication
 reads. See docs/partitioning.md for the path, the costs and the staleness bound.
 """
 
