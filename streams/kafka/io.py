@@ -170,6 +170,7 @@ class PartitionReader:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            "isolation.level": "read_uncommitted",  # what the worker's own consumer (aiokafka) sees
             "fetch.max.bytes": settings.max_event_bytes * 64,
         })
         self._lock = threading.Lock()
