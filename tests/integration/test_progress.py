@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from streams.kafka.io import PartitionReader, make_producer
-from tests.integration.helpers import T0, as_record, event
+from tests.integration.helpers import T0, as_record, event, moderator_label
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +49,9 @@ def test_reader_returns_the_records_of_a_range_and_skips_transaction_markers(set
         reader.close()
 
 
-def test_worker_scores_every_event_across_transaction_markers(settings, worker, reader, produce):
+def test_worker_processes_every_event_and_label_across_transaction_markers(settings, worker, reader, produce):
     scores = reader(settings.scores_topic)
+    examples = reader(settings.examples_topic)
     sent = [event(f"tx-{t}-{i}", "login", T0 + (t * 10 + i) * 1000, f"user-{i % 4}", success=True)
             for t in range(20) for i in range(5)]
     producer = _transactional_producer(settings)
@@ -59,6 +60,13 @@ def test_worker_scores_every_event_across_transaction_markers(settings, worker, 
     records = scores.wait_for(lambda r: {x[1]["event_id"] for x in r} >= {e["event_id"] for e in sent},
                               worker=worker)
     assert len({r[1]["event_id"] for r in records}) == len(sent)
+    # Labels in transactions too: the label join sees the same kind of gaps.
+    _produce_in_transactions(producer, settings.labels_topic,
+                             [[moderator_label(e, e["ts"] + 60_000) for e in sent[t * 10:(t + 1) * 10]]
+                              for t in range(10)])
+    learned = examples.wait_for(lambda r: {x[1]["event_id"] for x in r} >= {e["event_id"] for e in sent},
+                                worker=worker)
+    assert len({r[1]["event_id"] for r in learned}) == len(sent)
     # Markers leave gaps in the offsets; the worker checks them with the broker and
     # finds no records there, so it reports no skipped records.
     assert "skipped" not in worker.log()
