@@ -64,7 +64,7 @@ class OffsetGuard:
     def _skipped(self, partition: int, start: int, end: int) -> list[Origin]:
         try:
             records = self.reader.read_range(partition, start, end)
-        except Exception:  # the broker is unreachable: say exactly what to replay
+        except Exception:  # the broker is unreachable: say exactly what is missing
             self.progress.unfilled.append((partition, start, end))
             log.exception("%s partition %d: the consumer skipped offsets %d..%d and reading them from the "
                           "broker failed; they are NOT processed: produce those records to %s again "
