@@ -159,7 +159,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         for guard in guards.values():
-            guard.owned = guard.owned - {tp.partition for tp in revoked if tp.topic == guard.topic}
+            guard.on_revoked(revoked)
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:

@@ -51,6 +51,9 @@ class OffsetGuard:
         self.progress.assigned(self.owned, time.monotonic())
         await self._learn_start_offsets()
 
+    def on_revoked(self, revoked: Any) -> None:
+        self.owned = self.owned - {tp.partition for tp in revoked if tp.topic == self.topic}
+
     def admit(self, message: Any, now: float) -> list[Origin]:
         """The records to process for ``message``, in offset order: any the consumer
         skipped before it (read from the broker: blocking, and rare), then itself."""
@@ -58,7 +61,7 @@ class OffsetGuard:
         gap = self.progress.gap_before(partition, offset)
         origins = self._skipped(partition, *gap) if gap is not None else []
         origins.append(Origin.of(message))
-        self.progress.scored(partition, offset, now)
+        self.progress.processed(partition, offset, now)
         return origins
 
     def _skipped(self, partition: int, start: int, end: int) -> list[Origin]:
@@ -126,13 +129,17 @@ class OffsetGuard:
         assigned = [tp for tp in consumer.assignment() if tp.topic == self.topic]
         fetcher = consumer._thread._consumer._subscription.subscription.assignment  # aiokafka's view
         progress = self.progress
+
+        def offsets(tp: TP) -> dict[str, int | None]:
+            state = fetcher.state_value(tp) if fetcher else None
+            return {"next_to_process": progress.next_offset.get(tp.partition),
+                    "fetch_position": state._position if state else None,
+                    "highwater": state.highwater if state else None}
+
         return {
             "assigned": of(assigned), "fetching": of(consumer._active_partitions),
             "paused": of(consumer._paused_partitions), "buffer_full": of(consumer._buffered_partitions),
-            "offsets": {tp.partition: {"next_to_process": progress.next_offset.get(tp.partition),
-                                       "fetch_position": fetcher.state_value(tp)._position if fetcher else None,
-                                       "highwater": fetcher.state_value(tp).highwater if fetcher else None}
-                        for tp in assigned},
+            "offsets": {tp.partition: offsets(tp) for tp in assigned},
             "gaps_filled": progress.gaps_filled, "records_filled": progress.records_filled,
             "stall_recoveries": progress.recoveries,
             "unfilled_gaps": [{"partition": p, "from": a, "to": b - 1} for p, a, b in progress.unfilled],

@@ -1,31 +1,31 @@
-"""Every input offset scored: the worker's guard against records its consumer never delivers.
+"""Every input offset processed: the worker's guard against records its consumer never delivers.
 
 Faust treats any jump in a partition's offsets as a legitimate gap (transaction markers,
 compaction): it commits past it. After rebalances under load it can also leave a
 partition assigned but never fetched (faust-streaming issues #629, #166). Either way
-events would go unscored without an error. This module keeps, per events partition
-this worker owns, the next offset it must score, and says what to do when the consumer
-disagrees:
+events would go unscored (or labels unlearned) without an error. This module keeps, per
+partition of an input topic this worker owns, the next offset it must process, and says
+what to do when the consumer disagrees:
 
-- an event arrives past the next offset: the records in between are read from the broker
-  directly and scored first (a range with no records, such as transaction markers, is
+- a record arrives past the next offset: the records in between are read from the broker
+  directly and processed first (a range with no records, such as transaction markers, is
   a real gap and is accepted);
 - a partition has records beyond the next offset but nothing arrives for
   ``stall_after_s``: seek the consumer back to the next offset; if that does not help
   after ``max_seeks`` tries, ask the group to rebalance.
 
 The offsets come from the broker: the group's committed offset when a partition is
-assigned (or the log start when none is committed), then each scored event.
+assigned (or the log start when none is committed), then each processed record.
 
 >>> progress = PartitionProgress(stall_after_s=5.0, max_seeks=2)
 >>> progress.assigned([0], now=0.0)
 >>> progress.start_at(0, 10)
 >>> progress.gap_before(0, 10) is None
 True
->>> progress.scored(0, 10, now=1.0)
+>>> progress.processed(0, 10, now=1.0)
 >>> progress.gap_before(0, 14)
 (11, 14)
->>> progress.scored(0, 14, now=2.0)
+>>> progress.processed(0, 14, now=2.0)
 >>> progress.overdue({0: 15}, now=4.0)
 []
 >>> progress.overdue({0: 20}, now=7.5)
@@ -50,7 +50,7 @@ class Stall:
 
 
 class PartitionProgress:
-    """Next offset to score per owned partition, and when it last moved."""
+    """Next offset to process per owned partition, and when it last moved."""
 
     def __init__(self, stall_after_s: float, max_seeks: int = 3) -> None:
         self.stall_after_s = stall_after_s
@@ -87,7 +87,7 @@ class PartitionProgress:
             return None  # start unknown yet, or a redelivery (state updates are idempotent)
         return expected, offset
 
-    def scored(self, partition: int, offset: int, now: float) -> None:
+    def processed(self, partition: int, offset: int, now: float) -> None:
         if offset + 1 > self.next_offset.get(partition, -1):
             self.next_offset[partition] = offset + 1
         self._moved_at[partition] = now

@@ -15,7 +15,7 @@ def test_no_gap_until_the_start_is_known_then_every_jump_is_one():
     p.start_at(0, 3)
     assert p.gap_before(0, 3) is None
     assert p.gap_before(0, 7) == (3, 7)
-    p.scored(0, 3, now=1.0)
+    p.processed(0, 3, now=1.0)
     assert p.gap_before(0, 4) is None
     assert p.gap_before(0, 5) == (4, 5)
 
@@ -24,15 +24,15 @@ def test_redeliveries_are_not_gaps_and_never_move_progress_back():
     p = _progress()
     p.start_at(0, 0)
     for offset in range(10):
-        p.scored(0, offset, now=1.0)
+        p.processed(0, offset, now=1.0)
     assert p.gap_before(0, 4) is None
-    p.scored(0, 4, now=2.0)
+    p.processed(0, 4, now=2.0)
     assert p.next_offset[0] == 10
 
 
 def test_events_scored_before_the_lookup_win_over_it():
     p = _progress()
-    p.scored(1, 20, now=1.0)
+    p.processed(1, 20, now=1.0)
     p.start_at(1, 5)  # the committed offset read before those events were scored
     assert p.next_offset[1] == 21
     assert p.unknown_start() == [0]
@@ -57,7 +57,7 @@ def test_stall_needs_unscored_records_and_time_without_progress():
     assert p.overdue({0: 10, 1: 0}, now=60.0) == []  # caught up: idle is not stalled
     assert p.overdue({0: 11, 1: 0}, now=4.9) == []  # behind, but not for long
     assert p.overdue({0: 11, 1: 0}, now=5.0) == [Stall(0, 10, 11, 0)]
-    p.scored(0, 10, now=5.5)
+    p.processed(0, 10, now=5.5)
     assert p.overdue({0: 12}, now=10.0) == []
 
 
@@ -72,7 +72,7 @@ def test_seeks_come_first_then_a_rebalance():
         p.seeked(0, now)
     assert actions == ["seek", "seek", "rebalance", "rebalance"]
     assert p.recoveries == 4
-    p.scored(0, 0, now=now)  # progress: the next stall starts over with seeks
+    p.processed(0, 0, now=now)  # progress: the next stall starts over with seeks
     (stall,) = p.overdue({0: 100}, now + 5.0)
     assert not p.should_rebalance(stall)
 
@@ -80,7 +80,7 @@ def test_seeks_come_first_then_a_rebalance():
 def test_a_new_assignment_forgets_the_old_one():
     p = _progress()
     p.start_at(0, 10)
-    p.scored(1, 3, now=1.0)
+    p.processed(1, 3, now=1.0)
     p.assigned([1], now=2.0)
     assert p.next_offset == {}
     assert p.unknown_start() == [1]
