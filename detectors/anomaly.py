@@ -31,6 +31,7 @@ ANOMALY_FEATURES = (
     "device_signups_10m", "device_distinct_users_24h", "merchant_payments_10m", "card_payments_1h",
     "text_links", "login_failed",
 )
+_LOG_CAPS = tuple((k, math.log1p(_CAPS.get(k, _DEFAULT_CAP))) for k in ANOMALY_FEATURES)
 
 
 class AnomalyModel:
@@ -43,10 +44,8 @@ class AnomalyModel:
 
     @staticmethod
     def _inputs(features: Mapping[str, float]) -> dict[str, float]:
-        return {
-            k: min(1.0, math.log1p(max(0.0, features.get(k, 0.0))) / math.log1p(_CAPS.get(k, _DEFAULT_CAP)))
-            for k in ANOMALY_FEATURES
-        }
+        log1p, get = math.log1p, features.get
+        return {k: min(1.0, log1p(max(0.0, get(k, 0.0))) / scale) for k, scale in _LOG_CAPS}
 
     def score_one(self, features: Mapping[str, float]) -> float:
         return self._score(self._inputs(features))

@@ -29,16 +29,16 @@ An entity idle for ``Entity.idle_expiry_ms`` of event time is deleted.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from detectors.catalog import (
-    CHANNELS, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates, RateOfChange, Ratio,
+    CHANNELS, ENTITIES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates, RateOfChange, Ratio,
     SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
-    NEAR_DUPLICATE_BITS, distinct_add, distinct_contains, distinct_count, distinct_expire, distinct_merge, hamming,
-    new_distinct,
+    NEAR_DUPLICATE_BITS, distinct_add_hash, distinct_contains_hash, distinct_count, distinct_expire, distinct_merge,
+    hamming, hash32, new_distinct,
 )
 
 Record = dict[str, Any]
@@ -55,13 +55,21 @@ def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     return [b for b in ring if b[0] >= oldest]
 
 
+def channel_amounts(event: Event) -> dict[str, float]:
+    """What ``event`` adds to each channel: computed once per event for all its entities."""
+    return {name: channel.amount(event) for name, channel in CHANNELS.items()}
+
+
 def apply_event(
     entity: Entity, record: Record | None, event: Event, fingerprint: int | None = None,
+    amounts: dict[str, float] | None = None,
 ) -> tuple[Record, dict[str, bool | None]]:
     """Folds ``event`` into one record of ``entity``; returns the record and, per
     sketch, whether the event's value was new to it (None if unknowable).
-    ``fingerprint`` is the event text's simhash, for entities that track texts."""
+    ``fingerprint`` is the event text's simhash, for entities that track texts;
+    ``amounts`` the event's ``channel_amounts`` if the caller has them already."""
     record = new_record() if record is None else record
+    amounts = channel_amounts(event) if amounts is None else amounts
     ts = int(event["ts"])
     watermark = ts if record["l"] is None else max(record["l"], ts)
     record["f"] = ts if record["f"] is None else min(record["f"], ts)
@@ -72,9 +80,9 @@ def apply_event(
         key = str(width)
         length = entity.ring_lengths[width]
         ring = _prune_ring(rings.get(key, []), watermark // width, length)
-        amounts = [CHANNELS[ch].amount(event) for ch in channels]
+        added = [amounts[ch] for ch in channels]
         idx = ts // width
-        if any(amounts) and idx > watermark // width - length:
+        if any(added) and idx > watermark // width - length:
             for bucket in ring:
                 if bucket[0] == idx:
                     break
@@ -82,7 +90,7 @@ def apply_event(
                 bucket = [idx] + [0] * len(channels)
                 ring.append(bucket)
                 ring.sort(key=lambda b: b[0])
-            for i, amount in enumerate(amounts):
+            for i, amount in enumerate(added):
                 if amount:
                     bucket[1 + i] = _add(bucket[1 + i], amount)
         if ring:
@@ -97,9 +105,10 @@ def apply_event(
         current = distinct_expire(sketches.get(sketch.name, new_distinct()), (watermark - sketch.memory_ms) // 1000)
         value = sketch.field(event)
         if value:
-            known = distinct_contains(current, value)
+            h = hash32(value)
+            known = distinct_contains_hash(current, h)
             novelty[sketch.name] = None if known is None else not known
-            current = distinct_add(current, value, ts_s)
+            current = distinct_add_hash(current, h, ts_s)
         if current.get("x") or current.get("h"):
             sketches[sketch.name] = current
         else:
@@ -163,16 +172,68 @@ def is_idle(entity: Entity, record: Record, watermark_ms: int) -> bool:
     return record["l"] is not None and record["l"] < watermark_ms - entity.idle_expiry_ms
 
 
-def _window_sums(record: Record, entity: Entity, window: str) -> dict[str, float]:
-    width, n = WINDOWS[window]
-    channels = entity.ring_layout[width]
+# Feature kinds, compiled once per entity into (code, name, arguments) steps: per event
+# the catalogue is then a loop over tuples, not attribute lookups and name formatting.
+_WINDOW_SUM, _MEAN, _RATIO, _RATE_OF_CHANGE, _DISTINCT, _IS_NEW, _NEAR_DUPLICATES, _AGE, _SINCE_LAST = range(9)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    zeros: dict[str, float]
+    windows: tuple[tuple[str, int, int, str, int], ...]  # window name, bucket width, buckets, ring key, channels
+    steps: tuple[tuple[Any, ...], ...]
+
+
+def _compile(entity: Entity) -> _Plan:
+    windows = {f.window for f in entity.features if isinstance(f, (Count, Sum, Mean, Ratio))}
+    if any(isinstance(f, RateOfChange) for f in entity.features):
+        windows.add("1h")
+    index = {w: {ch: i for i, ch in enumerate(entity.ring_layout[WINDOWS[w][0]])} for w in windows}  # type: ignore[index]
+    steps: list[tuple[Any, ...]] = []
+    for f in entity.features:
+        if isinstance(f, (Count, Sum)):
+            steps.append((_WINDOW_SUM, f.name, f.window, index[f.window][f.channel]))  # type: ignore[index]
+        elif isinstance(f, Mean):
+            steps.append((_MEAN, f.name, f.window, index[f.window][f.channel], index[f.window][f.per]))  # type: ignore[index]
+        elif isinstance(f, Ratio):
+            w = index[f.window]  # type: ignore[index]
+            steps.append((_RATIO, f.name, f.window, w[f.numerator], w[f.denominator]))
+        elif isinstance(f, RateOfChange):
+            steps.append((_RATE_OF_CHANGE, f.name, "1h", index["1h"][f.channel],
+                          1 + entity.ring_layout[HOUR].index(f.channel)))
+        elif isinstance(f, Distinct):
+            steps.append((_DISTINCT, f.name, f.sketch, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
+        elif isinstance(f, IsNew):
+            steps.append((_IS_NEW, f.name, f.sketch))
+        elif isinstance(f, NearDuplicates):
+            steps.append((_NEAR_DUPLICATES, f.name, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
+        elif isinstance(f, SinceFirstSeen):
+            steps.append((_AGE, f.name))
+        elif isinstance(f, SinceLastSeen):
+            steps.append((_SINCE_LAST, f.name))
+        else:  # pragma: no cover - the catalogue only declares the kinds above
+            raise TypeError(f"unknown feature kind {type(f).__name__}")
+    return _Plan(
+        zeros={f.name: 0.0 for f in entity.features},
+        windows=tuple((w, *WINDOWS[w], str(WINDOWS[w][0]), len(entity.ring_layout[WINDOWS[w][0]]))
+                      for w in sorted(windows)),  # type: ignore[index]
+        steps=tuple(steps),
+    )
+
+
+_PLANS = {name: _compile(entity) for name, entity in ENTITIES.items()}
+
+
+def _window_sums(record: Record, width: int, n: int, ring_key: str, channels: int) -> list[float]:
     newest = record["l"] // width
-    sums = [0.0] * len(channels)
-    for bucket in record["r"].get(str(width), ()):
+    sums: list[float] | None = None
+    for bucket in record["r"].get(ring_key, ()):
         if bucket[0] > newest - n:
-            for i in range(len(channels)):
-                sums[i] += bucket[1 + i]
-    return dict(zip(channels, sums))
+            if sums is None:
+                sums = [float(v) for v in bucket[1:]]
+            else:
+                sums = [s + v for s, v in zip(sums, bucket[1:])]
+    return sums or [0.0] * channels
 
 
 def entity_features(
@@ -183,51 +244,50 @@ def entity_features(
 
     With no key on the event (e.g. no IP) or no state, every feature is 0.
     """
+    plan = _PLANS[entity.name]
     if view is None:
-        return {f.name: 0.0 for f in entity.features}
-    out: dict[str, float] = {}
-    cache: dict[str, dict[str, float]] = {}
-
-    def sums(window: str) -> dict[str, float]:
-        if window not in cache:
-            cache[window] = _window_sums(view, entity, window)
-        return cache[window]
-
+        return dict(plan.zeros)
     watermark = view["l"]
-    for f in entity.features:
-        if isinstance(f, (Count, Sum)):
-            value = sums(f.window)[f.channel]  # type: ignore[index]
-        elif isinstance(f, Mean):
-            s = sums(f.window)  # type: ignore[arg-type]
-            value = s[f.channel] / s[f.per] if s[f.per] else 0.0
-        elif isinstance(f, Ratio):
-            s = sums(f.window)  # type: ignore[arg-type]
-            value = s[f.numerator] / s[f.denominator] if s[f.denominator] else 0.0
-        elif isinstance(f, RateOfChange):
-            this_hour = sums("1h")[f.channel]
-            newest = watermark // HOUR
-            day = sum(b[1 + entity.ring_layout[HOUR].index(f.channel)]
-                      for b in view["r"].get(str(HOUR), ()) if newest - 24 <= b[0] < newest)
+    sums = {w: _window_sums(view, width, n, key, channels) for w, width, n, key, channels in plan.windows}
+    novelty = novelty or {}
+    sketches = view["d"]
+    out: dict[str, float] = {}
+    for step in plan.steps:
+        code = step[0]
+        if code == _WINDOW_SUM:
+            value = sums[step[2]][step[3]]
+        elif code == _MEAN or code == _RATIO:
+            s = sums[step[2]]
+            value = s[step[3]] / s[step[4]] if s[step[4]] else 0.0
+        elif code == _DISTINCT:
+            sketch = sketches.get(step[2])
+            value = float(distinct_count(sketch, watermark // 1000 - step[3])) if sketch else 0.0
+        elif code == _RATE_OF_CHANGE:
+            this_hour = sums[step[2]][step[3]]
+            newest, i = watermark // HOUR, step[4]
+            day = sum(b[i] for b in view["r"].get(_HOUR_KEY, ()) if newest - 24 <= b[0] < newest)
             value = (this_hour + 1) / (day / 24 + 1)
-        elif isinstance(f, Distinct):
-            sketch = view["d"].get(f.sketch)
-            value = float(distinct_count(sketch, (watermark - WINDOW_MS[f.window]) // 1000)) if sketch else 0.0  # type: ignore[index]
-        elif isinstance(f, IsNew):
-            value = 1.0 if (novelty or {}).get(f.sketch) else 0.0
-        elif isinstance(f, NearDuplicates):
-            value = 0.0
-            if fingerprint is not None:
-                since = (watermark - WINDOW_MS[f.window]) // 1000  # type: ignore[index]
-                earlier = list(view["t"])
-                own = [fingerprint, event["ts"] // 1000]
-                if own in earlier:
-                    earlier.remove(own)  # the event itself is in the view
-                value = float(sum(1 for h, t in earlier if t >= since and hamming(h, fingerprint) <= NEAR_DUPLICATE_BITS))
-        elif isinstance(f, SinceFirstSeen):
+        elif code == _IS_NEW:
+            value = 1.0 if novelty.get(step[2]) else 0.0
+        elif code == _NEAR_DUPLICATES:
+            value = _near_duplicates(view["t"], event, fingerprint, watermark // 1000 - step[2])
+        elif code == _AGE:
             value = (watermark - view["f"]) / HOUR
-        elif isinstance(f, SinceLastSeen):
+        else:  # _SINCE_LAST
             value = 86_400.0 if previous_last is None else min(86_400.0, max(0, event["ts"] - previous_last) / 1000)
-        else:  # pragma: no cover - the catalogue only declares the kinds above
-            raise TypeError(f"unknown feature kind {type(f).__name__}")
-        out[f.name] = float(value) if not isinstance(value, float) or math.isfinite(value) else 0.0
+        # float, and 0 for inf/nan (x - x is 0 only for finite x)
+        out[step[1]] = float(value) if value - value == 0 else 0.0
     return out
+
+
+_HOUR_KEY = str(HOUR)
+
+
+def _near_duplicates(texts: list[list[int]], event: Event, fingerprint: int | None, since_s: int) -> float:
+    if fingerprint is None:
+        return 0.0
+    earlier = list(texts)
+    own = [fingerprint, event["ts"] // 1000]
+    if own in earlier:
+        earlier.remove(own)  # the event itself is in the view
+    return float(sum(1 for h, t in earlier if t >= since_s and hamming(h, fingerprint) <= NEAR_DUPLICATE_BITS))

@@ -20,7 +20,7 @@ from typing import Mapping
 import orjson
 
 from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, Event
-from detectors.entities import apply_event, entity_features, merge_records
+from detectors.entities import apply_event, channel_amounts, entity_features, merge_records
 from detectors.reputation import reputation_features
 from detectors.sketches import simhash
 
@@ -67,6 +67,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     records: dict[str, dict] = {}
     keys = entity_keys(event)
+    amounts = channel_amounts(event)
     for name, entity in ENTITIES.items():
         if name not in keys:
             features.update(entity_features(entity, None, event, None))
@@ -78,7 +79,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
         previous_last = max(lasts) if lasts else None
         novelty: dict[str, bool | None] = {}
         if not (own and source and already_applied(own, source)):
-            own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None)
+            own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None, amounts)
             if source is not None:
                 own["o"] = list(source)
             records[name] = own

@@ -31,7 +31,7 @@ from river import metrics
 
 from detectors.content import ContentModel
 from detectors.fusion import FusionModel
-from detectors.model import OnlineRiskModel, log_scaled
+from detectors.model import OnlineRiskModel, observe_and_standardise
 
 CHECKPOINT_FORMAT = 1
 
@@ -106,12 +106,8 @@ class ModelSet:
     def observe_and_score(self, features: dict[str, float]) -> tuple[float, float, dict[str, float]]:
         """One scored event: every scaler learns it once, then champion and challenger score
         it. Returns both probabilities and the champion's inputs (for its reasons)."""
-        logged = log_scaled(features)
         scalers = {id(m.scaler): m.scaler for m in (self.champion, self.challenger)}
-        inputs = {}
-        for key, scaler in scalers.items():
-            scaler.learn_one(logged)
-            inputs[key] = scaler.transform_one(logged)
+        inputs = {key: observe_and_standardise(scaler, features) for key, scaler in scalers.items()}
         champion_inputs = inputs[id(self.champion.scaler)]
         return (self.champion.predict_proba_inputs(champion_inputs),
                 self.challenger.predict_proba_inputs(inputs[id(self.challenger.scaler)]), champion_inputs)

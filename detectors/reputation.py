@@ -65,8 +65,9 @@ def add_label_stored(stored: bytes | None, label_ts: int, delta: int) -> bytes:
 
 
 def reputation_features(entity: str, record: Reputation | None, at_ts: int) -> dict[str, float]:
+    if not record:  # most entities never had a label
+        return dict.fromkeys(feature_names(entity), 0.0)
     out = {}
-    record = record or {}
     for name, width in zip(feature_names(entity), WINDOWS.values()):
         count = sum(d for ts, d in record.get("r", ()) if at_ts - width < ts <= at_ts)
         # an hourly bucket counts only once it has ended by at_ts (never a leak)

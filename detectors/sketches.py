@@ -96,11 +96,9 @@ def distinct_add_hash(sketch: Distinct, h: int, ts_s: int) -> Distinct:
     return sketch
 
 
-def distinct_contains(sketch: Distinct, value: str) -> bool | None:
-    """Membership while exact; None once the sketch is a HyperLogLog (unknown)."""
-    if "x" in sketch:
-        return str(hash32(value)) in sketch["x"]
-    return None
+def distinct_contains_hash(sketch: Distinct, h: int) -> bool | None:
+    """Membership of a ``hash32`` while exact; None once the sketch is a HyperLogLog (unknown)."""
+    return str(h) in sketch["x"] if "x" in sketch else None
 
 
 def distinct_count(sketch: Distinct, since_s: int) -> int:
