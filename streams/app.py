@@ -17,6 +17,7 @@ table (bounded lifetime) and trains the model when both sides are present.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -41,7 +42,7 @@ from streams.config import Settings
 from streams.guard import OffsetGuard, Origin
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, ShardReplica, shard_key
+from streams.state import ChangelogWriter, ExpirySweeper, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -160,6 +161,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         for guard in guards.values():
             guard.on_revoked(revoked)
+        await asyncio.get_running_loop().run_in_executor(None, changelogs.flush)
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -168,19 +170,29 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     # The batch's entity writes, applied once per entity when the batch ends: a hot IP in
     # a batch of 1,000 events costs one store write and one changelog record, not one per
-    # event. Reads within the batch see them first. {(entity, table key): (record, event)}
-    batch_writes: dict[tuple[str, bytes], tuple[bytes, faust.EventT]] = {}
+    # event. Reads within the batch see them first. {(entity, table key): (record, partition)}
+    batch_writes: dict[tuple[str, bytes], tuple[bytes, int]] = {}
+    changelogs = ChangelogWriter(settings.bootstrap_servers, tables)
+    faust_flush = app.producer.flush
+
+    async def flush_changelogs_then_faust() -> None:
+        # Faust flushes its producer before every offset commit (and at shutdown): the entity
+        # changelog records of the events being committed must be in the log by then too.
+        await asyncio.get_running_loop().run_in_executor(None, changelogs.flush)
+        changelogs.persist_offsets()
+        await faust_flush()
+
+    app.producer.flush = flush_changelogs_then_faust  # type: ignore[method-assign]
 
     def stored(name: str, table_key: bytes, read: Any) -> bytes | None:
         pending = batch_writes.get((name, table_key))
         return pending[0] if pending is not None else read(table_key)
 
     def write_batch() -> None:
-        for (name, key), (raw, event) in batch_writes.items():
-            # Faust's tables pick the store and changelog partition from the current event.
-            _current_event.set(weakref.ref(event))
-            tables[name][key] = raw
+        for (name, key), (raw, partition) in batch_writes.items():
+            changelogs.write(name, partition, key, raw)
         batch_writes.clear()
+        changelogs.poll()
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
@@ -206,7 +218,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
-                    del table[key]
+                    changelogs.write(name, partition, key, None)
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
@@ -246,6 +258,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
+        changelogs.close()
         replica.close()
         for guard in guards.values():
             guard.close()
@@ -265,7 +278,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             feed.catch_up()
             warmed_up = True
 
-    def score_one(origin: Origin, event: faust.EventT, record: dict[str, Any]) -> None:
+    def score_one(origin: Origin, record: dict[str, Any]) -> None:
         partition = origin.partition
         try:
             keys = entity_keys(record)
@@ -276,7 +289,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, raw in scored.updates.items():
-            batch_writes[(name, table_key(name, partition, keys[name]))] = (raw, event)
+            batch_writes[(name, table_key(name, partition, keys[name]))] = (raw, partition)
         scores.send_soon(key=record["event_id"].encode(), value=orjson.dumps(scored.risk_score))
         if scored.alert is not None:
             alerts.send_soon(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
@@ -310,8 +323,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     decode(origin, event)
             for origin, event, record in event_time_order(decoded, partition=lambda d: d[0].partition,
                                                           ts=lambda d: d[2]["ts"]):
-                _current_event.set(weakref.ref(event))  # the expiry sweep deletes through the table
-                score_one(origin, event, record)
+                _current_event.set(weakref.ref(event))  # Faust's table reads use its partition
+                score_one(origin, record)
             write_batch()
 
     @app.timer(PROGRESS_CHECK_S, name="watch-progress")
