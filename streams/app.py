@@ -42,7 +42,8 @@ from streams.config import Settings
 from streams.guard import OffsetGuard, Origin
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ChangelogWriter, ExpirySweeper, ShardReplica, shard_key
+from streams.kafka.io import KafkaWriter
+from streams.state import ExpirySweeper, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -106,11 +107,20 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     app.detector = detector  # type: ignore[attr-defined]
 
     events = _raw_topic(app, settings.events_topic)
-    scores = _raw_topic(app, settings.scores_topic)
-    alerts = _raw_topic(app, settings.alerts_topic)
-    dead_letters = _raw_topic(app, settings.dead_letter_topic)
     scores_and_labels = _raw_topic(app, settings.scores_topic, settings.labels_topic)
-    examples = _raw_topic(app, settings.examples_topic)
+    # Scores, alerts, dead letters, examples and every table write go through one
+    # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
+    # the largest cost after the detector). Faust flushes its producer before every
+    # offset commit and at shutdown: the writer is flushed first.
+    writer = KafkaWriter(settings.bootstrap_servers)
+    faust_flush = app.producer.flush
+
+    async def flush_writer_then_faust() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, writer.flush)
+        writer.persist_offsets()
+        await faust_flush()
+
+    app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
 
     # One compact record per entity (per shard for sharded entities): at most one
     # changelog write per entity per batch. key_type/value_type bytes = stored raw.
@@ -161,7 +171,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         for guard in guards.values():
             guard.on_revoked(revoked)
-        await asyncio.get_running_loop().run_in_executor(None, changelogs.flush)
+        await asyncio.get_running_loop().run_in_executor(None, writer.flush)
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -172,17 +182,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # a batch of 1,000 events costs one store write and one changelog record, not one per
     # event. Reads within the batch see them first. {(entity, table key): (record, partition)}
     batch_writes: dict[tuple[str, bytes], tuple[bytes, int]] = {}
-    changelogs = ChangelogWriter(settings.bootstrap_servers, tables)
-    faust_flush = app.producer.flush
-
-    async def flush_changelogs_then_faust() -> None:
-        # Faust flushes its producer before every offset commit (and at shutdown): the entity
-        # changelog records of the events being committed must be in the log by then too.
-        await asyncio.get_running_loop().run_in_executor(None, changelogs.flush)
-        changelogs.persist_offsets()
-        await faust_flush()
-
-    app.producer.flush = flush_changelogs_then_faust  # type: ignore[method-assign]
 
     def stored(name: str, table_key: bytes, read: Any) -> bytes | None:
         pending = batch_writes.get((name, table_key))
@@ -190,9 +189,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def write_batch() -> None:
         for (name, key), (raw, partition) in batch_writes.items():
-            changelogs.write(name, partition, key, raw)
+            writer.put(tables[name], partition, key, raw)
         batch_writes.clear()
-        changelogs.poll()
+        writer.poll()
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
@@ -218,13 +217,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
-                    changelogs.write(name, partition, key, None)
+                    writer.put(table, partition, key, None)
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
         record = dead_letter(violation, value=origin.value, key=origin.key, topic=origin.topic,
                              partition=origin.partition, offset=origin.offset, now_ms=_now_ms())
-        dead_letters.send_soon(key=origin.key, value=orjson.dumps(record))
+        writer.send(settings.dead_letter_topic, origin.key, orjson.dumps(record))
 
     def reload_rules() -> None:
         error_before = rules.error
@@ -258,7 +257,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
-        changelogs.close()
+        writer.close()
         replica.close()
         for guard in guards.values():
             guard.close()
@@ -290,17 +289,17 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return
         for name, raw in scored.updates.items():
             batch_writes[(name, table_key(name, partition, keys[name]))] = (raw, partition)
-        scores.send_soon(key=record["event_id"].encode(), value=orjson.dumps(scored.risk_score))
+        writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(scored.risk_score))
         if scored.alert is not None:
-            alerts.send_soon(key=record["user_id"].encode(), value=orjson.dumps(scored.alert))
+            writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(scored.alert))
         if sweeper.observe(partition, record["ts"]):
             try:
                 sweep(partition)
             except Exception:  # housekeeping must never stop scoring
                 log.exception("expiry sweep of partition %d failed", partition)
 
-    # Agent bodies never await: outputs go to the producer buffer (send_soon), which a
-    # commit flushes first, and Faust acks a batch as soon as the agent asks for the
+    # Agent bodies never await: outputs go to the writer, which a commit flushes
+    # first, and Faust acks a batch as soon as the agent asks for the
     # next one, also when a shutdown cancels it. Without an await inside, a batch is
     # always either untouched or finished.
     @app.agent(events, name="score-events")
@@ -348,10 +347,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 return
             key = label["event_id"].encode()
             pending, example = on_label(_load(label_join.get(key)), label)
-        label_join[key] = orjson.dumps(pending)
+        writer.put(label_join, origin.partition, key, orjson.dumps(pending))
         if example is not None:
             # every worker learns it, in the same order (see streams/learning.py)
-            examples.send_soon(key=key, value=orjson.dumps(example), partition=0)
+            writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
 
     @app.agent(scores_and_labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
@@ -360,9 +359,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             keep_up()
             now = time.monotonic()
             for event in batch:
-                _current_event.set(weakref.ref(event))  # the label-join table's partition
+                _current_event.set(weakref.ref(event))  # Faust's label-join reads use its partition
                 for origin in guards[event.message.topic].admit(event.message, now):
                     join_one(origin)
+            writer.poll()
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()

@@ -19,15 +19,13 @@ reads. See docs/partitioning.md for the path, the costs and the staleness bound.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Iterable
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from faust.types import TP
+from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
 
 log = logging.getLogger("abuse_detector.state")
@@ -214,87 +212,3 @@ class ExpirySweeper:
     def cursor(self, table_name: str, partition: int) -> bytes | None:
         return self._cursors.get((table_name, partition))
 
-
-class ChangelogWriter:
-    """Entity-table writes without Faust's per-message producer path.
-
-    A Faust table write is a RocksDB put plus a changelog record sent through Faust's
-    producer buffer and aiokafka: in a profile of a loaded worker that path, not the
-    bytes, was the largest cost after the detector (measured: the same worker ran
-    ~50% faster with the changelog records left out). This writer does the same two
-    things, the put into the partition's RocksDB that Faust's store uses and the same
-    raw key/value record to the same changelog partition, with librdkafka, so
-    everything Faust builds on the changelog is unchanged: recovery, standby
-    replicas, the shard replica.
-
-    At-least-once holds because ``flush`` runs before every offset commit (the worker
-    wires it into Faust's producer flush): an input offset is committed only after
-    the changelog records of the events before it are in the log. Every entity
-    write, deletes included, goes through this one producer, so the changelog keeps
-    their order.
-    """
-
-    def __init__(self, bootstrap: str, tables: dict[str, object], flush_timeout_s: float = 60.0):
-        self.tables = tables  # entity name -> Faust Table
-        self.flush_timeout_s = flush_timeout_s
-        self.producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,  # acks=all, no reordering on retries
-            "linger.ms": 5,
-        })
-        self.written = 0
-        self._errors: list[str] = []
-        self._delivered: dict[tuple[str, int], int] = {}  # changelog partition -> newest offset
-        self._lock = threading.Lock()  # delivery reports come from flush (a thread) and poll (the loop)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        with self._lock:
-            if err is not None:
-                self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
-            else:
-                tp = (msg.topic(), msg.partition())
-                self._delivered[tp] = max(msg.offset(), self._delivered.get(tp, -1))
-
-    def write(self, entity: str, partition: int, key: bytes, value: bytes | None) -> None:
-        """Sets (or with ``value=None`` deletes) ``key`` in the entity's table partition."""
-        table = self.tables[entity]
-        db = table.data._db_for_partition(partition)  # type: ignore[attr-defined]
-        if value is None:
-            db.delete(key)
-        else:
-            db.put(key, value)
-        topic = table.changelog_topic_name  # type: ignore[attr-defined]
-        while True:
-            try:
-                self.producer.produce(topic, key=key, value=value, partition=partition, on_delivery=self._on_delivery)
-                break
-            except BufferError:  # librdkafka's queue is full: let it drain
-                self.producer.poll(0.05)
-        self.written += 1
-
-    def poll(self) -> None:
-        self.producer.poll(0)
-
-    def flush(self) -> None:
-        """Waits until every record written is in the changelog; raises if one can't be.
-        Blocks: the worker runs it in a thread."""
-        remaining = self.producer.flush(self.flush_timeout_s)
-        with self._lock:
-            errors, self._errors = self._errors[:5], []
-        if errors or remaining:
-            raise RuntimeError(
-                f"{remaining} entity changelog records not delivered within {self.flush_timeout_s:.0f}s"
-                f"{'; errors: ' + '; '.join(errors) if errors else ''}: the input offsets are not committed, "
-                "so these events will be processed again; check the broker")
-
-    def persist_offsets(self) -> None:
-        """Records the delivered changelog offsets in the stores, as Faust does after its own
-        sends, so a restart recovers only what came after them. On the event loop's thread."""
-        with self._lock:
-            delivered, self._delivered = self._delivered, {}
-        by_topic = {table.changelog_topic_name: table for table in self.tables.values()}  # type: ignore[attr-defined]
-        for (topic, partition), offset in delivered.items():
-            by_topic[topic].data.set_persisted_offset(TP(topic, partition), offset)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self.producer.flush(self.flush_timeout_s)

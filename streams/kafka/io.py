@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Settings
@@ -224,3 +224,95 @@ class PartitionReader:
     def close(self) -> None:
         with self._lock:
             self._consumer.close()
+
+
+class KafkaWriter:
+    """Everything the worker writes, without Faust's per-message producer path.
+
+    In a profile of a loaded worker, Faust's producer buffer and aiokafka's send were the
+    largest cost after the detector; the bytes were not (shrinking the risk score to a few
+    bytes changed nothing). Measured on the same preload: entity-table writes through
+    this writer took one worker from ~790 to ~1,100 events/s.
+
+    * ``put`` is a Faust table write done the same way: the put into the partition's
+      RocksDB that Faust's store uses, and the same raw key/value record to the same
+      changelog partition. Everything Faust builds on the changelog is unchanged:
+      recovery, standby replicas, the shard replica. ``None`` deletes (a tombstone).
+    * ``send`` produces an output record (murmur2, like Faust, for keyed records).
+
+    At-least-once holds because ``flush`` runs before every offset commit (the worker
+    wires it into Faust's producer flush): an input offset is committed only after
+    every record written for the events before it is in the log. All writes of a
+    worker go through this one producer, so each partition keeps their order.
+    """
+
+    def __init__(self, bootstrap: str, flush_timeout_s: float = 60.0):
+        self.flush_timeout_s = flush_timeout_s
+        self.producer = Producer({
+            "bootstrap.servers": bootstrap,
+            "partitioner": "murmur2_random",
+            "enable.idempotence": True,  # acks=all, no reordering on retries
+            "linger.ms": 5,
+        })
+        self.written = 0
+        self._tables: dict[str, Any] = {}  # changelog topic -> Faust table
+        self._errors: list[str] = []
+        self._delivered: dict[tuple[str, int], int] = {}  # changelog partition -> newest offset
+        self._lock = threading.Lock()  # delivery reports come from flush (a thread) and poll (the loop)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        with self._lock:
+            if err is not None:
+                self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+            elif msg.topic() in self._tables:
+                tp = (msg.topic(), msg.partition())
+                self._delivered[tp] = max(msg.offset(), self._delivered.get(tp, -1))
+
+    def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
+        """Sets (or with ``value=None`` deletes) ``key`` in partition ``partition`` of a Faust table."""
+        db = table.data._db_for_partition(partition)
+        if value is None:
+            db.delete(key)
+        else:
+            db.put(key, value)
+        topic = table.changelog_topic_name
+        self._tables[topic] = table
+        self.send(topic, key, value, partition)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
+        extra = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, on_delivery=self._on_delivery, **extra)
+                break
+            except BufferError:  # librdkafka's queue is full: let it drain
+                self.producer.poll(0.05)
+        self.written += 1
+
+    def poll(self) -> None:
+        self.producer.poll(0)
+
+    def flush(self) -> None:
+        """Waits until every record written is in the log; raises if one can't be.
+        Blocks: the worker runs it in a thread."""
+        remaining = self.producer.flush(self.flush_timeout_s)
+        with self._lock:
+            errors, self._errors = self._errors[:5], []
+        if errors or remaining:
+            raise RuntimeError(
+                f"{remaining} records not delivered within {self.flush_timeout_s:.0f}s"
+                f"{'; errors: ' + '; '.join(errors) if errors else ''}: the input offsets are not committed, "
+                "so their events will be processed again; check the broker")
+
+    def persist_offsets(self) -> None:
+        """Records the delivered changelog offsets in the tables' stores, as Faust does after
+        its own sends, so a restart recovers only what came after them. On the loop's thread."""
+        from faust.types import TP
+
+        with self._lock:
+            delivered, self._delivered = self._delivered, {}
+        for (topic, partition), offset in delivered.items():
+            self._tables[topic].data.set_persisted_offset(TP(topic, partition), offset)
+
+    def close(self) -> None:
+        self.producer.flush(self.flush_timeout_s)

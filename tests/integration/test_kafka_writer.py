@@ -1,7 +1,7 @@
-"""Entity writes through ``ChangelogWriter``: the same store put and the same raw
+"""Table writes through ``KafkaWriter``: the same store put and the same raw
 changelog record a Faust table write makes, so recovery, standbys and the shard
-replica read them unchanged; deletes are tombstones; offsets are recorded only
-once delivered."""
+replica read them unchanged; deletes are tombstones; changelog offsets are
+recorded only once delivered; output records land where Faust would put them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from faust.types import TP
 
-from streams.kafka.io import PartitionReader
-from streams.state import ChangelogWriter
+from streams.kafka.io import KafkaWriter, PartitionReader
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +28,13 @@ def _table(settings, tmp_path) -> faust.Table:
     return table
 
 
-def test_writes_land_in_store_and_changelog_partition_and_deletes_are_tombstones(settings, tmp_path):
+def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tombstones(settings, tmp_path):
     table = _table(settings, tmp_path)
-    writer = ChangelogWriter(settings.bootstrap_servers, {"user": table})
-    writer.write("user", 1, b"u1", b'{"l":1}')
-    writer.write("user", 1, b"u2", b'{"l":2}')
-    writer.write("user", 1, b"u1", None)
-    writer.write("user", 0, b"u3", b'{"l":3}')
+    writer = KafkaWriter(settings.bootstrap_servers)
+    writer.put(table, 1, b"u1", b'{"l":1}')
+    writer.put(table, 1, b"u2", b'{"l":2}')
+    writer.put(table, 1, b"u1", None)
+    writer.put(table, 0, b"u3", b'{"l":3}')
     store = table.data
     topic = table.changelog_topic_name
     assert store.persisted_offset(TP(topic, 1)) is None  # nothing recorded before delivery
@@ -54,3 +53,25 @@ def test_writes_land_in_store_and_changelog_partition_and_deletes_are_tombstones
     assert store.persisted_offset(TP(topic, 1)) == 2 and store.persisted_offset(TP(topic, 0)) == 0
     assert writer.written == 4
     writer.close()
+
+
+def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
+    """murmur2, as aiokafka and Java: a score must sit on its event id's partition,
+    where the label join reads the labels of that event id."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    writer = KafkaWriter(settings.bootstrap_servers)
+    keys = [f"e{i}".encode() for i in range(40)]
+    for key in keys:
+        writer.send(settings.scores_topic, key, b"{}")
+    writer.flush()
+    writer.close()
+    landed = {}
+    for partition in range(settings.partitions):
+        reader = PartitionReader(settings, settings.scores_topic, f"{settings.app_id}-check")
+        try:
+            landed.update({key: partition for _, key, _ in reader.read_range(partition, 0, len(keys))})
+        finally:
+            reader.close()
+    partitions = list(range(settings.partitions))
+    assert landed == {key: DefaultPartitioner()(key, partitions, partitions) for key in keys}
