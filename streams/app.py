@@ -61,8 +61,17 @@ def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
     return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
-def _load(raw: bytes | None) -> dict[str, Any] | None:
-    return orjson.loads(raw) if raw else None
+# A label-join value starting with this byte is a risk score as produced, no label seen
+# yet; any other value is the join's pending record (JSON, see detectors/labels.py).
+UNLABELLED_SCORE = b"s"
+
+
+def _pending(raw: bytes | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    if raw[:1] == UNLABELLED_SCORE:
+        return on_score(None, orjson.loads(raw[1:]))[0]
+    return orjson.loads(raw)
 
 
 def _applied(raw: bytes | None) -> int:
@@ -336,9 +345,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def join_one(origin: Origin) -> None:
         if origin.topic == settings.scores_topic:
+            stored = label_join.get(origin.key) if origin.key else None
+            if origin.key and stored is None:
+                # The usual case, a score before its label: kept as produced, parsed only
+                # if a label comes (most events never get one).
+                writer.put(label_join, origin.partition, origin.key, UNLABELLED_SCORE + origin.value)
+                return
             score = orjson.loads(origin.value)
             key = score["event_id"].encode()
-            pending, example = on_score(_load(label_join.get(key)), score)
+            pending, example = on_score(_pending(stored), score)
         else:
             try:
                 label = decode_label(origin.value, settings.max_event_bytes)
@@ -346,7 +361,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 reject(origin, violation)
                 return
             key = label["event_id"].encode()
-            pending, example = on_label(_load(label_join.get(key)), label)
+            pending, example = on_label(_pending(label_join.get(key)), label)
         writer.put(label_join, origin.partition, key, orjson.dumps(pending))
         if example is not None:
             # every worker learns it, in the same order (see streams/learning.py)

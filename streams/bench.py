@@ -4,7 +4,8 @@ Four measurements in one run, each on its own fresh topics:
 
 (a) throughput: N simulated records (events, labels and a few malformed ones)
     are preloaded, then one worker process consumes them with the full
-    pipeline; events/s = scored events / (last score's write time - first's).
+    pipeline; events/s = scored events / (time from the first score's write to the
+    last score's or training example's, whichever is later: the label join too).
 (b) latency: a caught-up worker gets a fixed offered load; per event, the risk
     score's Kafka timestamp (when the worker produced it) minus the event's
     (when it was produced); p50/p95/p99.
@@ -88,20 +89,27 @@ def _preload(settings: Settings, records: list[Any]) -> int:
 
 
 class _ScoreWatcher:
-    """Reads a scores topic, keeping each record's Kafka timestamp and event id."""
+    """Reads a scores topic (and the training examples, which the label join writes),
+    keeping each record's Kafka timestamp by event id."""
 
     def __init__(self, settings: Settings):
+        self.settings = settings
         self.consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"bench-{uuid.uuid4().hex}",
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
-        self.consumer.subscribe([settings.scores_topic])
+        self.consumer.subscribe([settings.scores_topic, settings.examples_topic])
         self.seen: dict[str, int] = {}
+        self.examples: dict[str, int] = {}
 
-    def until(self, count: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, int]:
+    def until(self, count: int, timeout: float, alive: Callable[[], bool] = lambda: True,
+              labelled: int = 0) -> dict[str, int]:
+        """Until ``count`` events are scored and ``labelled`` events have a training example."""
         deadline = time.monotonic() + timeout
-        while len(self.seen) < count and time.monotonic() < deadline and alive():
+        while (len(self.seen) < count or len(self.examples) < labelled) and time.monotonic() < deadline and alive():
             for msg in self.consumer.consume(2000, timeout=0.5):
-                if not msg.error():
-                    self.seen.setdefault(orjson.loads(msg.value())["event_id"], msg.timestamp()[1])
+                if msg.error():
+                    continue
+                into = self.seen if msg.topic() == self.settings.scores_topic else self.examples
+                into.setdefault(msg.key().decode(), msg.timestamp()[1])  # both are keyed by event id
         return self.seen
 
     def close(self) -> None:
@@ -109,14 +117,17 @@ class _ScoreWatcher:
 
 
 def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float) -> float:
+    """Events/s from the first risk score to the moment the worker has scored every event
+    *and* joined every label (a worker whose label join falls behind has not finished)."""
     events = _preload(settings, records)
+    labelled = len({r.event_id for r in records if r.kind == "label"})
     watcher = _ScoreWatcher(settings)
     procs = []
     try:
         for i in range(workers):
             s = settings.replace(data_dir=f"{settings.data_dir}-{i}", web_port=free_port())
             procs.append(start_worker(s, log_dir / f"{settings.app_id}-{i}.log"))
-        seen = watcher.until(events, timeout, alive=lambda: all(p.poll() is None for p in procs))
+        seen = watcher.until(events, timeout, alive=lambda: all(p.poll() is None for p in procs), labelled=labelled)
         for i, p in enumerate(procs):
             if p.poll() is not None:
                 print(f"  warning: worker {i} exited with code {p.returncode}; log: {log_dir / f'{settings.app_id}-{i}.log'}")
@@ -124,11 +135,16 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
         for p in procs:
             stop_worker(p)
         watcher.close()
-    if len(seen) < events:
-        print(f"  warning: only {len(seen)} of {events} events scored within {timeout:.0f}s")
+    if len(seen) < events or len(watcher.examples) < labelled:
+        print(f"  warning: only {len(seen)} of {events} events scored and {len(watcher.examples)} of {labelled} "
+              f"labelled events joined within {timeout:.0f}s")
     stamps = sorted(seen.values())
-    # from the first score to the last: startup and recovery are not throughput
-    return (len(stamps) - 1) / max(1e-3, (stamps[-1] - stamps[0]) / 1000) if len(stamps) > 1 else 0.0
+    if len(stamps) < 2:
+        return 0.0
+    # from the first score to the last score or example: startup and recovery are not throughput
+    end = max(stamps[-1], max(watcher.examples.values(), default=0))
+    print(f"      label join done {(end - stamps[-1]) / 1000:.1f}s after the last score")
+    return (len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000)
 
 
 def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path) -> list[float]:
