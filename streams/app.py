@@ -13,6 +13,8 @@ replica (see ``streams/state.py``), scores, and writes back one record per
 entity. ``join-labels`` reads risk-scores and labels, which are co-partitioned
 by event id, keeps the scoring-time features per event id in the label-join
 table (bounded lifetime) and trains the model when both sides are present.
+Both agents write (tables and outputs) through one ``KafkaWriter``, not Faust's
+producer.
 """
 
 from __future__ import annotations

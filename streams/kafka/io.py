@@ -312,7 +312,9 @@ class KafkaWriter:
         with self._lock:
             delivered, self._delivered = self._delivered, {}
         for (topic, partition), offset in delivered.items():
-            self._tables[topic].data.set_persisted_offset(TP(topic, partition), offset)
+            store = self._tables[topic].data
+            if partition in store._dbs:  # not for a partition revoked (and closed) meanwhile
+                store.set_persisted_offset(TP(topic, partition), offset)
 
     def close(self) -> None:
         self.producer.flush(self.flush_timeout_s)
