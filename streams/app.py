@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
 import faust
 import orjson
 from faust.exceptions import SameNode
-from faust.streams import _current_event
 
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, is_idle, merge_records
@@ -207,10 +205,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         states = {}
         for name, key in keys.items():
-            own = stored(name, table_key(name, partition, key), tables[name].get)
+            # The partition's RocksDB directly: what Faust's table.get ends in, minus its
+            # mapping, sensor and key-index layers.
+            store = tables[name].data
+            own = stored(name, table_key(name, partition, key), store._db_for_partition(partition).get)
             others: tuple[bytes, ...] = ()
             if ENTITIES[name].sharded:
-                store = tables[name].data
                 owned = events_guard.owned
                 local = [stored(name, shard_key(p, key), store._db_for_partition(p).get) for p in owned if p != partition]
                 others = replica.shards(name, key, exclude=owned | {partition}) + tuple(r for r in local if r is not None)
@@ -333,7 +333,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     decode(origin, event)
             for origin, event, record in event_time_order(decoded, partition=lambda d: d[0].partition,
                                                           ts=lambda d: d[2]["ts"]):
-                _current_event.set(weakref.ref(event))  # Faust's table reads use its partition
                 score_one(origin, record)
             write_batch()
 
@@ -345,9 +344,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # a raising timer stops for good
             log.exception("checking partition progress failed; retrying in %.1fs", PROGRESS_CHECK_S)
 
+    def pending_db(origin: Origin) -> Any:
+        """The label-join store of the record's partition (scores and labels are co-partitioned)."""
+        return label_join.data._db_for_partition(origin.partition)
+
     def join_one(origin: Origin) -> None:
         if origin.topic == settings.scores_topic:
-            stored = label_join.get(origin.key) if origin.key else None
+            stored = pending_db(origin).get(origin.key) if origin.key else None
             if origin.key and stored is None:
                 # The usual case, a score before its label: kept as produced, parsed only
                 # if a label comes (most events never get one).
@@ -363,7 +366,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 reject(origin, violation)
                 return
             key = label["event_id"].encode()
-            pending, example = on_label(_pending(label_join.get(key)), label)
+            pending, example = on_label(_pending(pending_db(origin).get(key)), label)
         writer.put(label_join, origin.partition, key, orjson.dumps(pending))
         if example is not None:
             # every worker learns it, in the same order (see streams/learning.py)
@@ -376,7 +379,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             keep_up()
             now = time.monotonic()
             for event in batch:
-                _current_event.set(weakref.ref(event))  # Faust's label-join reads use its partition
                 for origin in guards[event.message.topic].admit(event.message, now):
                     join_one(origin)
             writer.poll()
