@@ -218,7 +218,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         return states
 
     def sweep(partition: int) -> None:
-        """Deletes idle entities from a slice of this partition's stores (stream context)."""
+        """Deletes idle entities from a slice of this partition's stores (between events of a batch)."""
         watermark = sweeper.watermarks[partition]
         for name, table in tables.items():
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
