@@ -75,3 +75,40 @@ def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
             reader.close()
     partitions = list(range(settings.partitions))
     assert landed == {key: DefaultPartitioner()(key, partitions, partitions) for key in keys}
+
+
+def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
+    """A commit's flush waits for the writes before it, not for what the agents keep
+    writing meanwhile (a flush waiting for an empty queue would wait as long as the
+    writes go on), and a write the broker refuses stops the commit instead of vanishing."""
+    import threading
+    import time
+
+    writer = KafkaWriter(settings.bootstrap_servers)
+    for i in range(100):
+        writer.send(settings.alerts_topic, b"u%d" % i, b"{}")
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            writer.send(settings.alerts_topic, b"later", b"{}")
+
+    writer_thread = threading.Thread(target=keep_writing)
+    writer_thread.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        writer.flush()  # returns although writes never stop
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        writer_thread.join()
+    writer.flush()
+
+    small = f"small-{settings.app_id}"  # the broker refuses records over 1 KB here
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "1024"})])[small].result(30)
+    writer.send(small, b"k", b"x" * 10_000)
+    with pytest.raises(RuntimeError, match="not delivered"):
+        writer.flush()
+    writer.close()
