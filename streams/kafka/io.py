@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 import uuid
@@ -260,16 +259,9 @@ class KafkaWriter:
         self._errors: list[str] = []
         self._delivered: dict[tuple[str, int], int] = {}  # changelog partition -> newest offset
         self._lock = threading.Lock()  # delivery reports come from flush (a thread) and poll (the loop)
-        # Writes are counted per generation; a flush closes the current one and waits only
-        # for it (and older ones), never for what the agents write while it waits: under
-        # steady load librdkafka's own flush might never see an empty queue.
-        self._generation = 0
-        self._outstanding: dict[int, int] = {0: 0}  # generation -> writes not yet acknowledged
-        self._report = functools.partial(self._on_delivery, 0)
 
-    def _on_delivery(self, generation: int, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         with self._lock:
-            self._outstanding[generation] -= 1
             if err is not None:
                 self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
             elif msg.topic() in self._tables:
@@ -289,42 +281,22 @@ class KafkaWriter:
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         extra = {} if partition is None else {"partition": partition}
-        with self._lock:
-            generation, report = self._generation, self._report
-            self._outstanding[generation] += 1
         while True:
             try:
-                self.producer.produce(topic, key=key, value=value, on_delivery=report, **extra)
+                self.producer.produce(topic, key=key, value=value, on_delivery=self._on_delivery, **extra)
                 break
             except BufferError:  # librdkafka's queue is full: let it drain
                 self.producer.poll(0.05)
-            except Exception:
-                with self._lock:
-                    self._outstanding[generation] -= 1
-                raise
         self.written += 1
 
     def poll(self) -> None:
         self.producer.poll(0)
 
     def flush(self) -> None:
-        """Waits until every record written before the call is in the log; raises if one
-        can't be. Blocks: the worker runs it in a thread."""
+        """Waits until every record written is in the log; raises if one can't be.
+        Blocks: the worker runs it in a thread."""
+        remaining = self.producer.flush(self.flush_timeout_s)
         with self._lock:
-            upto = self._generation
-            self._generation += 1
-            self._outstanding[self._generation] = 0
-            self._report = functools.partial(self._on_delivery, self._generation)
-        deadline = time.monotonic() + self.flush_timeout_s
-        while True:
-            with self._lock:
-                remaining = sum(n for g, n in self._outstanding.items() if g <= upto)
-            if remaining == 0 or time.monotonic() >= deadline:
-                break
-            self.producer.poll(0.05)
-        with self._lock:
-            for g in [g for g, n in self._outstanding.items() if g <= upto and n == 0]:
-                del self._outstanding[g]
             errors, self._errors = self._errors[:5], []
         if errors or remaining:
             raise RuntimeError(

@@ -78,9 +78,8 @@ def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
 
 
 def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
-    """A commit's flush waits for the writes before it, not for what the agents keep
-    writing meanwhile (a flush waiting for an empty queue would wait as long as the
-    writes go on), and a write the broker refuses stops the commit instead of vanishing."""
+    """A commit's flush returns while the agents keep writing (it must not wait for the
+    writes to stop), and a write the broker refuses stops the commit instead of vanishing."""
     import threading
     import time
 
