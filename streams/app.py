@@ -121,12 +121,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
     # the largest cost after the detector). Faust flushes its producer before every
     # offset commit and at shutdown: the writer is flushed first.
-    writer = KafkaWriter(settings.bootstrap_servers)
+    writer = KafkaWriter(settings)
     faust_flush = app.producer.flush
 
-    async def flush_writer_then_faust() -> None:
+    async def flush_writer() -> None:
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
+
+    async def flush_writer_then_faust() -> None:
+        await flush_writer()
         await faust_flush()
 
     app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
@@ -180,7 +183,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         for guard in guards.values():
             guard.on_revoked(revoked)
-        await asyncio.get_running_loop().run_in_executor(None, writer.flush)
+        await flush_writer()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -350,15 +353,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def join_one(origin: Origin) -> None:
         if origin.topic == settings.scores_topic:
-            stored = pending_db(origin).get(origin.key) if origin.key else None
-            if origin.key and stored is None:
+            # the worker keys scores by event id; a score written by anyone else may not be
+            key = origin.key or orjson.loads(origin.value)["event_id"].encode()
+            stored = pending_db(origin).get(key)
+            if stored is None:
                 # The usual case, a score before its label: kept as produced, parsed only
                 # if a label comes (most events never get one).
-                writer.put(label_join, origin.partition, origin.key, UNLABELLED_SCORE + origin.value)
+                writer.put(label_join, origin.partition, key, UNLABELLED_SCORE + origin.value)
                 return
-            score = orjson.loads(origin.value)
-            key = score["event_id"].encode()
-            pending, example = on_score(_pending(stored), score)
+            pending, example = on_score(_pending(stored), orjson.loads(origin.value))
         else:
             try:
                 label = decode_label(origin.value, settings.max_event_bytes)

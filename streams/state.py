@@ -211,4 +211,3 @@ class ExpirySweeper:
 
     def cursor(self, table_name: str, partition: int) -> bytes | None:
         return self._cursors.get((table_name, partition))
-

@@ -246,14 +246,11 @@ class KafkaWriter:
     worker go through this one producer, so each partition keeps their order.
     """
 
-    def __init__(self, bootstrap: str, flush_timeout_s: float = 60.0):
+    def __init__(self, settings: Settings, flush_timeout_s: float = 60.0):
         self.flush_timeout_s = flush_timeout_s
-        self.producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "partitioner": "murmur2_random",
-            "enable.idempotence": True,  # acks=all, no reordering on retries
-            "linger.ms": 5,
-        })
+        # Uncompressed, unlike the project's other producers: lz4 on the worker's output measured
+        # 10-15% slower (docs/performance.md, round 2).
+        self.producer = make_producer(settings, **{"compression.type": "none"})
         self.written = 0
         self._tables: dict[str, Any] = {}  # changelog topic -> Faust table
         self._errors: list[str] = []

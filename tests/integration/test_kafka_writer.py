@@ -30,7 +30,7 @@ def _table(settings, tmp_path) -> faust.Table:
 
 def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tombstones(settings, tmp_path):
     table = _table(settings, tmp_path)
-    writer = KafkaWriter(settings.bootstrap_servers)
+    writer = KafkaWriter(settings)
     writer.put(table, 1, b"u1", b'{"l":1}')
     writer.put(table, 1, b"u2", b'{"l":2}')
     writer.put(table, 1, b"u1", None)
@@ -60,7 +60,7 @@ def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
     where the label join reads the labels of that event id."""
     from aiokafka.partitioner import DefaultPartitioner
 
-    writer = KafkaWriter(settings.bootstrap_servers)
+    writer = KafkaWriter(settings)
     keys = [f"e{i}".encode() for i in range(40)]
     for key in keys:
         writer.send(settings.scores_topic, key, b"{}")
@@ -83,7 +83,7 @@ def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
     import threading
     import time
 
-    writer = KafkaWriter(settings.bootstrap_servers)
+    writer = KafkaWriter(settings)
     for i in range(100):
         writer.send(settings.alerts_topic, b"u%d" % i, b"{}")
     stop = threading.Event()
