@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from typing import Mapping
 
 from river import linear_model, optim
@@ -27,13 +28,11 @@ NGRAM = 4
 
 def text_inputs(text: str) -> dict[str, float]:
     """Hashed character n-gram counts: the content model's input, stored with each score."""
-    normalized = f" {normalize_text(text)} "
-    counts: dict[str, float] = {}
-    for i in range(max(1, len(normalized) - NGRAM + 1)):
-        bucket = str(zlib.crc32(normalized[i:i + NGRAM].encode()) & (BUCKETS - 1))
-        counts[bucket] = counts.get(bucket, 0.0) + 1.0
-    total = sum(counts.values())
-    return {k: v / total for k, v in counts.items()}
+    normalized = f" {normalize_text(text)} ".encode()  # ASCII: bytes and characters are one
+    crc32, mask = zlib.crc32, BUCKETS - 1
+    counts = Counter([crc32(normalized[i:i + NGRAM]) & mask for i in range(max(1, len(normalized) - NGRAM + 1))])
+    total = counts.total()
+    return {str(bucket): n / total for bucket, n in counts.items()}
 
 
 class ContentModel:

@@ -31,9 +31,9 @@ from river import metrics
 
 from detectors.content import ContentModel
 from detectors.fusion import FusionModel
-from detectors.model import OnlineRiskModel, observe_and_standardise
+from detectors.model import OnlineRiskModel
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -107,7 +107,7 @@ class ModelSet:
         """One scored event: every scaler learns it once, then champion and challenger score
         it. Returns both probabilities and the champion's inputs (for its reasons)."""
         scalers = {id(m.scaler): m.scaler for m in (self.champion, self.challenger)}
-        inputs = {key: observe_and_standardise(scaler, features) for key, scaler in scalers.items()}
+        inputs = {key: scaler.learn_transform(features) for key, scaler in scalers.items()}
         champion_inputs = inputs[id(self.champion.scaler)]
         return (self.champion.predict_proba_inputs(champion_inputs),
                 self.challenger.predict_proba_inputs(inputs[id(self.challenger.scaler)]), champion_inputs)

@@ -2,19 +2,20 @@
 
 Path of an event::
 
-    events (key user_id) --score-events--> risk-scores (key event_id) --join-labels--+
-       |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)       |
-       |   shard replica (all changelog partitions)                labels (key event_id)
+    events (key user_id) --score-events--> risk-scores (key event_id) --ScoreFollower--+
+       |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)           |
+       |   shard replica (all changelog partitions)          labels (key event_id) --join-labels
        +-> dead-letters (anything that breaks its contract)
 
 ``score-events`` reads the user's record and, for IP/device/merchant/card,
 its own partition's shard from the tables plus the other shards from the
 replica (see ``streams/state.py``), scores, and writes back one record per
-entity. ``join-labels`` reads risk-scores and labels, which are co-partitioned
-by event id, keeps the scoring-time features per event id in the label-join
-table (bounded lifetime) and trains the model when both sides are present.
-Both agents write (tables and outputs) through one ``KafkaWriter``, not Faust's
-producer.
+entity. The label join keeps the scoring-time features per event id in the
+label-join table (bounded lifetime) and trains the model when both a score and
+a label are present: ``join-labels`` reads labels, and the risk scores of the
+same partitions (co-partitioned by event id) come through a ``ScoreFollower``
+(``streams/join.py``), not through Faust. All writes (tables and outputs) go
+through one ``KafkaWriter``, not Faust's producer.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.guard import OffsetGuard, Origin
+from streams.join import POSITION_KEY, ScoreFollower
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.kafka.io import KafkaWriter
@@ -116,7 +118,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     app.detector = detector  # type: ignore[attr-defined]
 
     events = _raw_topic(app, settings.events_topic)
-    scores_and_labels = _raw_topic(app, settings.scores_topic, settings.labels_topic)
+    labels = _raw_topic(app, settings.labels_topic)
     # Scores, alerts, dead letters, examples and every table write go through one
     # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
     # the largest cost after the detector). Faust flushes its producer before every
@@ -175,9 +177,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # stalls a partition (streams/guard.py). The events guard's owned partitions are also
     # the ones whose shards are read from the local stores (exact, written by this
     # process); only the others come from the replica (one replication delay old).
-    guards = {topic: OffsetGuard(app, settings, topic)
-              for topic in (settings.events_topic, settings.scores_topic, settings.labels_topic)}
-    events_guard = guards[settings.events_topic]
+    guards = {topic: OffsetGuard(app, settings, topic) for topic in (settings.events_topic, settings.labels_topic)}
+    events_guard, labels_guard = guards[settings.events_topic], guards[settings.labels_topic]
+    scores = ScoreFollower(settings.bootstrap_servers, settings.scores_topic)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -216,7 +218,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             if ENTITIES[name].sharded:
                 owned = events_guard.owned
                 local = [stored(name, shard_key(p, key), store._db_for_partition(p).get) for p in owned if p != partition]
-                others = replica.shards(name, key, exclude=owned | {partition}) + tuple(r for r in local if r is not None)
+                remote = [p for p in range(settings.partitions) if p != partition and p not in owned]
+                others = replica.shards(name, key, remote) + tuple(r for r in local if r is not None)
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
@@ -246,7 +249,61 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         elif rules.error and rules.error != error_before:
             log.error("rules file rejected, keeping version %s: %s", rules.rules.version, rules.error)
 
+    def pending_db(partition: int) -> Any:
+        """The label-join store of a partition (scores and labels are co-partitioned)."""
+        return label_join.data._db_for_partition(partition)
+
+    def join(partition: int, key: bytes, pending: dict[str, Any], example: dict[str, Any] | None) -> None:
+        writer.put(label_join, partition, key, orjson.dumps(pending))
+        if example is not None:
+            # every worker learns it, in the same order (see streams/learning.py)
+            writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
+
+    def join_score(origin: Origin) -> None:
+        # the worker keys scores by event id; a score written by anyone else may not be
+        key = origin.key or orjson.loads(origin.value)["event_id"].encode()
+        stored = pending_db(origin.partition).get(key)
+        if stored is None:
+            # The usual case, a score before its label: kept as produced, parsed only
+            # if a label comes (most events never get one).
+            writer.put(label_join, origin.partition, key, UNLABELLED_SCORE + origin.value)
+        else:
+            join(origin.partition, key, *on_score(_pending(stored), orjson.loads(origin.value)))
+
+    def join_label(origin: Origin) -> None:
+        try:
+            label = decode_label(origin.value, settings.max_event_bytes)
+        except ContractViolation as violation:
+            reject(origin, violation)
+            return
+        key = label["event_id"].encode()
+        join(origin.partition, key, *on_label(_pending(pending_db(origin.partition).get(key)), label))
+
+    def follow_scores() -> None:
+        """Joins the risk scores of the labels partitions this worker owns (streams/join.py)."""
+        if app.rebalancing:  # a new partition's rows, its position among them, may still be recovering
+            return
+
+        def position(partition: int) -> int | None:
+            stored = pending_db(partition).get(POSITION_KEY)
+            return None if stored is None else int(stored)
+
+        scores.follow(labels_guard.owned, position)
+        read_up_to: dict[int, int] = {}
+        for msg in scores.poll():
+            origin = Origin(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+            try:
+                join_score(origin)
+            except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
+                log.exception("joining risk score %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
+                reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+            read_up_to[origin.partition] = origin.offset + 1
+        for partition, offset in read_up_to.items():
+            writer.put(label_join, partition, POSITION_KEY, b"%d" % offset)
+        writer.poll()
+
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
+                    ("join-risk-scores", LEARNING_POLL_S, follow_scores),
                     ("learn-from-examples", LEARNING_POLL_S, feed.poll),
                     ("reload-rules", RULES_POLL_S, reload_rules)]
     last_run = {name: 0.0 for name, _, _ in housekeeping}
@@ -272,6 +329,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def release(app: faust.App, **kwargs: Any) -> None:
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
         writer.close()
+        scores.close()
         replica.close()
         for guard in guards.values():
             guard.close()
@@ -347,43 +405,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # a raising timer stops for good
             log.exception("checking partition progress failed; retrying in %.1fs", PROGRESS_CHECK_S)
 
-    def pending_db(origin: Origin) -> Any:
-        """The label-join store of the record's partition (scores and labels are co-partitioned)."""
-        return label_join.data._db_for_partition(origin.partition)
-
-    def join_one(origin: Origin) -> None:
-        if origin.topic == settings.scores_topic:
-            # the worker keys scores by event id; a score written by anyone else may not be
-            key = origin.key or orjson.loads(origin.value)["event_id"].encode()
-            stored = pending_db(origin).get(key)
-            if stored is None:
-                # The usual case, a score before its label: kept as produced, parsed only
-                # if a label comes (most events never get one).
-                writer.put(label_join, origin.partition, key, UNLABELLED_SCORE + origin.value)
-                return
-            pending, example = on_score(_pending(stored), orjson.loads(origin.value))
-        else:
-            try:
-                label = decode_label(origin.value, settings.max_event_bytes)
-            except ContractViolation as violation:
-                reject(origin, violation)
-                return
-            key = label["event_id"].encode()
-            pending, example = on_label(_pending(pending_db(origin).get(key)), label)
-        writer.put(label_join, origin.partition, key, orjson.dumps(pending))
-        if example is not None:
-            # every worker learns it, in the same order (see streams/learning.py)
-            writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
-
-    @app.agent(scores_and_labels, name="join-labels")
+    @app.agent(labels, name="join-labels")
     async def join_labels(stream: faust.StreamT) -> None:
         async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
             now = time.monotonic()
             for event in batch:
-                for origin in guards[event.message.topic].admit(event.message, now):
-                    join_one(origin)
+                for origin in labels_guard.admit(event.message, now):
+                    join_label(origin)
             writer.poll()
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
@@ -448,8 +478,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
             "events_partitions": events_guard.view(),
-            "label_join_partitions": {topic: guards[topic].view()
-                                      for topic in (settings.scores_topic, settings.labels_topic)},
+            "label_join": {"labels": labels_guard.view(), "risk_scores": scores.view()},
         })
 
     return app

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Iterable
 
 from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
@@ -160,9 +160,10 @@ class ShardReplica:
         log.error("shard replica did not catch up within %.0fs; scoring with what it has", timeout_s)
         return False
 
-    def shards(self, entity: str, key: str, exclude: Collection[int] = ()) -> tuple[bytes, ...]:
-        """The replicated shards of one entity, except those of the ``exclude`` partitions."""
-        return tuple(raw for p, raw in self.shard_map(entity, key).items() if p not in exclude)
+    def shards(self, entity: str, key: str, partitions: Iterable[int]) -> tuple[bytes, ...]:
+        """The replicated shards of one entity in ``partitions`` (one multi-get; none if empty)."""
+        wanted = [entity.encode() + b"\x00" + shard_key(p, key) for p in partitions]
+        return tuple(raw for raw in self.db.get(wanted) if raw is not None) if wanted else ()
 
     def shard_map(self, entity: str, key: str) -> dict[int, bytes]:
         """Partition -> replicated shard of one entity."""

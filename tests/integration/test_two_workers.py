@@ -1,5 +1,6 @@
-"""Two workers on the real broker: per-IP and per-device state stays whole while
-partitions move between them (one worker stopped and started mid-stream)."""
+"""Two workers on the real broker: per-IP and per-device state stays whole, and every
+label is joined exactly once, while partitions move between them (one worker stopped
+and started mid-stream)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from detectors.sketches import EXACT_LIMIT, HLL_RELATIVE_ERROR
 from streams.demo import free_port
 from tests.integration.conftest import Worker
-from tests.integration.helpers import as_record, event
+from tests.integration.helpers import as_record, event, moderator_label
 
 pytestmark = pytest.mark.integration
 
@@ -101,11 +102,16 @@ def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produc
     b = Worker(settings.replace(data_dir=str(tmp_path / "b"), web_port=free_port()), tmp_path / "logs-b").start()
     _wait_ready(b)
     scores = reader(settings.scores_topic)
+    examples = reader(settings.examples_topic)
     sent: list[dict] = []
+    labelled: set[str] = set()
     try:
         def send(batch: list[dict]) -> None:
             sent.extend(batch)
             produce(settings.events_topic, [as_record(e) for e in batch])
+            # every third event labelled at once: some labels reach the join before their score
+            produce(settings.labels_topic, [moderator_label(e, e["ts"] + 1000) for e in batch[::3]])
+            labelled.update(e["event_id"] for e in batch[::3])
 
         send(_phase(0, 400))
         scores.wait_for(lambda r: len(_scored_ids(r)) >= 400, timeout=120, worker=a, describe=_missing(sent, [a, b]))
@@ -155,6 +161,12 @@ def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produc
             assert replica["caught_up"]
             print(f"replication lag on worker {worker.settings.web_port}: {replica['replication_lag']}")
             assert replica["replication_lag"]["max_ms"] < STALENESS_BOUND_S * 1000
+        # More labelled events once partitions have settled: each worker now reads risk scores
+        # from a position it took over with a partition.
+        send(_phase(1300, 120))
+        # Each label joined to its score exactly once, wherever its partition was at the time.
+        joined = examples.wait_for(lambda r: {x[1]["event_id"] for x in r} >= labelled, timeout=60, worker=a)
+        assert sorted(x[1]["event_id"] for x in joined) == sorted(labelled)
         assert a.alive() and b.alive()
     finally:
         b.stop()

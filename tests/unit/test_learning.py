@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
+import numpy as np
 import orjson
 import pytest
 
@@ -12,7 +14,7 @@ from detectors.catalog import FEATURE_NAMES
 from detectors.decisions import alert_id, score_id, severity
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
-from detectors.model import OnlineRiskModel
+from detectors.model import OnlineRiskModel, Standardiser
 from detectors.pipeline import Detector, LocalStore, StaticRules
 from detectors.reputation import add_label, reputation_features
 from detectors.rules import RulesError, RulesWatcher, parse_rules
@@ -246,3 +248,21 @@ def test_promotion_swaps_roles_and_rollback_swaps_back():
     champion, challenger = models.champion.name, models.challenger.name
     assert models.promote() == challenger and models.challenger.name == champion
     assert models.promote() == champion and models.promotions == [challenger, champion]
+
+
+def test_standardiser_saved_under_an_older_catalogue_is_aligned_on_load():
+    saved = Standardiser()
+    for v in (1.0, 2.0, 5.0):
+        saved.learn_one({"user_events_1m": v, "ip_events_1m": 4.0})
+    # as an older catalogue would have saved it: no ip_events_1m yet, plus a feature since retired
+    state = saved.__getstate__()
+    kept = [i for i, name in enumerate(FEATURE_NAMES) if name != "ip_events_1m"]
+    older = {"names": tuple(FEATURE_NAMES[i] for i in kept) + ("retired_feature",),
+             **{stat: np.append(state[stat][kept], 3.0) for stat in ("counts", "means", "variances")}}
+    loaded = Standardiser.__new__(Standardiser)
+    loaded.__setstate__(older)
+    assert loaded.names == FEATURE_NAMES
+    event = {"user_events_1m": 9.0, "ip_events_1m": 4.0}
+    assert loaded.transform_one(event)["user_events_1m"] == saved.transform_one(event)["user_events_1m"]
+    assert loaded.transform_one(event)["ip_events_1m"] == 0.0  # new to it: no statistics yet
+    assert pickle.loads(pickle.dumps(loaded)).transform_one(event) == loaded.transform_one(event)
