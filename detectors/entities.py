@@ -52,6 +52,8 @@ def new_record() -> Record:
 
 def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     oldest = newest - length + 1
+    if not ring or ring[0][0] >= oldest:  # rings are kept in bucket order
+        return ring
     return [b for b in ring if b[0] >= oldest]
 
 
@@ -89,7 +91,8 @@ def apply_event(
             else:
                 bucket = [idx] + [0] * len(channels)
                 ring.append(bucket)
-                ring.sort(key=lambda b: b[0])
+                if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
+                    ring.sort(key=lambda b: b[0])
             for i, amount in enumerate(added):
                 if amount:
                     bucket[1 + i] = _add(bucket[1 + i], amount)
@@ -102,7 +105,7 @@ def apply_event(
     sketches = record["d"]
     ts_s = ts // 1000
     for sketch in entity.sketches:
-        current = distinct_expire(sketches.get(sketch.name, new_distinct()), (watermark - sketch.memory_ms) // 1000)
+        current = distinct_expire(sketches.get(sketch.name) or new_distinct(), (watermark - sketch.memory_ms) // 1000)
         value = sketch.field(event)
         if value:
             h = hash32(value)

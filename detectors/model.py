@@ -18,6 +18,7 @@ True
 
 from __future__ import annotations
 
+from itertools import repeat
 from operator import itemgetter
 from typing import Mapping
 
@@ -170,12 +171,14 @@ class OnlineRiskModel:
     def explain_one(self, features: Mapping[str, float], top: int = 3,
                     inputs: Mapping[str, float] | None = None) -> list[dict]:
         """The features that pushed this score up most, in human words."""
+        inputs = inputs if inputs is not None else self.inputs(features)
+        names = list(inputs)
         weights = self.classifier._weights
-        contributions = [
-            (weights.get(name, 0.0) * value, name)
-            for name, value in (inputs if inputs is not None else self.inputs(features)).items()
-        ]
-        contributions.sort(reverse=True)
+        products = (np.fromiter(map(weights.get, names, repeat(0.0)), float, len(names))
+                    * np.fromiter(inputs.values(), float, len(names)))
+        # the top few by (contribution, name), as a full sort would rank them, without one
+        cutoff = np.partition(products, -top)[-top] if len(names) > top else -np.inf
+        contributions = sorted(((products[i], names[i]) for i in np.flatnonzero(products >= cutoff)), reverse=True)
         reasons = []
         for contribution, name in contributions[:top]:
             if contribution <= 0:
@@ -184,7 +187,7 @@ class OnlineRiskModel:
             reasons.append({
                 "code": name,
                 "text": f"{describe(name)}: {value:g}",
-                "weight": round(contribution, 4),
+                "weight": round(float(contribution), 4),
                 "value": value,
             })
         return reasons

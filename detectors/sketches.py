@@ -116,8 +116,12 @@ def distinct_count(sketch: Distinct, since_s: int) -> int:
 
 
 def distinct_expire(sketch: Distinct, before_s: int) -> Distinct:
+    """``sketch`` without the values last seen before ``before_s`` (itself if none are)."""
     if "x" in sketch:
-        return {"x": {k: t for k, t in sketch["x"].items() if t >= before_s}}
+        exact = sketch["x"]
+        if not exact or min(exact.values()) >= before_s:
+            return sketch
+        return {"x": {k: t for k, t in exact.items() if t >= before_s}}
     registers = {}
     for register, front in sketch["h"].items():
         kept = [p for p in front if p[1] >= before_s]
