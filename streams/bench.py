@@ -2,9 +2,9 @@
 
 Four measurements in one run, each on its own fresh topics:
 
-(a) throughput: N simulated records (events, labels and a few malformed ones)
-    are preloaded, then one worker process consumes them with the full
-    pipeline; events/s = scored events / (time from the first score's write to the
+(a) throughput: one worker process starts and takes its partitions, then N
+    simulated records (events, labels and a few malformed ones) are preloaded
+    and it consumes them with the full pipeline; events/s = scored events / (time from the first score's write to the
     last score's or training example's, whichever is later: the label join too).
 (b) latency: a caught-up worker gets a fixed offered load; per event, the risk
     score's Kafka timestamp (when the worker produced it) minus the event's
@@ -12,12 +12,14 @@ Four measurements in one run, each on its own fresh topics:
 (c) ceiling: the same records through a plain confluent-kafka loop in this
     process (consume, decode, the same ``Detector`` with RocksDB state, produce
     scores and alerts, no Faust), the local upper bound; ratio = (a) / (c).
-(d) two worker processes against one on the same preload.
+(d) two worker processes against one on the same preload (both own their
+    partitions before it starts, so no rebalance falls inside the measurement).
 """
 
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,17 +118,40 @@ class _ScoreWatcher:
         self.consumer.close()
 
 
+def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], timeout: float = 180) -> None:
+    """Until the workers own every events partition between them, each some: a worker
+    joining mid-measurement would stop the group for a rebalance and count it as work."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owned = []
+        for s in worker_settings:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/replica/", timeout=5).read()
+                owned.append(orjson.loads(page)["events_partitions"]["assigned"])
+            except (OSError, ValueError, KeyError):
+                owned.append([])
+        if all(owned) and sorted(p for ps in owned for p in ps) == list(range(worker_settings[0].partitions)):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a worker exited before its partitions were assigned; logs: {worker_settings[0].data_dir}")
+        time.sleep(0.5)
+    raise RuntimeError(f"the workers did not share the events partitions within {timeout:.0f}s")
+
+
 def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float) -> float:
-    """Events/s from the first risk score to the moment the worker has scored every event
-    *and* joined every label (a worker whose label join falls behind has not finished)."""
-    events = _preload(settings, records)
+    """Events/s from the first risk score to the moment the workers have scored every event
+    *and* joined every label (a worker whose label join falls behind has not finished).
+    The workers start, and share the partitions, before the preload."""
     labelled = len({r.event_id for r in records if r.kind == "label"})
     watcher = _ScoreWatcher(settings)
     procs = []
     try:
-        for i in range(workers):
-            s = settings.replace(data_dir=f"{settings.data_dir}-{i}", web_port=free_port())
+        worker_settings = [settings.replace(data_dir=f"{settings.data_dir}-{i}", web_port=free_port())
+                           for i in range(workers)]
+        for i, s in enumerate(worker_settings):
             procs.append(start_worker(s, log_dir / f"{settings.app_id}-{i}.log"))
+        _wait_for_assignment(worker_settings, procs)
+        events = _preload(settings, records)
         seen = watcher.until(events, timeout, alive=lambda: all(p.poll() is None for p in procs), labelled=labelled)
         for i, p in enumerate(procs):
             if p.poll() is not None:
