@@ -6,6 +6,7 @@ recorded only once delivered; output records land where Faust would put them."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import faust
 import pytest
@@ -89,8 +90,12 @@ def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
     stop = threading.Event()
 
     def keep_writing() -> None:
+        # Bursts up to ~50,000 records/s, several times what a worker writes (about ten records
+        # per event at ~1,300 events/s); an unpaced loop can outrun lz4 compression on 2 cores.
         while not stop.is_set():
-            writer.send(settings.alerts_topic, b"later", b"{}")
+            for _ in range(50):
+                writer.send(settings.alerts_topic, b"later", b"{}")
+            time.sleep(0.001)
 
     writer_thread = threading.Thread(target=keep_writing)
     writer_thread.start()
@@ -107,7 +112,7 @@ def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
     small = f"small-{settings.app_id}"  # the broker refuses records over 1 KB here
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "1024"})])[small].result(30)
-    writer.send(small, b"k", b"x" * 10_000)
+    writer.send(small, b"k", os.urandom(10_000))  # random: no compression brings it under 1 KB
     with pytest.raises(RuntimeError, match="not delivered"):
         writer.flush()
     writer.close()
