@@ -77,7 +77,15 @@ class ScoreFollower:
         return records
 
     def view(self) -> dict[str, object]:
-        return {"following": sorted(self.following), "read": self.read}
+        """Partitions followed, records read, and per partition the next offset to read and
+        how far behind the partition's end that is (as of the last fetch): the join's lag."""
+        positions = self.consumer.position([TopicPartition(self.topic, p) for p in sorted(self.following)])
+        lag = {}
+        for tp in positions:
+            _, end = self.consumer.get_watermark_offsets(tp, cached=True)
+            lag[tp.partition] = {"next_to_read": tp.offset if tp.offset >= 0 else None,
+                                 "behind": end - tp.offset if tp.offset >= 0 and end >= 0 else None}
+        return {"following": sorted(self.following), "read": self.read, "partitions": lag}
 
     def close(self) -> None:
         self.consumer.close()

@@ -53,6 +53,7 @@ def test_follows_exactly_the_given_partitions_from_the_given_positions(settings)
         _write(settings, 0, [b"p0-4"])
         _write(settings, 1, [b"p1-4"])
         assert _read(follower, 1) == [(1, 4, b"p1-4")]
-        assert follower.view() == {"following": [1], "read": 7}
+        assert follower.view() == {"following": [1], "read": 7,
+                                   "partitions": {1: {"next_to_read": 5, "behind": 0}}}
     finally:
         follower.close()
