@@ -85,20 +85,19 @@ class Standardiser:
         np.divide(x - self.means, np.sqrt(self.variances), out=z, where=self.variances != 0)
         return dict(zip(self.names, z.tolist()))
 
-    def learn_one(self, features: Mapping[str, float]) -> None:
-        x = self._scaled(features)
+    def _learn(self, x: np.ndarray) -> None:
         self.counts += 1
         old_means = self.means
         self.means = old_means + (x - old_means) / self.counts
         self.variances = self.variances + ((x - old_means) * (x - self.means) - self.variances) / self.counts
 
+    def learn_one(self, features: Mapping[str, float]) -> None:
+        self._learn(self._scaled(features))
+
     def learn_transform(self, features: Mapping[str, float]) -> dict[str, float]:
         """``learn_one`` then ``transform_one``, scaling the features once."""
         x = self._scaled(features)
-        self.counts += 1
-        old_means = self.means
-        self.means = old_means + (x - old_means) / self.counts
-        self.variances = self.variances + ((x - old_means) * (x - self.means) - self.variances) / self.counts
+        self._learn(x)
         return self._standardise(x)
 
     def transform_one(self, features: Mapping[str, float]) -> dict[str, float]:

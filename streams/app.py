@@ -42,9 +42,9 @@ from schemas import ContractViolation
 from streams.config import Settings
 from streams.guard import OffsetGuard, Origin
 from streams.join import POSITION_KEY, ScoreFollower
+from streams.kafka.io import KafkaWriter
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.kafka.io import KafkaWriter
 from streams.state import ExpirySweeper, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")

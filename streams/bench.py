@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from rocksdict import Rdict
 
 from detectors.events import decode_event
@@ -84,8 +84,9 @@ def _fresh(settings: Settings, name: str, home: Path) -> Settings:
     return s
 
 
-def _preload(settings: Settings, records: list[Any]) -> int:
-    producer = make_producer(settings, **{"linger.ms": 50, "batch.size": 1_000_000})
+def _preload(settings: Settings, records: list[Any], producer: Producer | None = None) -> int:
+    if producer is None:  # not ``or``: a Producer with nothing queued is falsy (its len is 0)
+        producer = make_producer(settings, **{"linger.ms": 50, "batch.size": 1_000_000})
     events = 0
     for r in records:
         topic = settings.labels_topic if r.kind == "label" else settings.events_topic
@@ -188,9 +189,7 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path)
     try:
         warmup = records[:200]
         sent: set[str] = set()
-        for r in warmup:  # through the measuring producer: its connection and metadata are up when timing starts
-            produce_waiting(producer, settings.events_topic, r.key, r.value)
-        assert producer.flush(60) == 0, "the broker did not take the warm-up events"
+        _preload(settings, warmup, producer)  # the measuring producer: connected when timing starts
         watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
         started = time.monotonic()
         for n, r in enumerate(records[200:], 1):

@@ -161,14 +161,18 @@ class ShardReplica:
         return False
 
     def shards(self, entity: str, key: str, partitions: Iterable[int]) -> tuple[bytes, ...]:
-        """The replicated shards of one entity in ``partitions`` (one multi-get; none if empty)."""
-        wanted = [entity.encode() + b"\x00" + shard_key(p, key) for p in partitions]
-        return tuple(raw for raw in self.db.get(wanted) if raw is not None) if wanted else ()
+        """The replicated shards of one entity in ``partitions`` (none if empty)."""
+        return tuple(self._read(entity, key, list(partitions)).values())
 
     def shard_map(self, entity: str, key: str) -> dict[int, bytes]:
         """Partition -> replicated shard of one entity."""
-        wanted = [entity.encode() + b"\x00" + shard_key(p, key) for p in range(self.partitions)]
-        return {p: raw for p, raw in enumerate(self.db.get(wanted)) if raw is not None}
+        return self._read(entity, key, list(range(self.partitions)))
+
+    def _read(self, entity: str, key: str, partitions: list[int]) -> dict[int, bytes]:
+        if not partitions:
+            return {}
+        raws = self.db.get([entity.encode() + b"\x00" + shard_key(p, key) for p in partitions])  # one multi-get
+        return {p: raw for p, raw in zip(partitions, raws) if raw is not None}
 
     def close(self) -> None:
         self.consumer.close()
