@@ -10,6 +10,7 @@ not by the stream: scores are kept as five floats per labelled event.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,10 +20,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from detectors.events import decode_event
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import ModelSet
-from detectors.pipeline import Detector, LocalStore
+from detectors.pipeline import Detector, LocalStore, Scored
 from schemas import ContractViolation
 
 DAY = 86_400_000
+BATCH_EVENTS = 1000
 SCORED = ("fused", "model", "anomaly", "rules", "content")
 
 
@@ -108,14 +110,8 @@ def evaluate(
                 offset += 1
                 result.examples += 1
 
-    for raw in events:
-        try:
-            event = decode_event(raw, max_event_bytes)
-        except ContractViolation:
-            result.rejected += 1
-            continue
-        reveal_until(event["ts"])
-        scored = store.score(detector, event, now_ms=event["ts"])
+    def record(event: dict[str, Any], scored: Scored) -> None:
+        nonlocal sequence
         result.events += 1
         label = labels.get(event["event_id"])
         alerted = scored.alert is not None
@@ -129,8 +125,7 @@ def evaluate(
                 result.scores[name].append(scored.risk_score["detectors"][name])
             pending[event["event_id"]], _ = on_score(None, scored.risk_score)
             sequence += 1
-            reveal_at = max(event["ts"], label["ts"]) if label_delay_ms is None else event["ts"] + label_delay_ms
-            heapq.heappush(reveal, (reveal_at, sequence, event["event_id"]))
+            heapq.heappush(reveal, (reveal_time(event, label), sequence, event["event_id"]))
             if alerted:
                 result.labelled_alerts += 1
                 result.true_alerts += is_abuse
@@ -141,4 +136,35 @@ def evaluate(
             result.alerts += 1
         if on_score_record is not None:
             on_score_record(scored.risk_score, None if label is None else label["label"] == "abuse", alerted)
+
+    def reveal_time(event: dict[str, Any], label: dict[str, Any]) -> int:
+        return max(event["ts"], label["ts"]) if label_delay_ms is None else event["ts"] + label_delay_ms
+
+    # Events are scored in batches, like the live worker, each batch ending before the
+    # next label is revealed: every event sees exactly the labels it would one at a time.
+    batch: list[dict[str, Any]] = []
+    batch_reveals = math.inf  # the earliest reveal among the batch's labelled events
+
+    def score_batch() -> None:
+        nonlocal batch_reveals
+        for event, scored in zip(batch, store.score_many(detector, batch, now_ms=None)):
+            record(event, scored)
+        batch.clear()
+        batch_reveals = math.inf
+
+    for raw in events:
+        try:
+            event = decode_event(raw, max_event_bytes)
+        except ContractViolation:
+            result.rejected += 1
+            continue
+        if batch and (len(batch) >= BATCH_EVENTS
+                      or min(batch_reveals, reveal[0][0] if reveal else math.inf) <= event["ts"]):
+            score_batch()
+        reveal_until(event["ts"])
+        batch.append(event)
+        label = labels.get(event["event_id"])
+        if label is not None:
+            batch_reveals = min(batch_reveals, reveal_time(event, label))
+    score_batch()
     return result

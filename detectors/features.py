@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 import orjson
@@ -40,9 +41,9 @@ class Extraction:
     records: dict[str, dict]  # entity name -> its own shard's record, for entities this event changed
     keys: dict[str, str] = field(default_factory=dict)  # entity name -> key in this event
 
-    @property
+    @cached_property
     def updates(self) -> dict[str, bytes]:
-        """The changed records as the store keeps them."""
+        """The changed records as the store keeps them (as they were extracted)."""
         return {name: orjson.dumps(record) for name, record in self.records.items()}
 
 

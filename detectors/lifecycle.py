@@ -26,6 +26,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import river
 from river import metrics
 
@@ -103,14 +104,15 @@ class ModelSet:
         self.examples += 1
         self.offset = offset
 
-    def observe_and_score(self, features: dict[str, float]) -> tuple[float, float, dict[str, float]]:
-        """One scored event: every scaler learns it once, then champion and challenger score
-        it. Returns both probabilities and the champion's inputs (for its reasons)."""
+    def observe_and_score_many(self, log_features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scored events, one row each (``log_feature_matrix``): every scaler learns each row once,
+        in order, then champion and challenger score them. Returns both probabilities and
+        the champion's inputs (for its reasons)."""
         scalers = {id(m.scaler): m.scaler for m in (self.champion, self.challenger)}
-        inputs = {key: scaler.learn_transform(features) for key, scaler in scalers.items()}
+        inputs = {key: scaler.learn_transform_many(log_features) for key, scaler in scalers.items()}
         champion_inputs = inputs[id(self.champion.scaler)]
-        return (self.champion.predict_proba_inputs(champion_inputs),
-                self.challenger.predict_proba_inputs(inputs[id(self.challenger.scaler)]), champion_inputs)
+        return (self.champion.predict_proba_many(champion_inputs),
+                self.challenger.predict_proba_many(inputs[id(self.challenger.scaler)]), champion_inputs)
 
     def promote(self) -> str:
         """The challenger becomes champion (and the champion its shadow)."""

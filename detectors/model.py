@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import itemgetter
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from river import linear_model, optim, utils
@@ -32,15 +32,32 @@ MODEL_GENERATION = 1
 MAX_CLASS_WEIGHT = 20.0
 
 
+_PICK = itemgetter(*FEATURE_NAMES)
+
+
+def log_feature_matrix(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """One row per event in catalogue order, ``log1p``-scaled where positive; a
+    catalogue feature a row lacks counts as 0, a name outside the catalogue is not a feature.
+
+    >>> log_feature_matrix([{"user_events_1m": np.e - 1}]).shape == (1, len(FEATURE_NAMES))
+    True
+    """
+    try:
+        values = [_PICK(row) for row in rows]
+    except KeyError:
+        values = [tuple(row.get(name, 0.0) for name in FEATURE_NAMES) for row in rows]
+    x = np.array(values, dtype=float).reshape(len(values), len(FEATURE_NAMES))
+    return np.log1p(x, out=x, where=x > 0)
+
+
 class Standardiser:
     """Running mean and variance (Welford) of every catalogue feature, log-scaled.
 
     Each feature is ``log1p``-scaled if positive, then standardised by the statistics
     of all traffic seen so far, itself included. The statistics are numpy vectors in
-    catalogue order: one event is a dozen vector operations, not a Python loop over
-    ~100 features. A catalogue feature an event lacks counts as 0; a name outside the
-    catalogue is not a feature. Statistics saved under an older catalogue are aligned
-    to the current one on load (new features start empty, retired ones are dropped).
+    catalogue order, and a batch is standardised as one matrix. Statistics saved under
+    an older catalogue are aligned to the current one on load (new features start
+    empty, retired ones are dropped).
 
     >>> s = Standardiser()
     >>> for v in (0.0, 1.0, 3.0):
@@ -62,28 +79,19 @@ class Standardiser:
         self.counts, self.means, self.variances = (
             np.array([stat[i] if i >= 0 else 0.0 for i in old]) for stat in (self.counts, self.means, self.variances))
         self.names = FEATURE_NAMES
-        self._pick = itemgetter(*FEATURE_NAMES)
 
     def __getstate__(self) -> dict:
         return {"names": self.names, "counts": self.counts, "means": self.means, "variances": self.variances}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._pick = itemgetter(*self.names)
         self._align()
 
-    def _scaled(self, features: Mapping[str, float]) -> np.ndarray:
-        try:
-            values = self._pick(features)
-        except KeyError:
-            values = tuple(features.get(name, 0.0) for name in self.names)
-        x = np.array(values, dtype=float)
-        return np.log1p(x, out=x, where=x > 0)
-
-    def _standardise(self, x: np.ndarray) -> dict[str, float]:
-        z = np.zeros(len(x))
-        np.divide(x - self.means, np.sqrt(self.variances), out=z, where=self.variances != 0)
-        return dict(zip(self.names, z.tolist()))
+    @staticmethod
+    def _standardise(x: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
+        z = np.zeros(x.shape)
+        np.divide(x - means, np.sqrt(variances), out=z, where=variances != 0)
+        return z
 
     def _learn(self, x: np.ndarray) -> None:
         self.counts += 1
@@ -92,16 +100,23 @@ class Standardiser:
         self.variances = self.variances + ((x - old_means) * (x - self.means) - self.variances) / self.counts
 
     def learn_one(self, features: Mapping[str, float]) -> None:
-        self._learn(self._scaled(features))
+        self._learn(log_feature_matrix([features])[0])
+
+    def learn_transform_many(self, log_features: np.ndarray) -> np.ndarray:
+        """Learns each row in order and standardises it by the statistics including it."""
+        means, variances = np.empty_like(log_features), np.empty_like(log_features)
+        for i, x in enumerate(log_features):
+            self._learn(x)
+            means[i], variances[i] = self.means, self.variances
+        return self._standardise(log_features, means, variances)
 
     def learn_transform(self, features: Mapping[str, float]) -> dict[str, float]:
         """``learn_one`` then ``transform_one``, scaling the features once."""
-        x = self._scaled(features)
-        self._learn(x)
-        return self._standardise(x)
+        return dict(zip(self.names, self.learn_transform_many(log_feature_matrix([features]))[0].tolist()))
 
     def transform_one(self, features: Mapping[str, float]) -> dict[str, float]:
-        return self._standardise(self._scaled(features))
+        z = self._standardise(log_feature_matrix([features])[0], self.means, self.variances)
+        return dict(zip(self.names, z.tolist()))
 
 
 class OnlineRiskModel:
@@ -142,11 +157,25 @@ class OnlineRiskModel:
         return self.scaler.transform_one(features)
 
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        return self.predict_proba_inputs(self.inputs(features))
+        scaler = self.scaler
+        return float(self.predict_proba_many(
+            scaler._standardise(log_feature_matrix([features]), scaler.means, scaler.variances))[0])
 
-    def predict_proba_inputs(self, inputs: Mapping[str, float]) -> float:
-        """``predict_proba_one`` on features already through ``inputs``."""
-        return self.classifier.predict_proba_one(inputs).get(True, 0.0)
+    def _weight_vector(self) -> np.ndarray:
+        """The classifier's weights in catalogue order, rebuilt only after it learned."""
+        cached = getattr(self, "_weights_in_order", None)  # checkpoints from before it lack it
+        if cached is None or cached[0] != self.updates:
+            weights = self.classifier._weights
+            cached = self._weights_in_order = (
+                self.updates, np.fromiter(map(weights.get, self.scaler.names, repeat(0.0)), float, len(self.scaler.names)))
+        return cached[1]
+
+    def predict_proba_many(self, inputs: np.ndarray) -> np.ndarray:
+        """``predict_proba_one`` of rows already through the scaler (``Standardiser.learn_transform_many``)."""
+        logits = inputs @ self._weight_vector() + self.classifier.intercept
+        with np.errstate(over="ignore"):  # clipped below, like River's sigmoid
+            p = 1.0 / (1.0 + np.exp(-logits))
+        return np.where(logits < -30, 0.0, np.where(logits > 30, 1.0, p))
 
     def learn_one(self, features: Mapping[str, float], is_abuse: bool) -> None:
         if is_abuse:
@@ -166,27 +195,36 @@ class OnlineRiskModel:
         self.classifier._weights = utils.VectorDict(dict(weights))
         self.classifier.intercept = float(intercept)
         self.positives, self.negatives = positives, negatives
+        self._weights_in_order = None
 
-    def explain_one(self, features: Mapping[str, float], top: int = 3,
-                    inputs: Mapping[str, float] | None = None) -> list[dict]:
+    def explain_one(self, features: Mapping[str, float], top: int = 3) -> list[dict]:
         """The features that pushed this score up most, in human words."""
-        inputs = inputs if inputs is not None else self.inputs(features)
-        names = list(inputs)
-        weights = self.classifier._weights
-        products = (np.fromiter(map(weights.get, names, repeat(0.0)), float, len(names))
-                    * np.fromiter(inputs.values(), float, len(names)))
+        inputs = self.scaler._standardise(log_feature_matrix([features]), self.scaler.means, self.scaler.variances)
+        return self.explain_many([features], inputs, top)[0]
+
+    def explain_many(self, features: Sequence[Mapping[str, float]], inputs: np.ndarray,
+                     top: int = 3) -> list[list[dict]]:
+        """``explain_one`` of each row of ``inputs`` (already through the scaler)."""
+        names = self.scaler.names
+        products = inputs * self._weight_vector()
         # the top few by (contribution, name), as a full sort would rank them, without one
-        cutoff = np.partition(products, -top)[-top] if len(names) > top else -np.inf
-        contributions = sorted(((products[i], names[i]) for i in np.flatnonzero(products >= cutoff)), reverse=True)
-        reasons = []
-        for contribution, name in contributions[:top]:
-            if contribution <= 0:
-                break
-            value = features.get(name, 0.0)
-            reasons.append({
-                "code": name,
-                "text": f"{describe(name)}: {value:g}",
-                "weight": round(float(contribution), 4),
-                "value": value,
-            })
-        return reasons
+        if len(names) > top:
+            cutoffs = np.partition(products, -top, axis=1)[:, -top]
+        else:
+            cutoffs = np.full(len(products), -np.inf)
+        explained = []
+        for row, cutoff, values in zip(products, cutoffs, features):
+            contributions = sorted(((row[i], names[i]) for i in np.flatnonzero(row >= cutoff)), reverse=True)
+            reasons = []
+            for contribution, name in contributions[:top]:
+                if contribution <= 0:
+                    break
+                value = values.get(name, 0.0)
+                reasons.append({
+                    "code": name,
+                    "text": f"{describe(name)}: {value:g}",
+                    "weight": round(float(contribution), 4),
+                    "value": value,
+                })
+            explained.append(reasons)
+        return explained

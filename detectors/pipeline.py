@@ -15,7 +15,7 @@ worker stores exactly what the detector wrote.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 import orjson
 
@@ -23,13 +23,17 @@ from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
 from detectors.content import text_inputs
 from detectors.decisions import alert_id, build_alert, score_id, severity
-from detectors.features import EntityState, entity_keys, extract
+from detectors.features import EntityState, Extraction, entity_keys, extract
 from detectors.lifecycle import ModelSet
+from detectors.model import log_feature_matrix
 from detectors.reputation import add_label_stored, label_deltas
 from detectors.rules import RuleSet, load_rules
 
 EVIDENCE_SHARE = 0.75  # events at 3/4 of the threshold are kept as evidence for the next alert
 MAX_EVIDENCE = 10
+
+
+Extracted = tuple[dict[str, Any], Mapping[str, EntityState], Extraction]  # event, its states, extract()'s result
 
 
 class RulesSource(Protocol):
@@ -69,50 +73,72 @@ class Detector:
         source: tuple[int, int] | None = None,
     ) -> Scored:
         """``source`` (partition, offset) makes state updates idempotent under redelivery."""
-        extraction = extract(event, states, source)
-        features = extraction.features
+        return self.score_many([(event, states, extract(event, states, source))], now_ms)[0]
+
+    def score_many(self, batch: Sequence[Extracted], now_ms: int | None) -> list[Scored]:
+        """Scores a batch of events already through ``features.extract``, in order;
+        ``now_ms`` None scores each as of its own event time (evaluation, replays).
+
+        Feature extraction is per event, as each event's entity state includes the
+        events before it (the caller threads the records through); the models then
+        take the batch as matrices. Every model learns the rows in order, so any
+        split of a stream into batches scores it the same as one event at a time.
+        """
+        if not batch:
+            return []
         models, rules = self.models, self.rules_source.rules
         champion = models.champion
-        model_score, shadow_score, model_inputs = models.observe_and_score(features)
-        has_text = event["type"] in CONTENT_TYPES
-        text = text_inputs(event["text"]) if has_text else None
-        matched = rules.matches(features, event["type"])
-        scores = {
-            "model": round(model_score, 6),
-            "anomaly": round(self.anomaly.score_then_learn(features), 6),
-            "rules": max((r.score for r in matched), default=0.0),
-            "content": round(models.content.predict_proba_one(text), 6) if text else 0.0,
-        }
-        fused = models.fusion.fuse(scores, champion.ready, models.content.ready, has_text)
-        risk_score = {
-            "schema_version": 1,
-            "score_id": score_id(event["event_id"]),
-            "event_id": event["event_id"],
-            "event_type": event["type"],
-            "user_id": event["user_id"],
-            "ts": event["ts"],
-            "scored_at": now_ms,
-            "score": round(min(1.0, max(0.0, fused)), 6),
-            "model_version": champion.version,
-            "model_ready": champion.ready,
-            "rules_version": rules.version,
-            "detectors": scores,
-            "matched_rules": [r.name for r in matched],
-            "shadow": {"model_version": models.challenger.version,
-                       "score": round(shadow_score, 6)},
-            "reasons": self._reasons(features, scores, matched, model_inputs),
-            "entities": extraction.keys,
-            "features": features,
-        }
-        if text is not None:
-            risk_score["inputs"] = {"text": text}
-        records = dict(extraction.records)
-        alert = self._decide(event, risk_score, rules, states, records, now_ms)
-        updates = {name: orjson.dumps(record) for name, record in records.items()}
-        return Scored(updates, extraction.keys, risk_score, alert)
+        features = [extraction.features for _, _, extraction in batch]
+        log_features = log_feature_matrix(features)
+        model_scores, shadow_scores, model_inputs = models.observe_and_score_many(log_features)
+        anomaly_scores = self.anomaly.score_then_learn_many(log_features)
+        explanations = champion.explain_many(features, model_inputs) if champion.ready else None
+        alert_states: dict[str, dict[str, Any]] = {}  # the batch's alert decisions so far, per user
+        scored = []
+        for i, (event, states, extraction) in enumerate(batch):
+            has_text = event["type"] in CONTENT_TYPES
+            text = text_inputs(event["text"]) if has_text else None
+            matched = rules.matches(extraction.features, event["type"])
+            scores = {
+                "model": round(float(model_scores[i]), 6),
+                "anomaly": round(float(anomaly_scores[i]), 6),
+                "rules": max((r.score for r in matched), default=0.0),
+                "content": round(models.content.predict_proba_one(text), 6) if text else 0.0,
+            }
+            fused = models.fusion.fuse(scores, champion.ready, models.content.ready, has_text)
+            risk_score = {
+                "schema_version": 1,
+                "score_id": score_id(event["event_id"]),
+                "event_id": event["event_id"],
+                "event_type": event["type"],
+                "user_id": event["user_id"],
+                "ts": event["ts"],
+                "scored_at": event["ts"] if now_ms is None else now_ms,
+                "score": round(min(1.0, max(0.0, fused)), 6),
+                "model_version": champion.version,
+                "model_ready": champion.ready,
+                "rules_version": rules.version,
+                "detectors": scores,
+                "matched_rules": [r.name for r in matched],
+                "shadow": {"model_version": models.challenger.version,
+                           "score": round(float(shadow_scores[i]), 6)},
+                "reasons": self._reasons(extraction.features, scores, matched,
+                                         explanations[i] if explanations is not None else []),
+                "entities": extraction.keys,
+                "features": extraction.features,
+            }
+            if text is not None:
+                risk_score["inputs"] = {"text": text}
+            records = dict(extraction.records)
+            alert = self._decide(event, risk_score, rules, states, records, risk_score["scored_at"], alert_states)
+            updates = dict(extraction.updates)
+            if "user" in records:  # the alert state changed in it
+                updates["user"] = orjson.dumps(records["user"])
+            scored.append(Scored(updates, extraction.keys, risk_score, alert))
+        return scored
 
     def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list,
-                 model_inputs: dict[str, float]) -> list[dict[str, Any]]:
+                 explanation: list[dict[str, Any]]) -> list[dict[str, Any]]:
         reasons: list[dict[str, Any]] = []
         for rule in matched:
             detail = "; ".join(c.describe(features) for c in rule.conditions)
@@ -121,8 +147,7 @@ class Detector:
         if self.models.content.ready and scores["content"] >= 0.7:
             reasons.append({"code": "content", "text": f"text resembles confirmed abuse (content score {scores['content']:.2f})",
                             "weight": scores["content"], "value": scores["content"]})
-        if self.models.champion.ready:
-            reasons.extend(self.models.champion.explain_one(features, inputs=model_inputs))
+        reasons.extend(explanation)
         if scores["anomaly"] >= 0.7:
             reasons.append({"code": "anomaly", "text": f"activity unlike normal traffic (anomaly score {scores['anomaly']:.2f})",
                             "weight": scores["anomaly"], "value": scores["anomaly"]})
@@ -131,9 +156,12 @@ class Detector:
     def _decide(
         self, event: dict[str, Any], risk_score: dict[str, Any], rules: RuleSet,
         states: Mapping[str, EntityState], records: dict[str, dict], now_ms: int,
+        alert_states: dict[str, dict[str, Any]],
     ) -> dict[str, Any] | None:
         """The alert policy: per-type thresholds, one alert per account per cooldown,
-        evidence from the account's recent high scores. Its state lives in the user record."""
+        evidence from the account's recent high scores. Its state lives in the user record;
+        ``alert_states`` holds it for users decided earlier in the batch, whose records the
+        batch's later events were extracted from before those decisions."""
         policy = rules.policy
         threshold = policy.threshold_for(event["type"])
         user = records.get("user")
@@ -141,7 +169,8 @@ class Detector:
             if "user" not in states or states["user"].own is None:
                 return None
             user = orjson.loads(states["user"].own)
-        state = user.get("a") or {"until": None, "id": None, "recent": [], "suppressed": 0}
+        state = (alert_states.get(event["user_id"]) or user.get("a")
+                 or {"until": None, "id": None, "recent": [], "suppressed": 0})
         ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])
         recent = [r for r in state["recent"] if r[2] > ts - policy.cooldown_ms and r[0] != event["event_id"]]
         if score >= EVIDENCE_SHARE * threshold:
@@ -160,7 +189,7 @@ class Detector:
                     key=["low", "medium", "high", "critical"].index)
                 alert["suppressed_before"] = state["suppressed"]
                 state.update(until=ts + policy.cooldown_ms, id=this_alert, suppressed=0)
-        user["a"] = state
+        user["a"] = alert_states[event["user_id"]] = state
         records["user"] = user
         return alert
 
@@ -188,11 +217,23 @@ class LocalStore:
         self.reputation: dict[tuple[str, str], bytes] = {}
 
     def score(self, detector: Detector, event: dict[str, Any], now_ms: int) -> Scored:
-        keys = entity_keys(event)
-        states = {k: EntityState(self.records.get((k, v)), reputation=self.reputation.get((k, v))) for k, v in keys.items()}
-        scored = detector.score(event, states, now_ms)
-        for name, raw in scored.updates.items():
-            self.records[(name, keys[name])] = raw
+        return self.score_many(detector, [event], now_ms)[0]
+
+    def score_many(self, detector: Detector, events: Sequence[dict[str, Any]], now_ms: int | None) -> list[Scored]:
+        """Like the live worker: features per event over the records the batch wrote so far, models per batch."""
+        batch: list[Extracted] = []
+        for event in events:
+            keys = entity_keys(event)
+            states = {k: EntityState(self.records.get((k, v)), reputation=self.reputation.get((k, v)))
+                      for k, v in keys.items()}
+            extraction = extract(event, states)
+            for name, raw in extraction.updates.items():
+                self.records[(name, keys[name])] = raw
+            batch.append((event, states, extraction))
+        scored = detector.score_many(batch, now_ms)
+        for result in scored:
+            for name, raw in result.updates.items():
+                self.records[(name, result.keys[name])] = raw
         return scored
 
     def learn(self, detector: Detector, example: dict[str, Any], offset: int) -> None:

@@ -157,7 +157,7 @@ _URL_PATH = re.compile(r"(https?://[^/\s]+)/\S*")
 _HAS_DIGIT = re.compile(r"\S*\d\S*")
 
 
-@lru_cache(maxsize=64)  # a content event's text is normalised for its fingerprint and for the content model
+@lru_cache(maxsize=4096)  # a text is normalised for its fingerprint, then again for the content model later in the batch
 def normalize_text(text: str) -> str:
     """Lower-cased letters only; links reduced to their host; tokens with digits (codes, ids) dropped."""
     text = _HAS_DIGIT.sub(" ", _URL_PATH.sub(r"\1", text.lower()))
