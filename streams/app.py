@@ -208,19 +208,37 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         batch_writes.clear()
         writer.poll()
 
-    def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
-        states = {}
-        for name, key in keys.items():
+    # Per batch (ownership cannot change within one: agent bodies never await), for each
+    # partition with events: the other owned partitions (shards read from the local
+    # stores) and the rest (from the replica), and each table's partition stores.
+    batch_layout: dict[int, tuple[list[int], list[int]]] = {}
+    batch_stores: dict[tuple[str, int], Any] = {}
+
+    def store_get(name: str, partition: int) -> Any:
+        try:
+            return batch_stores[(name, partition)]
+        except KeyError:
             # The partition's RocksDB directly: what Faust's table.get ends in, minus its
             # mapping, sensor and key-index layers.
-            store = tables[name].data
-            own = stored(name, table_key(name, partition, key), store._db_for_partition(partition).get)
-            others: tuple[bytes, ...] = ()
+            get = batch_stores[(name, partition)] = tables[name].data._db_for_partition(partition).get
+            return get
+
+    def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
+        layout = batch_layout.get(partition)
+        if layout is None:
+            owned = events_guard.owned
+            layout = batch_layout[partition] = (
+                [p for p in sorted(owned) if p != partition],
+                [p for p in range(settings.partitions) if p != partition and p not in owned])
+        local_partitions, remote_partitions = layout
+        states = {}
+        for name, key in keys.items():
             if ENTITIES[name].sharded:
-                owned = events_guard.owned
-                local = [stored(name, shard_key(p, key), store._db_for_partition(p).get) for p in owned if p != partition]
-                remote = [p for p in range(settings.partitions) if p != partition and p not in owned]
-                others = replica.shards(name, key, remote) + tuple(r for r in local if r is not None)
+                own = stored(name, shard_key(partition, key), store_get(name, partition))
+                local = [stored(name, shard_key(p, key), store_get(name, p)) for p in local_partitions]
+                others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
+            else:
+                own, others = stored(name, key.encode(), store_get(name, partition)), ()
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
@@ -405,6 +423,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
             warm_up()
             keep_up()
+            batch_layout.clear()
+            batch_stores.clear()
             # (origin, the Faust event whose partition the table writes go to, record)
             decoded: list[tuple[Origin, faust.EventT, dict[str, Any]]] = []
 
