@@ -57,6 +57,18 @@ def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     return [b for b in ring if b[0] >= oldest]
 
 
+_RING_PLANS: dict[int, tuple[Entity, tuple[tuple[str, int, int, tuple[str, ...]], ...]]] = {}
+
+
+def _ring_plan(entity: Entity) -> tuple[tuple[str, int, int, tuple[str, ...]], ...]:
+    """(ring key, bucket width, buckets kept, channels) per ring of ``entity``, built once."""
+    cached = _RING_PLANS.get(id(entity))
+    if cached is None or cached[0] is not entity:
+        cached = _RING_PLANS[id(entity)] = (entity, tuple(
+            (str(width), width, entity.ring_lengths[width], channels) for width, channels in entity.ring_layout.items()))
+    return cached[1]
+
+
 def channel_amounts(event: Event) -> dict[str, float]:
     """What ``event`` adds to each channel: computed once per event for all its entities."""
     return {name: channel.amount(event) for name, channel in CHANNELS.items()}
@@ -78,21 +90,22 @@ def apply_event(
     record["l"] = watermark
 
     rings = record["r"]
-    for width, channels in entity.ring_layout.items():
-        key = str(width)
-        length = entity.ring_lengths[width]
-        ring = _prune_ring(rings.get(key, []), watermark // width, length)
-        added = [amounts[ch] for ch in channels]
+    for key, width, length, channels in _ring_plan(entity):
+        ring = _prune_ring(rings.get(key) or [], watermark // width, length)
         idx = ts // width
-        if any(added) and idx > watermark // width - length:
-            for bucket in ring:
-                if bucket[0] == idx:
-                    break
+        added = [amounts[ch] for ch in channels] if idx > watermark // width - length else ()
+        if any(added):
+            if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
+                bucket = ring[-1]
             else:
-                bucket = [idx] + [0] * len(channels)
-                ring.append(bucket)
-                if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
-                    ring.sort(key=lambda b: b[0])
+                for bucket in ring:
+                    if bucket[0] == idx:
+                        break
+                else:
+                    bucket = [idx] + [0] * len(channels)
+                    ring.append(bucket)
+                    if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
+                        ring.sort(key=lambda b: b[0])
             for i, amount in enumerate(added):
                 if amount:
                     bucket[1 + i] = _add(bucket[1 + i], amount)
@@ -228,15 +241,14 @@ _PLANS = {name: _compile(entity) for name, entity in ENTITIES.items()}
 
 
 def _window_sums(record: Record, width: int, n: int, ring_key: str, channels: int) -> list[float]:
-    newest = record["l"] // width
-    sums: list[float] | None = None
-    for bucket in record["r"].get(ring_key, ()):
-        if bucket[0] > newest - n:
-            if sums is None:
-                sums = [float(v) for v in bucket[1:]]
-            else:
-                sums = [s + v for s, v in zip(sums, bucket[1:])]
-    return sums or [0.0] * channels
+    oldest = record["l"] // width - n
+    window = [bucket for bucket in record["r"].get(ring_key, ()) if bucket[0] > oldest]
+    if not window:
+        return [0.0] * channels
+    if len(window) == 1:
+        return [float(v) for v in window[0][1:]]
+    # summed in bucket order, as floats: the same values as adding bucket by bucket
+    return [float(sum(column)) for column in list(zip(*window))[1:]]
 
 
 def entity_features(

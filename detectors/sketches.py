@@ -164,11 +164,22 @@ def normalize_text(text: str) -> str:
     return _NORMALIZE.sub(" ", text).strip()
 
 
+# Shingles recur across texts (words, spam templates): each one's digest is computed once.
+_SHINGLE_DIGESTS: dict[str, bytes] = {}
+_SHINGLE_DIGESTS_MAX = 100_000  # ~10 MB
+
+
 def simhash(text: str) -> int:
     """64-bit SimHash of the character 5-shingles of the text (letters only, lower-cased)."""
     normalized = normalize_text(text).ljust(_SHINGLE)
     shingles = {normalized[i:i + _SHINGLE] for i in range(len(normalized) - _SHINGLE + 1)}
-    digests = b"".join(hashlib.blake2b(s.encode(), digest_size=8).digest() for s in shingles)
+    digests = _SHINGLE_DIGESTS
+    if len(digests) > _SHINGLE_DIGESTS_MAX:
+        digests.clear()
+    for shingle in shingles:
+        if shingle not in digests:
+            digests[shingle] = hashlib.blake2b(shingle.encode(), digest_size=8).digest()
+    digests = b"".join(map(digests.__getitem__, shingles))
     bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8)).reshape(len(shingles), 64)
     majority = bits.sum(axis=0) * 2 > len(shingles)
     return int.from_bytes(np.packbits(majority).tobytes(), "big")
