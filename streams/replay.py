@@ -45,9 +45,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rocksdict import Rdict, WriteBatch
 
 from detectors.events import dead_letter, decode_event
-from detectors.features import EntityState, entity_keys
+from detectors.features import EntityState, entity_keys, extract
 from detectors.lifecycle import ModelSet
-from detectors.pipeline import Detector, StaticRules
+from detectors.pipeline import Detector, Extracted, StaticRules
 from detectors.reputation import add_label_stored
 from detectors.rules import load_rules
 from schemas import ContractViolation
@@ -56,7 +56,8 @@ from streams.kafka.io import delete_topics, make_producer, read_topic
 
 RUN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CHECKPOINT_EVERY = 5000
-FORMAT = 1
+FORMAT = 2  # 2: the detector's anomaly model is array-based (round 5); a format-1 run is not resumed
+BATCH_EVENTS = 1000  # scored together, like the worker's batches
 
 _PROGRESS = b"\x00progress"
 _MANIFEST = b"\x00manifest"
@@ -303,6 +304,10 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
             progress = {"next": {str(p): lo for p, (lo, _) in ranges.items()}, "events": 0, "rejected": 0,
                         "alerts": 0, "examples_applied": 0}
         else:
+            if manifest.get("format") != FORMAT:
+                raise ReplayError(f"run {run_id!r} was written by another version (state format "
+                                  f"{manifest.get('format')}, this one reads {FORMAT}): "
+                                  f"`abuse-detector replay clean --run-id {run_id}` and start it again")
             if manifest["asked"] != asked:
                 raise ReplayError(f"run {run_id!r} exists with other arguments {manifest['asked']}; "
                                   f"resume it with those, or `abuse-detector replay clean --run-id {run_id}`")
@@ -327,11 +332,31 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
             consumer.commit(offsets=[TopicPartition(topic, int(p), o) for p, o in progress["next"].items()],
                             asynchronous=False)
 
+        batch: list[Extracted] = []
+
+        def score_batch() -> None:
+            for scored in detector.score_many(batch, now_ms=None):  # stamped with event time
+                for name, raw in scored.updates.items():
+                    state.put(_record_key(name, scored.keys[name]), raw)
+                risk_score = scored.risk_score
+                producer.produce(outputs.scores, key=risk_score["event_id"].encode(), value=orjson.dumps(risk_score))
+                if scored.alert is not None:
+                    producer.produce(outputs.alerts, key=risk_score["user_id"].encode(), value=orjson.dumps(scored.alert))
+                    progress["alerts"] += 1
+                progress["events"] += 1
+                producer.poll(0)
+            batch.clear()
+
         for msg in _ordered(consumer, topic, ranges):
-            _replay_one(msg, detector, state, producer, outputs, examples, progress, settings.max_event_bytes)
+            extracted = _extract_one(msg, detector, state, producer, outputs, examples, progress,
+                                     settings.max_event_bytes)
+            if extracted is not None:
+                batch.append(extracted)
             progress["next"][str(msg.partition())] = msg.offset() + 1
             since_checkpoint += 1
             processed += 1
+            if len(batch) >= BATCH_EVENTS or since_checkpoint >= CHECKPOINT_EVERY:
+                score_batch()
             if since_checkpoint >= CHECKPOINT_EVERY:
                 checkpoint()
                 since_checkpoint = 0
@@ -339,6 +364,7 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
             if not quiet and now - shown >= 1.0:
                 shown = now
                 _show_progress(done_before + processed, total, processed, now - started)
+        score_batch()
         checkpoint()
         if not quiet:
             _show_progress(done_before + processed, total, processed, time.monotonic() - started)
@@ -353,8 +379,10 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
         consumer.close()
 
 
-def _replay_one(msg: Any, detector: Detector, state: ReplayState, producer: Any, outputs: ReplayTopics,
-                examples: list, progress: dict[str, Any], max_event_bytes: int) -> None:
+def _extract_one(msg: Any, detector: Detector, state: ReplayState, producer: Any, outputs: ReplayTopics,
+                 examples: list, progress: dict[str, Any], max_event_bytes: int) -> Extracted | None:
+    """An event's features over the state so far (its records stored at once, for the next
+    events); the models score it with its batch. An invalid event goes to dead letters."""
     try:
         event = decode_event(msg.value(), max_event_bytes)  # the live worker's bound
     except ContractViolation as violation:
@@ -362,7 +390,9 @@ def _replay_one(msg: Any, detector: Detector, state: ReplayState, producer: Any,
                              partition=msg.partition(), offset=msg.offset(), now_ms=msg.timestamp()[1])
         producer.produce(outputs.dead_letters, key=msg.key(), value=orjson.dumps(record))
         progress["rejected"] += 1
-        return
+        return None
+    # Labels change only reputations, which only extraction reads: revealing them here, in
+    # event-time order, is exact although the batch is scored later.
     while examples and examples[0][0] <= event["ts"]:
         _, _, example = heapq.heappop(examples)
         for d in detector.reputation_deltas(example):
@@ -372,15 +402,10 @@ def _replay_one(msg: Any, detector: Detector, state: ReplayState, producer: Any,
     keys = entity_keys(event)
     states = {name: EntityState(state.get(_record_key(name, key)), reputation=state.get(_reputation_key(name, key)))
               for name, key in keys.items()}
-    scored = detector.score(event, states, now_ms=event["ts"])
-    for name, raw in scored.updates.items():
+    extraction = extract(event, states)
+    for name, raw in extraction.updates.items():
         state.put(_record_key(name, keys[name]), raw)
-    producer.produce(outputs.scores, key=event["event_id"].encode(), value=orjson.dumps(scored.risk_score))
-    if scored.alert is not None:
-        producer.produce(outputs.alerts, key=event["user_id"].encode(), value=orjson.dumps(scored.alert))
-        progress["alerts"] += 1
-    progress["events"] += 1
-    producer.poll(0)
+    return event, states, extraction
 
 
 def _show_progress(done: int, total: int, processed: int, elapsed: float) -> None:

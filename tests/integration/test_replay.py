@@ -121,20 +121,36 @@ def test_an_interrupted_replay_resumes_where_it_stopped(settings, produce, tmp_p
     assert whole["events"] == len(EVENTS)
 
     monkeypatch.setattr(replay, "CHECKPOINT_EVERY", 10)
-    real_replay_one, calls = replay._replay_one, []
+    real_extract_one, calls = replay._extract_one, []
 
     def crash_at_35(*args, **kwargs):
         calls.append(1)
         if len(calls) == 35:
             raise KeyboardInterrupt  # an operator's Ctrl-C mid-run
-        return real_replay_one(*args, **kwargs)
+        return real_extract_one(*args, **kwargs)
 
-    monkeypatch.setattr(replay, "_replay_one", crash_at_35)
+    monkeypatch.setattr(replay, "_extract_one", crash_at_35)
     with pytest.raises(KeyboardInterrupt):
         run_replay(settings, settings.events_topic, "0", "999999", "cut", model_file=model_file, quiet=True)
-    monkeypatch.setattr(replay, "_replay_one", real_replay_one)
+    monkeypatch.setattr(replay, "_extract_one", real_extract_one)
     resumed = run_replay(settings, settings.events_topic, "0", "999999", "cut", model_file=model_file, quiet=True)
     assert resumed["resumed"] and resumed["events"] == len(EVENTS)
     cut_topic, whole_topic = ReplayTopics.of(settings, "cut").scores, ReplayTopics.of(settings, "whole").scores
     assert _records(settings, cut_topic) == _records(settings, whole_topic)
     assert len(EVENTS) <= topic_size(settings, cut_topic) <= len(EVENTS) + 10  # at most one checkpoint's worth again
+
+
+def test_a_run_written_by_another_version_is_not_resumed(settings, produce, tmp_path):
+    from streams.replay import _MANIFEST, ReplayState, state_dir
+
+    settings = settings.replace(home=str(tmp_path / "home"))
+    model_file = tmp_path / "warm.models"
+    bootstrap_model_file(model_file)
+    produce(settings.events_topic, [as_record(e) for e in EVENTS[:5]])
+    run_replay(settings, settings.events_topic, "0", "999999", "old", model_file=model_file, quiet=True)
+    state = ReplayState(state_dir(settings, "old"))
+    manifest = state.meta(_MANIFEST)
+    state.db.put(_MANIFEST, orjson.dumps({**manifest, "format": 1}))  # as the version before round 5 wrote it
+    state.close()
+    with pytest.raises(ReplayError, match="another version.*replay clean --run-id old"):
+        run_replay(settings, settings.events_topic, "0", "999999", "old", model_file=model_file, quiet=True)
