@@ -2,7 +2,12 @@
 
 Character 4-grams of the normalised text are hashed into 2^18 buckets (no
 vocabulary to grow) and fed to a River logistic regression trained from labels
-of content events.
+of content events. It learns with AdaGrad, whose step works on the text's own
+n-grams only: River's Adam step computes its moments over every weight ever
+seen, measured 4.7 ms per label at 13,000 weights and 107 ms at 126,000 (a
+platform's real vocabulary fills most of the 262,144 buckets), against
+0.19-0.28 ms for AdaGrad. On the simulator both rank texts alike (content PR AUC
+0.994 for both; 0.661 against 0.649 on a harder seed).
 
 >>> m = ContentModel(min_labels_per_class=1)
 >>> spam, ham = "get a FREE phone now visit http://x.example", "lovely walk in the park today"
@@ -35,13 +40,21 @@ def text_inputs(text: str) -> dict[str, float]:
     return {str(bucket): n / total for bucket, n in counts.items()}
 
 
-class ContentModel:
-    version = "text-logreg/1"
+LEARNING_RATE = 0.1
 
-    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = 0.05):
-        self.classifier = linear_model.LogisticRegression(optimizer=optim.Adam(learning_rate), l2=0.0)
+
+class ContentModel:
+    version = "text-logreg/2"
+
+    def __init__(self, min_labels_per_class: int = 20, learning_rate: float = LEARNING_RATE):
+        self.classifier = linear_model.LogisticRegression(optimizer=optim.AdaGrad(learning_rate), l2=0.0)
         self.min_labels_per_class = min_labels_per_class
         self.positives = self.negatives = 0
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if not isinstance(self.classifier.optimizer, optim.AdaGrad):  # a checkpoint of text-logreg/1 (Adam)
+            self.classifier.optimizer = optim.AdaGrad(LEARNING_RATE)
 
     @property
     def ready(self) -> bool:

@@ -9,8 +9,10 @@ import time
 import numpy as np
 import orjson
 import pytest
+from river import optim
 
 from detectors.catalog import FEATURE_NAMES
+from detectors.content import ContentModel, text_inputs
 from detectors.decisions import alert_id, score_id, severity
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
@@ -266,3 +268,13 @@ def test_standardiser_saved_under_an_older_catalogue_is_aligned_on_load():
     assert loaded.transform_one(event)["user_events_1m"] == saved.transform_one(event)["user_events_1m"]
     assert loaded.transform_one(event)["ip_events_1m"] == 0.0  # new to it: no statistics yet
     assert pickle.loads(pickle.dumps(loaded)).transform_one(event) == loaded.transform_one(event)
+
+
+def test_a_content_model_checkpointed_with_adam_continues_with_adagrad():
+    old = ContentModel(min_labels_per_class=1)
+    old.classifier.optimizer = optim.Adam(0.05)  # as text-logreg/1 learned
+    old.learn_one(text_inputs("free phone now visit"), True)
+    restored = pickle.loads(pickle.dumps(old))
+    assert isinstance(restored.classifier.optimizer, optim.AdaGrad)
+    assert dict(restored.classifier._weights) == dict(old.classifier._weights)
+    restored.learn_one(text_inputs("lovely quiet walk"), False)
