@@ -23,6 +23,15 @@ KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (base64 of a UUID). Like Kafka's own ``Uuid.randomUuid``, never
+    one starting with "-", which the storage tool would take for an option (1 in 64 otherwise)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 class LocalKafkaError(RuntimeError):
     pass
 
@@ -163,8 +172,7 @@ class LocalKafka:
         self.ensure_jars()
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            fmt = subprocess.run(self._java_cmd(STORAGE_TOOL, "format", "-t", cid, "-c", str(self.config_file)),
+            fmt = subprocess.run(self._java_cmd(STORAGE_TOOL, "format", "-t", new_cluster_id(), "-c", str(self.config_file)),
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise LocalKafkaError(f"formatting KRaft storage failed:\n{fmt.stdout}\n{fmt.stderr}")
