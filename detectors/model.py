@@ -60,9 +60,9 @@ class Standardiser:
     empty, retired ones are dropped).
 
     >>> s = Standardiser()
-    >>> for v in (0.0, 1.0, 3.0):
-    ...     z = s.learn_transform({"user_events_1m": v})
-    >>> round(z["user_events_1m"], 3), z["ip_events_1m"]
+    >>> z = s.learn_transform_many(log_feature_matrix([{"user_events_1m": v} for v in (0.0, 1.0, 3.0)]))
+    >>> column = FEATURE_NAMES.index("user_events_1m")
+    >>> round(float(z[2, column]), 3), float(z[2, FEATURE_NAMES.index("ip_events_1m")])
     (1.225, 0.0)
     """
 
@@ -109,10 +109,6 @@ class Standardiser:
             self._learn(x)
             means[i], variances[i] = self.means, self.variances
         return self._standardise(log_features, means, variances)
-
-    def learn_transform(self, features: Mapping[str, float]) -> dict[str, float]:
-        """``learn_one`` then ``transform_one``, scaling the features once."""
-        return dict(zip(self.names, self.learn_transform_many(log_feature_matrix([features]))[0].tolist()))
 
     def transform_one(self, features: Mapping[str, float]) -> dict[str, float]:
         z = self._standardise(log_feature_matrix([features])[0], self.means, self.variances)
