@@ -37,7 +37,7 @@ from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, entity_keys, extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
-from detectors.pipeline import Detector, Extracted
+from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
@@ -83,6 +83,23 @@ def _applied(raw: bytes | None) -> int:
         return -1
     applied = orjson.loads(raw).get("o")
     return applied[1] if applied else -1
+
+
+def score_isolating_failures(detector: Detector, batch: list[Extracted], now_ms: int) -> list[Scored | Exception]:
+    """``detector.score_many(batch)``; if that raises (a detector bug), each event alone, so
+    only the events the bug hits fail, each with its exception in its place."""
+    try:
+        return list(detector.score_many(batch, now_ms))
+    except Exception:
+        log.exception("scoring a batch of %d events failed; scoring them one at a time", len(batch))
+    results: list[Scored | Exception] = []
+    for item in batch:
+        try:
+            results.append(detector.score_many([item], now_ms)[0])
+        except Exception as exc:
+            log.exception("scoring failed for event %s", item[0].get("event_id"))
+            results.append(exc)
+    return results
 
 
 def table_name(entity: str) -> str:
@@ -389,19 +406,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
-        try:
-            scored = detector.score_many([item for _, item in extracted], _now_ms())
-            results = list(zip(extracted, scored))
-        except Exception:  # a detector bug must not stop the partition: find the events it hits
-            log.exception("scoring a batch of %d events failed; scoring them one at a time", len(extracted))
-            results = []
-            for origin, item in extracted:
-                try:
-                    results.append(((origin, item), detector.score_many([item], _now_ms())[0]))
-                except Exception as exc:  # its entity records already count it (see extract_one)
-                    log.exception("scoring failed for event %s", item[0].get("event_id"))
-                    reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
-        for (origin, (record, _, _)), result in results:
+        results = score_isolating_failures(detector, [item for _, item in extracted], _now_ms())
+        for (origin, (record, _, _)), result in zip(extracted, results):
+            if isinstance(result, Exception):  # its entity records already count it (see extract_one)
+                reject(origin, ContractViolation("processing_error", f"{type(result).__name__}: {result}"))
+                continue
             partition = origin.partition
             for name, raw in result.updates.items():
                 batch_writes[(name, table_key(name, partition, result.keys[name]))] = (raw, partition)

@@ -13,6 +13,7 @@ from detectors.anomaly import ANOMALY_FEATURES, AnomalyModel
 from detectors.catalog import FEATURE_NAMES
 from detectors.evaluation import evaluate
 from detectors.events import decode_event, decode_label
+from detectors.features import extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import ModelSet
 from detectors.model import log_feature_matrix
@@ -139,3 +140,20 @@ def test_a_feature_row_missing_catalogue_features_counts_them_as_zero():
     assert matrix.shape == (2, len(FEATURE_NAMES))
     assert matrix[0, FEATURE_NAMES.index("user_events_1m")] == pytest.approx(1.0)
     assert matrix[0].sum() == pytest.approx(1.0) and not matrix[1].any()
+
+
+def test_a_batch_the_detector_fails_on_costs_only_the_events_it_fails_on():
+    from streams.app import score_isolating_failures
+
+    class Fragile(Detector):
+        def score_many(self, batch, now_ms):
+            if any(event["event_id"] == "bad" for event, _, _ in batch):
+                raise ValueError("a detector bug")
+            return super().score_many(batch, now_ms)
+
+    events = [{"event_id": event_id, "type": "signup", "ts": 0, "user_id": f"u-{event_id}", "schema_version": 1}
+              for event_id in ("a", "bad", "c")]
+    batch = [(event, {}, extract(event, {})) for event in events]
+    results = score_isolating_failures(Fragile(ModelSet.new()), batch, now_ms=1)
+    assert isinstance(results[1], ValueError)
+    assert [r.risk_score["event_id"] for r in (results[0], results[2])] == ["a", "c"]
