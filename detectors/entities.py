@@ -57,18 +57,6 @@ def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     return [b for b in ring if b[0] >= oldest]
 
 
-_RING_PLANS: dict[int, tuple[Entity, tuple[tuple[str, int, int, tuple[str, ...]], ...]]] = {}
-
-
-def _ring_plan(entity: Entity) -> tuple[tuple[str, int, int, tuple[str, ...]], ...]:
-    """(ring key, bucket width, buckets kept, channels) per ring of ``entity``, built once."""
-    cached = _RING_PLANS.get(id(entity))
-    if cached is None or cached[0] is not entity:
-        cached = _RING_PLANS[id(entity)] = (entity, tuple(
-            (str(width), width, entity.ring_lengths[width], channels) for width, channels in entity.ring_layout.items()))
-    return cached[1]
-
-
 def channel_amounts(event: Event) -> dict[str, float]:
     """What ``event`` adds to each channel: computed once per event for all its entities."""
     return {name: channel.amount(event) for name, channel in CHANNELS.items()}
@@ -90,7 +78,7 @@ def apply_event(
     record["l"] = watermark
 
     rings = record["r"]
-    for key, width, length, channels in _ring_plan(entity):
+    for key, width, length, channels in _PLANS[entity.name].rings:
         ring = _prune_ring(rings.get(key) or [], watermark // width, length)
         idx = ts // width
         added = [amounts[ch] for ch in channels] if idx > watermark // width - length else ()
@@ -196,6 +184,7 @@ _WINDOW_SUM, _MEAN, _RATIO, _RATE_OF_CHANGE, _DISTINCT, _IS_NEW, _NEAR_DUPLICATE
 @dataclass(frozen=True)
 class _Plan:
     zeros: dict[str, float]
+    rings: tuple[tuple[str, int, int, tuple[str, ...]], ...]  # ring key, bucket width, buckets kept, channels
     windows: tuple[tuple[str, int, int, str, int], ...]  # window name, bucket width, buckets, ring key, channels
     steps: tuple[tuple[Any, ...], ...]
 
@@ -231,6 +220,8 @@ def _compile(entity: Entity) -> _Plan:
             raise TypeError(f"unknown feature kind {type(f).__name__}")
     return _Plan(
         zeros={f.name: 0.0 for f in entity.features},
+        rings=tuple((str(width), width, entity.ring_lengths[width], channels)
+                    for width, channels in entity.ring_layout.items()),
         windows=tuple((w, *WINDOWS[w], str(WINDOWS[w][0]), len(entity.ring_layout[WINDOWS[w][0]]))
                       for w in sorted(windows)),  # type: ignore[index]
         steps=tuple(steps),

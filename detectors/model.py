@@ -110,9 +110,12 @@ class Standardiser:
             means[i], variances[i] = self.means, self.variances
         return self._standardise(log_features, means, variances)
 
+    def transform_many(self, log_features: np.ndarray) -> np.ndarray:
+        """Rows standardised by the statistics so far (learning nothing)."""
+        return self._standardise(log_features, self.means, self.variances)
+
     def transform_one(self, features: Mapping[str, float]) -> dict[str, float]:
-        z = self._standardise(log_feature_matrix([features])[0], self.means, self.variances)
-        return dict(zip(self.names, z.tolist()))
+        return dict(zip(self.names, self.transform_many(log_feature_matrix([features]))[0].tolist()))
 
 
 class OnlineRiskModel:
@@ -153,9 +156,7 @@ class OnlineRiskModel:
         return self.scaler.transform_one(features)
 
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        scaler = self.scaler
-        return float(self.predict_proba_many(
-            scaler._standardise(log_feature_matrix([features]), scaler.means, scaler.variances))[0])
+        return float(self.predict_proba_many(self.scaler.transform_many(log_feature_matrix([features])))[0])
 
     def _weight_vector(self) -> np.ndarray:
         """The classifier's weights in catalogue order, rebuilt only after it learned."""
@@ -195,8 +196,7 @@ class OnlineRiskModel:
 
     def explain_one(self, features: Mapping[str, float], top: int = 3) -> list[dict]:
         """The features that pushed this score up most, in human words."""
-        inputs = self.scaler._standardise(log_feature_matrix([features]), self.scaler.means, self.scaler.variances)
-        return self.explain_many([features], inputs, top)[0]
+        return self.explain_many([features], self.scaler.transform_many(log_feature_matrix([features])), top)[0]
 
     def explain_many(self, features: Sequence[Mapping[str, float]], inputs: np.ndarray,
                      top: int = 3) -> list[list[dict]]:

@@ -173,13 +173,13 @@ def simhash(text: str) -> int:
     """64-bit SimHash of the character 5-shingles of the text (letters only, lower-cased)."""
     normalized = normalize_text(text).ljust(_SHINGLE)
     shingles = {normalized[i:i + _SHINGLE] for i in range(len(normalized) - _SHINGLE + 1)}
-    digests = _SHINGLE_DIGESTS
-    if len(digests) > _SHINGLE_DIGESTS_MAX:
-        digests.clear()
+    known = _SHINGLE_DIGESTS
+    if len(known) > _SHINGLE_DIGESTS_MAX:
+        known.clear()
     for shingle in shingles:
-        if shingle not in digests:
-            digests[shingle] = hashlib.blake2b(shingle.encode(), digest_size=8).digest()
-    digests = b"".join(map(digests.__getitem__, shingles))
+        if shingle not in known:
+            known[shingle] = hashlib.blake2b(shingle.encode(), digest_size=8).digest()
+    digests = b"".join(map(known.__getitem__, shingles))
     bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8)).reshape(len(shingles), 64)
     majority = bits.sum(axis=0) * 2 > len(shingles)
     return int.from_bytes(np.packbits(majority).tobytes(), "big")

@@ -250,12 +250,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         local_partitions, remote_partitions = layout
         states = {}
         for name, key in keys.items():
+            own = stored(name, table_key(name, partition, key), store_get(name, partition))
+            others: tuple[bytes, ...] = ()
             if ENTITIES[name].sharded:
-                own = stored(name, shard_key(partition, key), store_get(name, partition))
                 local = [stored(name, shard_key(p, key), store_get(name, p)) for p in local_partitions]
                 others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            else:
-                own, others = stored(name, key.encode(), store_get(name, partition)), ()
             states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
