@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test unit integration bench kafka-up kafka-down clean
 
-$(STAMP): pyproject.toml
+# Reinstalling recompiles the detector modules (setup.py) after they change.
+$(STAMP): pyproject.toml setup.py $(wildcard detectors/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

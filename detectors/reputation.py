@@ -48,7 +48,7 @@ def add_label(record: Reputation | None, label_ts: int, delta: int) -> Reputatio
     """+1 when an event involving the entity is labelled abuse, -1 when that label is overturned."""
     raw = sorted([*(record or {}).get("r", []), [label_ts, delta]])
     hours = {h: c for h, c in (record or {}).get("h", [])}
-    newest = max([raw[-1][0], *(h * HOUR for h in hours)])
+    newest = max([raw[-1][0]] + [h * HOUR for h in hours])
     keep = []
     for ts, d in raw:
         if ts <= newest - EXACT_MS:

@@ -1,0 +1,96 @@
+"""The compiled detector modules (setup.py) give exactly what their Python source gives."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import detectors
+from detectors import BUILD_RECORD, PURE_PYTHON_ENV, modules_from_source, source_digest
+
+REPO = Path(__file__).resolve().parents[2]
+NOT_COMPILED = ("detectors are not compiled: install a C compiler and run `make install` "
+                f"(or set {PURE_PYTHON_ENV}=1 to test the pure-Python reference alone)")
+pure_python_run = pytest.mark.skipif(os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"),
+                                     reason=f"{PURE_PYTHON_ENV} is set: nothing compiled to compare")
+
+
+def _setup_compiled() -> tuple[str, ...]:
+    text = (REPO / "setup.py").read_text()
+    start = text.index("COMPILED = (")
+    return tuple(sorted(eval(text[start + len("COMPILED = "):text.index(")", start) + 1])))  # noqa: S307 - our own file
+
+
+def _outputs_digest() -> str:
+    """Scores, alerts and state updates of a simulated stream, in batches, with labels learned on the way."""
+    import random
+
+    from tests.unit.test_batch_scoring import CONFIG, _run
+    from streams.simulator import simulate
+
+    stream = [r for r in simulate(CONFIG) if r.kind in ("event", "label")]
+    sizes = [random.Random(5).choice([1, 3, 50, 400]) for _ in range(200)]
+    digest = hashlib.sha256()
+    for line in _run(stream, sizes, batched=True):
+        digest.update(line)
+    return digest.hexdigest()
+
+
+@pure_python_run
+def test_the_per_event_modules_run_compiled():
+    assert detectors.compiled_modules() == _setup_compiled(), NOT_COMPILED
+    assert not importlib.import_module("detectors.entities").__file__.endswith(".py")
+
+
+@pure_python_run
+def test_compiled_modules_score_byte_for_byte_like_their_python_source():
+    assert detectors.compiled_modules(), NOT_COMPILED
+    reference = subprocess.run(
+        [sys.executable, "-c", "from tests.unit.test_compiled import _outputs_digest as d; "
+                               "import detectors; assert not detectors.compiled_modules(); print(d())"],
+        cwd=REPO, env={**os.environ, PURE_PYTHON_ENV: "1"}, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert _outputs_digest() == reference
+
+
+def _package(tmp_path: Path, stale: tuple[str, ...] = ()) -> Path:
+    """A package with two built modules, recorded as built from their sources except ``stale``."""
+    recorded = {}
+    for name in ("entities", "sketches"):
+        (tmp_path / f"{name}.py").write_text(f"NAME = {name!r}\n")
+        recorded[name] = "digest of an older source" if name in stale else source_digest(tmp_path / f"{name}.py")
+    (tmp_path / BUILD_RECORD).write_text(json.dumps(recorded))
+    return tmp_path
+
+
+def test_a_module_whose_source_changed_since_its_build_runs_from_source(tmp_path, monkeypatch):
+    monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
+    package = _package(tmp_path, stale=("entities",))
+    with pytest.warns(RuntimeWarning, match="entities changed since compiled.*make install"):
+        assert modules_from_source(package, {"entities", "sketches"}) == {"entities"}
+
+
+def test_up_to_date_builds_run_compiled_unless_pure_python_is_asked_for(tmp_path, monkeypatch):
+    package = _package(tmp_path)
+    monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert modules_from_source(package, {"entities", "sketches"}) == set()
+    monkeypatch.setenv(PURE_PYTHON_ENV, "1")
+    assert modules_from_source(package, {"entities", "sketches"}) == {"entities", "sketches"}
+
+
+def test_a_build_without_its_record_runs_from_source(tmp_path, monkeypatch):
+    monkeypatch.delenv(PURE_PYTHON_ENV, raising=False)
+    package = _package(tmp_path)
+    (package / BUILD_RECORD).unlink()
+    with pytest.warns(RuntimeWarning):
+        assert modules_from_source(package, {"entities"}) == {"entities"}
