@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from rocksdict import WriteOptions
 
 from streams.config import Settings
 
@@ -226,6 +227,10 @@ class PartitionReader:
             self._consumer.close()
 
 
+_WITHOUT_WAL = WriteOptions()
+_WITHOUT_WAL.disable_wal = True
+
+
 class KafkaWriter:
     """Everything the worker writes, without Faust's per-message producer path.
 
@@ -238,6 +243,11 @@ class KafkaWriter:
       RocksDB that Faust's store uses, and the same raw key/value record to the same
       changelog partition. Everything Faust builds on the changelog is unchanged:
       recovery, standby replicas, the shard replica. ``None`` deletes (a tombstone).
+      The changelog is the table's log, so the store skips RocksDB's own write-ahead
+      log, as Kafka Streams' stores do: it had cost ~11 µs per 4 KB label-join row
+      against ~2 µs without. A crash loses the newest writes still in memory together
+      with the changelog offset recorded after them (RocksDB keeps a prefix of its
+      writes), and Faust's recovery replays them from the changelog.
     * ``send`` produces an output record (murmur2, like Faust, for keyed records).
 
     At-least-once holds because ``flush`` runs before every offset commit (the worker
@@ -268,12 +278,15 @@ class KafkaWriter:
 
     def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
         """Sets (or with ``value=None`` deletes) ``key`` in partition ``partition`` of a Faust table."""
+        topic = table.changelog_topic_name
         db = table.data._db_for_partition(partition)
+        # Every time (~0.1 µs): a reference kept to remember it would keep a revoked
+        # partition's store open, which Faust closes by dropping its own.
+        db.set_write_options(_WITHOUT_WAL)
         if value is None:
             db.delete(key)
         else:
             db.put(key, value)
-        topic = table.changelog_topic_name
         self._tables[topic] = table
         self.send(topic, key, value, partition)
 

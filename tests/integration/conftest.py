@@ -90,6 +90,13 @@ class Worker:
             stop_worker(self.proc)
             self.proc = None
 
+    def kill(self) -> None:
+        """A crash: SIGKILL, no shutdown, nothing flushed."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
