@@ -41,6 +41,7 @@ from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
+from streams.consumer import Consumer
 from streams.guard import OffsetGuard, Origin
 from streams.join import POSITION_KEY, ScoreFollower
 from streams.kafka.io import KafkaWriter
@@ -133,6 +134,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         web_port=settings.web_port,
         autodiscover=False,
     )
+    app.transport.Consumer = Consumer  # without the per-message task race (streams/consumer.py)
     app.detector = detector  # type: ignore[attr-defined]
 
     events = _raw_topic(app, settings.events_topic)
