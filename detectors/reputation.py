@@ -23,6 +23,8 @@ worst an undercount for events that arrive hours late).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import orjson
 
 DAY = 86_400_000
@@ -39,9 +41,9 @@ def feature_name(entity: str, window: str) -> str:
     return f"{entity}_abuse_labels_{window}"
 
 
-def feature_names(entity: str) -> list[str]:
-    return [feature_name(entity, w) for w in WINDOWS]
-
+@lru_cache(maxsize=None)  # one per entity type, asked for every event
+def feature_names(entity: str) -> tuple[str, ...]:
+    return tuple(feature_name(entity, w) for w in WINDOWS)
 
 
 def add_label(record: Reputation | None, label_ts: int, delta: int) -> Reputation:
