@@ -1,9 +1,9 @@
 """Compiles the detector's per-event modules with Cython (see docs/performance.md, round 6).
 
 The ``.py`` files stay the source and the reference: Cython compiles them as
-they are, and ``detectors/__init__.py`` falls back to the source of any module
-whose build is missing or older than its ``.py``. A machine without a C
-compiler gets a working, slower, pure-Python install.
+they are, and ``detectors/__init__.py`` runs a module from its ``.py`` when it
+has no build or its ``.py`` changed since the build (``_build.json`` below). A
+machine without a C compiler gets a working, slower, pure-Python install.
 """
 
 import hashlib
@@ -18,15 +18,15 @@ COMPILED = ("catalog", "sketches", "entities", "reputation", "features", "events
             "model", "anomaly", "content", "rules", "fusion", "decisions", "pipeline")
 
 extensions = cythonize(
-    [Extension(f"detectors.{name}", [f"detectors/{name}.py"], optional=True) for name in COMPILED],
+    [Extension(f"detectors.{name}", [f"detectors/{name}.py"]) for name in COMPILED],
     compiler_directives={"language_level": 3, "autotestdict": False},  # doctests stay in the docstrings
     nthreads=2,
     quiet=True,
 )
 for extension in extensions:
-    extension.optional = True  # cythonize copies the fields it knows, not this one
+    extension.optional = True  # no C compiler: skip it (cythonize drops this if given to Extension)
 
-# What each build was compiled from: detectors/__init__.py runs a module whose .py differs from its source.
+# What each build was compiled from: detectors/__init__.py runs a module whose .py differs from it from source.
 Path("detectors/_build.json").write_text(json.dumps(
     {name: hashlib.sha256(Path(f"detectors/{name}.py").read_bytes()).hexdigest() for name in COMPILED}, indent=1))
 
