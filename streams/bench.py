@@ -20,15 +20,18 @@ Four measurements in one run, each on its own fresh topics:
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from rocksdict import Rdict
 
 import detectors
@@ -39,12 +42,13 @@ from detectors.pipeline import Detector
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.demo import free_port, start_worker, stop_worker
-from streams.kafka.io import create_topics, make_producer, produce_waiting
+from streams.kafka.io import create_topics, delete_topics, make_producer, produce_waiting
 from streams.kafka.local import LocalKafka
 from streams.simulator import SimulationConfig, simulate
 
 
 WARM_UP_RECORDS = 8_000
+PLAIN_LOOP_STATE = "plain-loop"  # the ceiling's RocksDB, under the bench home
 
 
 @dataclass
@@ -84,6 +88,26 @@ def _fresh(settings: Settings, name: str, home: Path) -> Settings:
         checkpoint_topic=f"{run}-checkpoints", data_dir=str(home / run), web_port=free_port(), log_level="warning")
     create_topics(s)
     return s
+
+
+@contextmanager
+def _measurement(settings: Settings, name: str, home: Path) -> Iterator[Settings]:
+    """Fresh topics and state for one measurement, deleted once it is measured (the logs
+    stay): run after run they had filled the local broker's disk and slowed it."""
+    fresh = _fresh(settings, name, home)
+    try:
+        yield fresh
+    finally:
+        _discard(fresh)
+
+
+def _discard(settings: Settings) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    prefix = f"{settings.app_id}-"  # ours and Faust's (changelogs, assignor) alike
+    delete_topics(settings, [t for t in admin.list_topics(timeout=30).topics if t.startswith(prefix)])
+    data_dir = Path(settings.data_dir)
+    for path in [data_dir, *data_dir.parent.glob(f"{data_dir.name}-*")]:  # one per worker
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _preload(settings: Settings, records: list[Any], producer: Producer | None = None) -> int:
@@ -245,7 +269,7 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
     partitions = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic].partitions
     consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in partitions])
     producer = make_producer(settings)
-    db = Rdict(str(state_dir / "plain-loop"))
+    db = Rdict(str(state_dir / PLAIN_LOOP_STATE))
     detector = Detector(ModelSet.new(settings.min_labels_per_class))
     gc.freeze()  # as the worker does once warm (here it also keeps the preloaded records out of full scans)
     done = 0
@@ -306,42 +330,49 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
         records = [r for r in simulate(SimulationConfig(seed=seed, days=days)) if r.kind != "malformed"]
         n_events = sum(r.kind == "event" for r in records)
         print(f"bench: {n_events} events (+{len(records) - n_events} labels) preloaded per measurement; "
-              f"logs and state in {home}")
+              f"logs in {home}")
         print(f"  detector: {detector_build()}")
 
         # A broker just started runs interpreted and loads its coordinators: without a
         # warm-up the first measurement, (a), ran on a slower broker than the others.
         print("  warm-up (not counted) ...", flush=True)
-        _worker_throughput(_fresh(settings, "warmup", home), records[:WARM_UP_RECORDS], 1, home, timeout=300.0)
+        with _measurement(settings, "warmup", home) as warmup:
+            _worker_throughput(warmup, records[:WARM_UP_RECORDS], 1, home, timeout=300.0)
 
-        one = _fresh(settings, "one", home)
-        print("  (a) one worker, full pipeline ...", flush=True)
-        throughput = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
-        print(f"      {throughput:,.0f} events/s")
+        with _measurement(settings, "one", home) as one:
+            print("  (a) one worker, full pipeline ...", flush=True)
+            throughput = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
+            print(f"      {throughput:,.0f} events/s")
 
-        print("  (c) plain confluent-kafka loop, same detector, no Faust ...", flush=True)
-        ceiling = plain_loop(one, n_events, home)
-        print(f"      {ceiling:,.0f} events/s")
+            print("  (c) plain confluent-kafka loop, same detector, no Faust ...", flush=True)
+            ceiling = plain_loop(one, n_events, home)
+            shutil.rmtree(home / PLAIN_LOOP_STATE, ignore_errors=True)
+            print(f"      {ceiling:,.0f} events/s")
 
         # Both started and sharing the partitions before the preload, against one worker started
         # the same way, so the speedup compares like with like ((a) is preloaded first, like (c)).
+        def assigned_first(workers: int) -> float:
+            with _measurement(settings, f"{workers}-assigned-first", home) as fresh:
+                return _worker_throughput(fresh, records, workers, home, timeout=max(600.0, n_events / 50),
+                                          assigned_first=True)
+
         print("  (d) two workers, and one started the same way ...", flush=True)
-        two_workers, one_worker = (
-            _worker_throughput(_fresh(settings, f"{n}-assigned-first", home), records, n, home,
-                               timeout=max(600.0, n_events / 50), assigned_first=True) for n in (2, 1))
+        two_workers, one_worker = assigned_first(2), assigned_first(1)
         print(f"      {two_workers:,.0f} against {one_worker:,.0f} events/s")
 
         print(f"  (b) latency at {rate:,.0f} events/s offered for {latency_seconds:.0f}s ...", flush=True)
         live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * latency_seconds / 37_000))
                 if r.kind == "event"]
-        latencies = _latency(_fresh(settings, "latency", home), live, rate, home)
+        with _measurement(settings, "latency", home) as fresh:
+            latencies = _latency(fresh, live, rate, home)
 
         kept_up_rate = max(100.0, round(KEPT_UP_SHARE * throughput, -2))
         print(f"  (b') latency at {kept_up_rate:,.0f} events/s offered ({KEPT_UP_SHARE:.0%} of (a)) "
               f"for {latency_seconds:.0f}s ...", flush=True)
         live = [r for r in simulate(SimulationConfig(seed=seed + 2, days=kept_up_rate * latency_seconds / 37_000))
                 if r.kind == "event"]
-        kept_up = _latency(_fresh(settings, "kept-up", home), live, kept_up_rate, home)
+        with _measurement(settings, "kept-up", home) as fresh:
+            kept_up = _latency(fresh, live, kept_up_rate, home)
 
         def pct(values: list[float], q: float) -> float:
             return float(values[min(len(values) - 1, int(q * len(values)))]) if values else float("nan")
