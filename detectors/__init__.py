@@ -31,6 +31,11 @@ BUILD_RECORD = "_build.json"  # module -> sha256 of the .py it was compiled from
 _HERE = Path(__file__).parent
 
 
+def pure_python_requested() -> bool:
+    """``ABUSE_PURE_PYTHON`` is set (to anything but ``0``): every module runs from its source."""
+    return os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+
+
 def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -43,7 +48,7 @@ def built_modules(package: Path) -> set[str]:
 def modules_from_source(package: Path, built: set[str]) -> set[str]:
     """The built modules to import from their ``.py``: all of them under
     ``ABUSE_PURE_PYTHON=1``, else those whose ``.py`` is not what they were built from."""
-    if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
+    if pure_python_requested():
         return set(built)
     try:
         recorded = json.loads((package / BUILD_RECORD).read_text())

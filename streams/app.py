@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -549,7 +548,7 @@ def run_worker(settings: Settings) -> None:
     """Runs one worker until SIGINT/SIGTERM."""
     from faust.worker import Worker
 
-    if not detectors.compiled_modules() and os.environ.get(detectors.PURE_PYTHON_ENV, "") in ("", "0"):
+    if not detectors.compiled_modules() and not detectors.pure_python_requested():
         log.warning("the detector runs from its Python source, ~1.4x slower than its compiled build: "
                     "install a C compiler and reinstall (`make install`)")
     app = build_app(settings)

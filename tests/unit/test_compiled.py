@@ -19,7 +19,7 @@ from detectors import BUILD_RECORD, PURE_PYTHON_ENV, modules_from_source, source
 REPO = Path(__file__).resolve().parents[2]
 NOT_COMPILED = ("detectors are not compiled: install a C compiler and run `make install` "
                 f"(or set {PURE_PYTHON_ENV}=1 to test the pure-Python reference alone)")
-pure_python_run = pytest.mark.skipif(os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"),
+pure_python_run = pytest.mark.skipif(detectors.pure_python_requested(),
                                      reason=f"{PURE_PYTHON_ENV} is set: nothing compiled to compare")
 
 
