@@ -332,7 +332,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         join(origin.partition, key, *on_label(_pending(pending_db(origin.partition).get(key)), label))
 
     def follow_scores() -> None:
-        """Joins the risk scores of the labels partitions this worker owns (streams/join.py)."""
+        """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""
         if app.rebalancing:  # a new partition's rows, its position among them, may still be recovering
             return
 
