@@ -2,21 +2,21 @@
 
 Path of an event::
 
-    events (key user_id) --score-events--> risk-scores (key event_id) --ScoreFollower--+
-       |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)           |
-       |   shard replica (all changelog partitions)          labels (key event_id) --join-labels
+    events (key user_id) --process-inputs--> risk-scores (key event_id) --PartitionFollower--+
+       |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)             |
+       |   shard replica (all changelog partitions)          labels (key event_id) --process-inputs
        +-> dead-letters (anything that breaks its contract)
 
-``score-events`` reads the user's record and, for IP/device/merchant/card,
-its own partition's shard from the tables plus the other shards from the
-replica (see ``streams/state.py``), scores, and writes back one record per
-entity. The label join keeps the scoring-time features per event id in the
-label-join table (bounded lifetime) and trains the model when both a score and
-a label are present: ``join-labels`` reads labels, and the risk scores of the
-same partitions (co-partitioned by event id) come through a ``ScoreFollower``
-(``streams/join.py``), not through Faust. All writes (tables and outputs) go
-through one ``KafkaWriter``, not Faust's producer.
-"""
+``process-inputs`` reads the events and labels of the partitions Faust assigned with
+librdkafka (``AssignedSource``, ``streams/follower.py``). For an event it reads the
+user's record and, for IP/device/merchant/card, its own partition's shard from the
+tables plus the other shards from the replica (see ``streams/state.py``), scores, and
+writes back one record per entity. The label join keeps the scoring-time features per
+event id in the label-join table (bounded lifetime) and trains the model when both a
+score and a label are present; the risk scores of the labels' partitions
+(co-partitioned by event id) come through a ``PartitionFollower``. Faust's consumer
+assigns the partitions and recovers the tables but delivers no record. All writes
+(tables and outputs) go through one ``KafkaWriter``, not Faust's producer."""
 
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ from detectors.rules import RulesWatcher
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
-from streams.guard import OffsetGuard, Origin
-from streams.join import POSITION_KEY, ScoreFollower
+from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import KafkaWriter
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
@@ -55,7 +54,8 @@ log = logging.getLogger("abuse_detector.worker")
 REPLICA_POLL_S = 0.05
 LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
-PROGRESS_CHECK_S = 1.0
+BETWEEN_BATCHES_S = 0.005
+COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 
 
 def _now_ms() -> int:
@@ -122,13 +122,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         consumer_auto_offset_reset="earliest",
         # At-least-once: a redelivered event is scored again (same ids) but never
         # counted twice in state (records remember the last offset they applied).
-        broker_commit_interval=1.0,
-        # A fetch hands over one partition's whole chunk before the next partition's, so
-        # a lagging worker's partitions drift apart in event time by up to a chunk each.
-        # Small chunks keep them within a batch of each other; each batch is then scored
-        # in event-time order (streams/ordering.py), so shards merged across partitions
-        # describe the same moment. 64 KB is ~200 events.
-        consumer_max_fetch_size=settings.fetch_bytes,
+        broker_commit_interval=COMMIT_INTERVAL_S,
         broker_max_poll_records=500,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
@@ -136,10 +130,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         autodiscover=False,
     )
     app.transport.Consumer = Consumer  # without the per-message task race (streams/consumer.py)
+    app.read_elsewhere = {settings.events_topic, settings.labels_topic}  # type: ignore[attr-defined]  # by AssignedSource
     app.detector = detector  # type: ignore[attr-defined]
 
-    events = _raw_topic(app, settings.events_topic)
-    labels = _raw_topic(app, settings.labels_topic)
     # Scores, alerts, dead letters, examples and every table write go through one
     # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
     # the largest cost after the detector). Faust flushes its producer before every
@@ -194,24 +187,40 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def table_key(entity: str, partition: int, key: str) -> bytes:
         return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
 
-    # Every record of an owned input partition is processed, also when Faust skips one or
-    # stalls a partition (streams/guard.py). The events guard's owned partitions are also
-    # the ones whose shards are read from the local stores (exact, written by this
-    # process); only the others come from the replica (one replication delay old).
-    guards = {topic: OffsetGuard(app, settings, topic) for topic in (settings.events_topic, settings.labels_topic)}
-    events_guard, labels_guard = guards[settings.events_topic], guards[settings.labels_topic]
-    scores = ScoreFollower(settings.bootstrap_servers, settings.scores_topic)
+    # The events and labels of the partitions Faust assigns, read with librdkafka
+    # (streams/follower.py). The events' owned partitions are also the ones whose shards
+    # are read from the local stores (exact, written by this process); only the others
+    # come from the replica (one replication delay old).
+    events = AssignedSource(app, settings, settings.events_topic)
+    labels = AssignedSource(app, settings, settings.labels_topic)
+    inputs = (events, labels)
+    scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic)
+
+    async def commit(positions: list[tuple[AssignedSource, dict[int, int]]]) -> None:
+        """Commits input positions once every write of the records before them is in the log."""
+        if any(offsets for _, offsets in positions):
+            await flush_writer()
+            for source, offsets in positions:
+                if offsets:
+                    await source.commit(offsets)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
-        for guard in guards.values():
-            guard.on_revoked(revoked)
+        # committed before the group moves on, so the next owner starts where this one stopped
+        await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        for guard in guards.values():
-            await guard.on_assigned()
+        for source in inputs:
+            await source.on_assigned()
+
+    @app.timer(COMMIT_INTERVAL_S, name="commit-inputs")
+    async def commit_inputs() -> None:
+        try:
+            await commit([(source, source.uncommitted()) for source in inputs])
+        except Exception:  # the next commit retries; a raising timer stops for good
+            log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
     # The batch's entity writes, applied once per entity when the batch ends: a hot IP in
     # a batch of 1,000 events costs one store write and one changelog record, not one per
@@ -246,7 +255,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         layout = batch_layout.get(partition)
         if layout is None:
-            owned = events_guard.owned
+            owned = events.owned
             layout = batch_layout[partition] = (
                 [p for p in sorted(owned) if p != partition],
                 [p for p in range(settings.partitions) if p != partition and p not in owned])
@@ -318,7 +327,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         join(origin.partition, key, *on_label(_pending(pending_db(origin.partition).get(key)), label))
 
     def follow_scores() -> None:
-        """Joins the risk scores of the labels partitions this worker owns (streams/join.py)."""
+        """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""
         if app.rebalancing:  # a new partition's rows, its position among them, may still be recovering
             return
 
@@ -326,10 +335,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             stored = pending_db(partition).get(POSITION_KEY)
             return None if stored is None else int(stored)
 
-        scores.follow(labels_guard.owned, position)
+        scores.follow(labels.owned, position)
         read_up_to: dict[int, int] = {}
         for msg in scores.poll():
-            origin = Origin(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+            origin = Origin.of(msg)
             try:
                 join_score(origin)
             except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
@@ -365,12 +374,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:
+        try:
+            await commit([(source, source.uncommitted()) for source in inputs])
+        except Exception:  # the next owner starts from the last commit: processed again, never counted twice
+            log.exception("committing the input positions at shutdown failed")
+        for source in inputs:
+            source.close()
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
         writer.close()
         scores.close()
         replica.close()
-        for guard in guards.values():
-            guard.close()
 
     warmed_up = False
 
@@ -425,56 +438,68 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 except Exception:  # housekeeping must never stop scoring
                     log.exception("expiry sweep of partition %d failed", partition)
 
-    # Agent bodies never await: outputs go to the writer, which a commit flushes
-    # first, and Faust acks a batch as soon as the agent asks for the
-    # next one, also when a shutdown cancels it. Without an await inside, a batch is
-    # always either untouched or finished.
-    @app.agent(events, name="score-events")
-    async def score_events(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
-            warm_up()
-            keep_up()
-            batch_layout.clear()
-            batch_stores.clear()
-            # (origin, the Faust event whose partition the table writes go to, record)
-            decoded: list[tuple[Origin, faust.EventT, dict[str, Any]]] = []
+    def score_batch(messages: list[Any]) -> None:
+        """One batch of events, start to end without an await: a rebalance (which commits
+        after flushing the writer) finds every event read either untouched or finished."""
+        batch_layout.clear()
+        batch_stores.clear()
+        decoded: list[tuple[Origin, dict[str, Any]]] = []
+        for msg in messages:
+            origin = Origin.of(msg)
+            try:
+                decoded.append((origin, decode_event(origin.value, settings.max_event_bytes)))
+            except ContractViolation as violation:
+                reject(origin, violation)
+        extracted: list[tuple[Origin, Extracted]] = []
+        for origin, record in event_time_order(decoded, partition=lambda d: d[0].partition, ts=lambda d: d[1]["ts"]):
+            extract_one(origin, record, extracted)
+        if extracted:
+            score_extracted(extracted)
+        write_batch()
+        events.processed(messages)
 
-            def decode(origin: Origin, event: faust.EventT) -> None:
-                try:
-                    decoded.append((origin, event, decode_event(origin.value, settings.max_event_bytes)))
-                except ContractViolation as violation:
-                    reject(origin, violation)
+    def join_labels(messages: list[Any]) -> None:
+        for msg in messages:
+            origin = Origin.of(msg)
+            try:
+                join_label(origin)
+            except Exception as exc:  # a bug in the join must not stop the partition
+                log.exception("joining label %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
+                reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+        writer.poll()
+        labels.processed(messages)
 
-            now = time.monotonic()
-            for event in batch:
-                for origin in events_guard.admit(event.message, now):
-                    decode(origin, event)
-            extracted: list[tuple[Origin, Extracted]] = []
-            for origin, event, record in event_time_order(decoded, partition=lambda d: d[0].partition,
-                                                          ts=lambda d: d[2]["ts"]):
-                extract_one(origin, record, extracted)
-            if extracted:
-                score_extracted(extracted)
-            write_batch()
+    # Inputs are processed in batches of what has arrived: under a backlog a full batch
+    # is waiting (librdkafka fetches while the previous one is scored), and an idle
+    # worker looks again every batch_wait_s.
+    @app.task
+    async def process_inputs() -> None:
+        while True:
+            if app.rebalancing:
+                await asyncio.sleep(settings.batch_wait_s)
+                continue
+            new_labels = labels.poll(settings.batch_max_events)
+            new_events = events.poll(settings.batch_max_events)
+            if new_labels or new_events:
+                warm_up()
+                keep_up()
+                if new_labels:
+                    join_labels(new_labels)
+                if new_events:
+                    score_batch(new_events)
+                # Not sleep(0): Faust's consumer thread (changelogs, the group's heartbeats) needs
+                # the GIL, which a loop that never waits hands over only in slices.
+                await asyncio.sleep(BETWEEN_BATCHES_S)
+            else:
+                await asyncio.sleep(settings.batch_wait_s)
 
-    @app.timer(PROGRESS_CHECK_S, name="watch-progress")
-    async def watch_progress() -> None:
-        try:
-            for guard in guards.values():
-                await guard.watch()
-        except Exception:  # a raising timer stops for good
-            log.exception("checking partition progress failed; retrying in %.1fs", PROGRESS_CHECK_S)
-
-    @app.agent(labels, name="join-labels")
-    async def join_labels(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_wait_s):
-            warm_up()
-            keep_up()
-            now = time.monotonic()
-            for event in batch:
-                for origin in labels_guard.admit(event.message, now):
-                    join_label(origin)
-            writer.poll()
+    # Faust's group assigns the events and labels partitions (with the tables' partitions of
+    # the same numbers), so the topics stay subscribed; their records go to the
+    # AssignedSources, never here.
+    @app.agent(_raw_topic(app, settings.events_topic, settings.labels_topic), name="inputs-assignment")
+    async def assign_inputs(stream: faust.StreamT) -> None:
+        async for event in stream:  # pragma: no cover - the consumer never delivers them
+            raise RuntimeError(f"Faust delivered a record of {event.message.topic}, which the worker reads itself")
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()
@@ -537,8 +562,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
-            "events_partitions": events_guard.view(),
-            "label_join": {"labels": labels_guard.view(), "risk_scores": scores.view()},
+            "events_partitions": events.view(),
+            "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view()},
         })
 
     return app

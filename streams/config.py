@@ -37,11 +37,10 @@ class Settings:
     web_port: int = field(default=6066, metadata={"help": "Faust web server port of the worker"})
     log_level: str = field(default="warning", metadata={"help": "worker log level"})
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class a model needs before its score is trusted"})
-    batch_max_events: int = field(default=1000, metadata={"help": "events the worker takes per batch (scored in event-time order)"})
-    batch_wait_s: float = field(default=0.02, metadata={"help": "longest wait for a batch to fill (adds at most this latency)"})
+    batch_max_events: int = field(default=1000, metadata={"help": "most events the worker scores per batch (a batch is what has arrived, scored in event-time order)"})
+    batch_wait_s: float = field(default=0.02, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
-    stall_after_s: float = field(default=10.0, metadata={"help": "seconds an owned partition with unscored records may go without progress before the worker seeks it back"})
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     # Local Kafka

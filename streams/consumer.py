@@ -14,6 +14,12 @@ have, with that one winner, and closes the other awaitables unstarted.
 Otherwise the race runs as before, on the delivery as already started: the
 same tasks and cancellations, so a rebalance still interrupts a blocked
 delivery.
+
+Topics named in ``app.read_elsewhere`` (the events topic, which the worker reads
+with librdkafka, see ``streams/follower.py``) stay subscribed, so Faust's group
+assigns their partitions together with the tables, but Faust never takes records
+of them from the fetcher: they are never in its set of active partitions, whatever
+resumes them (recovery, flow control).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
 from mode.services import WaitResults
 
 
@@ -76,6 +83,25 @@ async def first_or_race(coros: tuple[Coroutine[Any, Any, Any], ...],
 
 
 class Consumer(AIOKafkaConsumer):
+    def _read_here(self, tps: Any) -> set[TP]:
+        elsewhere = getattr(self.app, "read_elsewhere", ())
+        return {tp for tp in tps if tp.topic not in elsewhere}
+
+    def _set_active_tps(self, tps: Any) -> set[TP]:
+        return super()._set_active_tps(self._read_here(tps))
+
+    def resume_partitions(self, tps: Any) -> None:
+        super().resume_partitions(self._read_here(tps))
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        if self._read_here([tp]):
+            super().on_buffer_drop(tp)
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's livelock check, not for a topic it never reads (it would report it stalled)."""
+        if self._read_here([tp]):
+            super().verify_event_path(now, tp)
+
     async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
         if (not coros or self._stopped.is_set() or self._crashed.is_set()
                 or not all(asyncio.iscoroutine(c) for c in coros)):

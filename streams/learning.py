@@ -1,7 +1,7 @@
 """Every worker learns the same thing: the training-example feed, model
 checkpoints and label-derived reputation.
 
-``join-labels`` turns each label joined to its scoring-time inputs into a
+The label join (``streams/app.py``) turns each label joined to its scoring-time inputs into a
 training example on the ``training-examples`` topic, which has ONE partition:
 a total order. Each worker reads all of it (no consumer group) and applies
 every example in that order to its ``ModelSet`` and its local reputation

@@ -95,8 +95,8 @@ def _missing(sent: list[dict], workers: list[Worker]) -> Callable[[list], str]:
 
 @pytest.mark.partitions(4)
 def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produce, tmp_path):
-    # One after the other, so the counts are checked apart from Faust's join races (the
-    # offset guard, streams/guard.py, covers those); partitions still move when b joins.
+    # One after the other, so the counts are checked apart from a join's races; partitions
+    # still move when b joins.
     a = Worker(settings.replace(data_dir=str(tmp_path / "a"), web_port=free_port()), tmp_path / "logs-a").start()
     _wait_ready(a)
     b = Worker(settings.replace(data_dir=str(tmp_path / "b"), web_port=free_port()), tmp_path / "logs-b").start()

@@ -152,6 +152,36 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, restart
     assert after["features"]["user_age_h"] == pytest.approx(5 / 3600)
 
 
+def test_events_positions_are_committed_to_the_group_and_a_restart_resumes_there(settings, worker, reader, produce):
+    """The events are read outside Faust (streams/follower.py): their positions still reach the
+    worker's consumer group (operators watch its lag), and a restarted worker scores no event twice."""
+    from streams.kafka.io import PartitionReader
+
+    scores = reader(settings.scores_topic)
+    sent = [benign_post(i, f"user-{i % 7}") for i in range(40)]
+    produce(settings.events_topic, [as_record(e) for e in sent])
+    scores.wait_for(lambda r: len(r) >= 40, worker=worker)
+    group = PartitionReader(settings, settings.events_topic, group_id=settings.app_id)
+    try:
+        partitions = list(range(settings.partitions))
+        ends = group.end_offsets(partitions)
+        deadline = time.monotonic() + 20
+        while group.start_offsets(partitions) != ends:
+            assert time.monotonic() < deadline, (group.start_offsets(partitions), ends, worker.log()[-3000:])
+            time.sleep(0.5)
+    finally:
+        group.close()
+
+    worker.stop()
+    worker.start()
+    produce(settings.events_topic, [as_record(benign_post(40, "user-0"))])
+    records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-40" for x in r), timeout=90, worker=worker)
+    time.sleep(2)  # anything re-read would be scored by now
+    ids = [x[1]["event_id"] for x in scores.records]
+    assert len(ids) == len(set(ids)) == 41, sorted(i for i in ids if ids.count(i) > 1)
+    assert records
+
+
 def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, produce, tmp_path):
     import json
     import urllib.error

@@ -88,3 +88,45 @@ def test_a_delivery_that_fails_raises_and_closes_the_rest():
     with pytest.raises(ValueError, match="bad message"):
         asyncio.run(first_or_race((deliver(), suspended()), _race))
     assert started == []
+
+
+class _App:
+    in_recovery = False
+    read_elsewhere = {"events", "labels"}
+
+
+class _Thread:
+    def __init__(self):
+        self.verified = []
+
+    def verify_event_path(self, now, tp):
+        self.verified.append(tp)
+
+
+def _consumer():
+    from streams.consumer import Consumer
+
+    consumer = Consumer.__new__(Consumer)  # only the partition bookkeeping is exercised
+    consumer.app, consumer._thread = _App(), _Thread()
+    consumer._active_partitions, consumer._paused_partitions, consumer._buffered_partitions = None, set(), set()
+    return consumer
+
+
+def test_a_topic_read_elsewhere_is_never_active_whatever_resumes_it():
+    from faust.types import TP
+
+    events, labels = [TP("events", p) for p in range(2)], [TP("labels", p) for p in range(2)]
+    changelog = [TP("app-user-state-changelog", p) for p in range(2)]
+    consumer = _consumer()
+    assert consumer._set_active_tps(set(events + labels + changelog)) == set(changelog)  # assignment
+    consumer.pause_partitions(events + labels + changelog)  # recovery pauses everything...
+    assert consumer._get_active_partitions() == set()
+    consumer.resume_partitions(events + labels + changelog)  # ...and resumes the active partitions
+    assert consumer._get_active_partitions() == set(changelog)
+    consumer._buffered_partitions.add(events[0])
+    consumer.on_buffer_drop(events[0])  # flow control
+    assert consumer._get_active_partitions() == set(changelog)
+    consumer.verify_event_path(0.0, events[1])  # Faust's livelock check: only for what it reads
+    consumer.verify_event_path(0.0, labels[1])
+    consumer.verify_event_path(0.0, changelog[1])
+    assert consumer._thread.verified == [changelog[1]]

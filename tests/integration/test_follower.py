@@ -1,4 +1,4 @@
-"""``ScoreFollower``, the label join's reader of risk scores: exactly the partitions it is
+"""``PartitionFollower``, the label join's reader of risk scores: exactly the partitions it is
 told to follow, each from the position it is given (or the beginning), in offset order."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from streams.join import ScoreFollower
+from streams.follower import PartitionFollower
 from streams.kafka.io import make_producer
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ def _write(settings, partition: int, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
-def _read(follower: ScoreFollower, at_least: int, settle_s: float = 1.0) -> list[tuple[int, int, bytes]]:
+def _read(follower: PartitionFollower, at_least: int, settle_s: float = 1.0) -> list[tuple[int, int, bytes]]:
     """Polls until ``at_least`` records came, then ``settle_s`` longer (to catch any extra)."""
     got: list[tuple[int, int, bytes]] = []
     deadline, settled = time.monotonic() + 30, None
@@ -37,7 +37,7 @@ def _read(follower: ScoreFollower, at_least: int, settle_s: float = 1.0) -> list
 def test_follows_exactly_the_given_partitions_from_the_given_positions(settings):
     _write(settings, 0, [b"p0-%d" % i for i in range(3)])
     _write(settings, 1, [b"p1-%d" % i for i in range(4)])
-    follower = ScoreFollower(settings.bootstrap_servers, settings.scores_topic)
+    follower = PartitionFollower(settings.bootstrap_servers, settings.scores_topic)
     try:
         follower.follow({0}, position=lambda p: None)  # no position: from the beginning
         assert _read(follower, 3) == [(0, i, b"p0-%d" % i) for i in range(3)]
