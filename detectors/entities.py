@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from detectors.catalog import (
-    CHANNELS, ENTITIES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates, RateOfChange, Ratio,
-    SinceFirstSeen, SinceLastSeen, Sum, HOUR,
+    ALL_TYPES, CHANNELS, ENTITIES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates,
+    RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
     NEAR_DUPLICATE_BITS, distinct_add_hash, distinct_contains_hash, distinct_count, distinct_expire, distinct_merge,
@@ -57,9 +57,17 @@ def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     return [b for b in ring if b[0] >= oldest]
 
 
+_NO_AMOUNTS = {name: 0.0 for name in CHANNELS}
+_CHANNELS_OF_TYPE = {kind: tuple((name, channel) for name, channel in CHANNELS.items() if kind in channel.types)
+                     for kind in ALL_TYPES}
+
+
 def channel_amounts(event: Event) -> dict[str, float]:
     """What ``event`` adds to each channel: computed once per event for all its entities."""
-    return {name: channel.amount(event) for name, channel in CHANNELS.items()}
+    amounts = dict(_NO_AMOUNTS)
+    for name, channel in _CHANNELS_OF_TYPE.get(event["type"], ()):  # the others add 0 for this type
+        amounts[name] = channel.amount(event)
+    return amounts
 
 
 def apply_event(
@@ -232,8 +240,10 @@ _PLANS = {name: _compile(entity) for name, entity in ENTITIES.items()}
 
 
 def _window_sums(record: Record, width: int, n: int, ring_key: str, channels: int) -> list[float]:
+    ring = record["r"].get(ring_key) or ()
     oldest = record["l"] // width - n
-    window = [bucket for bucket in record["r"].get(ring_key, ()) if bucket[0] > oldest]
+    # A ring is pruned to its record's watermark, so it is usually the window as it stands.
+    window = ring if not ring or ring[0][0] > oldest else [bucket for bucket in ring if bucket[0] > oldest]
     if not window:
         return [0.0] * channels
     if len(window) == 1:

@@ -50,15 +50,37 @@ def test_the_per_event_modules_run_compiled():
     assert not importlib.import_module("detectors.entities").__file__.endswith(".py")
 
 
+def _from_source(function: str) -> str:
+    """What ``function`` of this module prints when every detector module runs from its source."""
+    return subprocess.run(
+        [sys.executable, "-c", f"from tests.unit.test_compiled import {function} as f; "
+                               "import detectors; assert not detectors.compiled_modules(); print(f())"],
+        cwd=REPO, env={**os.environ, PURE_PYTHON_ENV: "1"}, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+
 @pure_python_run
 def test_compiled_modules_score_byte_for_byte_like_their_python_source():
     assert detectors.compiled_modules(), NOT_COMPILED
-    reference = subprocess.run(
-        [sys.executable, "-c", "from tests.unit.test_compiled import _outputs_digest as d; "
-                               "import detectors; assert not detectors.compiled_modules(); print(d())"],
-        cwd=REPO, env={**os.environ, PURE_PYTHON_ENV: "1"}, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert _outputs_digest() == reference
+    assert _outputs_digest() == _from_source("_outputs_digest")
+
+
+def _fingerprints() -> list[int]:
+    """``simhash`` of texts of every length class: the compiled build votes in C, the source with numpy."""
+    import random
+
+    from detectors.sketches import simhash
+
+    rng = random.Random(11)
+    texts = ["", "a", "abcd", "abcde", "Hello, world!", "x" * 500, "FREE phone http://x.example/1 now " * 20]
+    texts += ["".join(rng.choice("abcdefgh ijk") for _ in range(rng.randint(0, 400))) for _ in range(500)]
+    return [simhash(text) for text in texts]
+
+
+@pure_python_run
+def test_compiled_simhash_votes_like_the_numpy_reference():
+    assert detectors.compiled_modules(), NOT_COMPILED
+    assert str(_fingerprints()) == _from_source("_fingerprints")
 
 
 def _package(tmp_path: Path, stale: tuple[str, ...] = ()) -> Path:

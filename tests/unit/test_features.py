@@ -16,8 +16,8 @@ from detectors.catalog import (
 from detectors.entities import apply_event, entity_features, is_idle, merge_records
 from detectors.features import EntityState, extract
 from detectors.sketches import (
-    EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_merge, hamming,
-    new_distinct, simhash,
+    EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_expire, distinct_merge,
+    hamming, new_distinct, normalize_text, simhash,
 )
 
 KINDS = ("login", "post", "message", "follow", "like", "payment", "signup", "report", "comment")
@@ -222,6 +222,19 @@ def test_sliding_hyperloglog_stays_within_its_documented_error(n):
         assert abs(estimate - true) <= max(2, 4 * HLL_RELATIVE_ERROR * true), (n, since, estimate, true)
 
 
+def test_expiring_a_sliding_hyperloglog_keeps_what_is_inside_the_window():
+    sketch = new_distinct()
+    for i in range(1000):
+        sketch = distinct_add(sketch, f"v{i}", ts_s=i)
+    assert "h" in sketch
+    assert distinct_expire(sketch, 0) is sketch  # nothing to drop: no copy
+    expired = distinct_expire(sketch, 600)
+    assert all(t >= 600 for front in expired["h"].values() for _, t in front)
+    for since in (600, 800, 999):
+        assert distinct_count(expired, since) == distinct_count(sketch, since)
+    assert distinct_count(distinct_expire(sketch, 1000), 0) == 0
+
+
 def test_distinct_merge_is_a_union():
     rng = random.Random(4)
     values = [f"x{rng.randrange(300)}" for _ in range(600)]
@@ -248,6 +261,16 @@ def test_simhash_separates_near_duplicates_from_unrelated_texts():
     assert all(hamming(a, b) <= NEAR_DUPLICATE_BITS for a in fps for b in fps)
     assert all(hamming(simhash(a), simhash(b)) > NEAR_DUPLICATE_BITS for a in benign for b in benign if a != b)
     assert all(hamming(simhash(a), f) > NEAR_DUPLICATE_BITS for a in benign for f in fps)
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("Call 555-1234 now, code a1b2 or visit http://x.example/abc?q=1 ok", "call now code or visit http x example ok"),
+    ("x\u0661\u0662 word2word  tail9 ok", "ok"),  # any token with a digit, Unicode digits too, goes whole
+    ("Lovely walk, in the PARK!", "lovely walk in the park"),
+    ("", ""),
+])
+def test_normalized_text_keeps_lower_case_words_without_digits(text, normalized):
+    assert normalize_text(text) == normalized
 
 
 def test_state_per_entity_is_small():
