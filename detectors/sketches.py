@@ -196,6 +196,11 @@ _SHINGLE_DIGESTS_MAX = 100_000  # ~10 MB
 def simhash(text: str) -> int:
     """64-bit SimHash of the character 5-shingles of the text (letters only, lower-cased)."""
     normalized = normalize_text(text).ljust(_SHINGLE)
+    return _simhash_compiled(normalized) if cython.compiled else _simhash_of_shingles(normalized)
+
+
+def _simhash_of_shingles(normalized: str) -> int:
+    """The reference: each distinct shingle's blake2b digest votes for its bits (numpy)."""
     shingles = {normalized[i:i + _SHINGLE] for i in range(len(normalized) - _SHINGLE + 1)}
     known = _SHINGLE_DIGESTS
     if len(known) > _SHINGLE_DIGESTS_MAX:
@@ -204,28 +209,53 @@ def simhash(text: str) -> int:
         if shingle not in known:
             known[shingle] = hashlib.blake2b(shingle.encode(), digest_size=8).digest()
     digests = b"".join(map(known.__getitem__, shingles))
-    if cython.compiled:
-        return _bit_majority_compiled(digests, len(shingles))
     bits = np.unpackbits(np.frombuffer(digests, dtype=np.uint8)).reshape(len(shingles), 64)
     majority = bits.sum(axis=0) * 2 > len(shingles)
     return int.from_bytes(np.packbits(majority).tobytes(), "big")
 
 
-@cython.locals(rows=cython.Py_ssize_t, row=cython.Py_ssize_t, byte=cython.Py_ssize_t, bit=cython.int,
-               value=cython.uchar, data=cython.p_uchar, majority=cython.ulonglong)
-def _bit_majority_compiled(digests: bytes, rows: int) -> int:
-    """``simhash``'s vote as C loops: the word whose bit j (from the most significant) is set
-    when more than half of the ``rows`` 8-byte digests have it. Only called when compiled; run
-    from source, the numpy lines above are the reference (tests/unit/test_compiled.py)."""
-    data = digests
+# The compiled path names a shingle of letters and spaces by a 25-bit code (5 bits per
+# character), so it neither slices the text nor hashes strings to find a shingle's digest.
+_SHINGLE_DIGESTS_BY_CODE: dict[int, bytes] = {}
+
+
+@cython.locals(length=cython.Py_ssize_t, start=cython.Py_ssize_t, k=cython.Py_ssize_t, byte=cython.Py_ssize_t,
+               bit=cython.int, rows=cython.int, character=cython.uint, code=cython.uint, value=cython.uchar,
+               data=cython.p_uchar, majority=cython.ulonglong)
+def _simhash_compiled(normalized: str) -> int:
+    """``_simhash_of_shingles`` as C loops, only called when compiled (tests/unit/test_compiled.py
+    compares the two): each distinct shingle's blake2b digest votes once."""
+    length = len(normalized)
     counts = cython.declare(cython.int[64])
     for bit in range(64):
         counts[bit] = 0
-    for row in range(rows):
+    seen = set()
+    known = _SHINGLE_DIGESTS_BY_CODE
+    if len(known) > _SHINGLE_DIGESTS_MAX:
+        known.clear()
+    rows = 0
+    for start in range(length - _SHINGLE + 1):
+        code = 0
+        for k in range(_SHINGLE):
+            character = ord(normalized[start + k])
+            if character == 32:  # " "
+                code = code << 5
+            elif 97 <= character <= 122:  # "a" to "z"
+                code = (code << 5) | (character - 96)
+            else:  # not what normalize_text makes: the reference path handles anything
+                return _simhash_of_shingles(normalized)
+        if code in seen:
+            continue
+        seen.add(code)
+        digest = known.get(code)
+        if digest is None:
+            digest = known[code] = hashlib.blake2b(normalized[start:start + _SHINGLE].encode(), digest_size=8).digest()
+        data = digest
         for byte in range(8):
-            value = data[row * 8 + byte]
+            value = data[byte]
             for bit in range(8):
                 counts[byte * 8 + bit] += (value >> (7 - bit)) & 1
+        rows += 1
     majority = 0
     for bit in range(64):
         if counts[bit] * 2 > rows:

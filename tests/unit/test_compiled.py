@@ -72,8 +72,9 @@ def _fingerprints() -> list[int]:
     from detectors.sketches import simhash
 
     rng = random.Random(11)
-    texts = ["", "a", "abcd", "abcde", "Hello, world!", "x" * 500, "FREE phone http://x.example/1 now " * 20]
-    texts += ["".join(rng.choice("abcdefgh ijk") for _ in range(rng.randint(0, 400))) for _ in range(500)]
+    texts = ["", "a", "abcd", "abcde", "Hello, world!", "x" * 500, "FREE phone http://x.example/1 now " * 20,
+             "Ünïcödé wörds, 日本語 and\ttabs\nand lines"]
+    texts += ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 400))) for _ in range(500)]
     return [simhash(text) for text in texts]
 
 
@@ -81,6 +82,15 @@ def _fingerprints() -> list[int]:
 def test_compiled_simhash_votes_like_the_numpy_reference():
     assert detectors.compiled_modules(), NOT_COMPILED
     assert str(_fingerprints()) == _from_source("_fingerprints")
+
+
+@pure_python_run
+def test_compiled_simhash_hands_unexpected_characters_to_the_reference():
+    from detectors import sketches
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    for normalized in ("abc \u00e9 def", "UPPER case", "tab\there"):  # never what normalize_text makes
+        assert sketches._simhash_compiled(normalized) == sketches._simhash_of_shingles(normalized)
 
 
 def _package(tmp_path: Path, stale: tuple[str, ...] = ()) -> Path:
