@@ -204,6 +204,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 if offsets:
                     await source.commit(offsets)
 
+    async def commit_processed() -> None:
+        await commit([(source, source.uncommitted()) for source in inputs])
+
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # committed before the group moves on, so the next owner starts where this one stopped
@@ -218,7 +221,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.timer(COMMIT_INTERVAL_S, name="commit-inputs")
     async def commit_inputs() -> None:
         try:
-            await commit([(source, source.uncommitted()) for source in inputs])
+            await commit_processed()
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
@@ -375,7 +378,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:
         try:
-            await commit([(source, source.uncommitted()) for source in inputs])
+            await commit_processed()
         except Exception:  # the next owner starts from the last commit: processed again, never counted twice
             log.exception("committing the input positions at shutdown failed")
         for source in inputs:

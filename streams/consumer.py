@@ -15,8 +15,8 @@ Otherwise the race runs as before, on the delivery as already started: the
 same tasks and cancellations, so a rebalance still interrupts a blocked
 delivery.
 
-Topics named in ``app.read_elsewhere`` (the events topic, which the worker reads
-with librdkafka, see ``streams/follower.py``) stay subscribed, so Faust's group
+Topics named in ``app.read_elsewhere`` (the events and labels topics, which the
+worker reads with librdkafka, see ``streams/follower.py``) stay subscribed, so Faust's group
 assigns their partitions together with the tables, but Faust never takes records
 of them from the fetcher: they are never in its set of active partitions, whatever
 resumes them (recovery, flow control).

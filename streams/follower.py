@@ -28,8 +28,8 @@ never commits itself.
 
 from __future__ import annotations
 
-import logging
 import asyncio
+import logging
 from typing import Any, Callable, Iterable, NamedTuple
 
 from aiokafka.structs import TopicPartition as AIOKafkaTP
