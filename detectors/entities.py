@@ -32,13 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import cython
+
 from detectors.catalog import (
     ALL_TYPES, CHANNELS, ENTITIES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates,
     RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
-    NEAR_DUPLICATE_BITS, distinct_add_hash, distinct_contains_hash, distinct_count, distinct_expire, distinct_merge,
-    hamming, hash32, new_distinct,
+    NEAR_DUPLICATE_BITS, distinct_count, distinct_expire, distinct_insert, distinct_merge, hamming, hash32,
+    new_distinct,
 )
 
 Record = dict[str, Any]
@@ -50,6 +52,7 @@ def new_record() -> Record:
     return {"f": None, "l": None, "r": {}, "d": {}, "t": []}
 
 
+@cython.locals(newest=cython.longlong, length=cython.longlong, oldest=cython.longlong)
 def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
     oldest = newest - length + 1
     if not ring or ring[0][0] >= oldest:  # rings are kept in bucket order
@@ -84,12 +87,24 @@ def apply_event(
     watermark = ts if record["l"] is None else max(record["l"], ts)
     record["f"] = ts if record["f"] is None else min(record["f"], ts)
     record["l"] = watermark
+    plan = _PLANS[entity.name]
+    _apply_to_rings(record["r"], plan.rings, ts, watermark, amounts)
+    novelty = _apply_to_sketches(record["d"], plan.sketches, event, ts, watermark)
+    if entity.track_texts:
+        _apply_to_texts(record, fingerprint, ts, watermark)
+    return record, novelty
 
-    rings = record["r"]
-    for key, width, length, channels in _PLANS[entity.name].rings:
-        ring = _prune_ring(rings.get(key) or [], watermark // width, length)
+
+@cython.locals(ts=cython.longlong, watermark=cython.longlong, width=cython.longlong, length=cython.longlong,
+               newest=cython.longlong, idx=cython.longlong, i=cython.Py_ssize_t, ring=list, bucket=list, added=list)
+def _apply_to_rings(rings: dict[str, list], plan_rings: tuple, ts: int, watermark: int,
+                    amounts: dict[str, float]) -> None:
+    for key, width, length, channels in plan_rings:
+        newest = watermark // width
+        ring = rings.get(key) or []
+        ring = _prune_ring(ring, newest, length)
         idx = ts // width
-        added = [amounts[ch] for ch in channels] if idx > watermark // width - length else ()
+        added = [amounts[ch] for ch in channels] if idx > newest - length else []
         if any(added):
             if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
                 bucket = ring[-1]
@@ -110,39 +125,59 @@ def apply_event(
         else:
             rings.pop(key, None)
 
-    novelty: dict[str, bool | None] = {}
-    sketches = record["d"]
-    ts_s = ts // 1000
-    for sketch in entity.sketches:
-        current = distinct_expire(sketches.get(sketch.name) or new_distinct(), (watermark - sketch.memory_ms) // 1000)
-        value = sketch.field(event)
-        if value:
-            h = hash32(value)
-            known = distinct_contains_hash(current, h)
-            novelty[sketch.name] = None if known is None else not known
-            current = distinct_add_hash(current, h, ts_s)
-        if current.get("x") or current.get("h"):
-            sketches[sketch.name] = current
-        else:
-            sketches.pop(sketch.name, None)
 
-    if entity.track_texts:
-        # The RECENT_TEXTS newest texts by event time, within TEXT_MEMORY_MS of the watermark.
-        texts = record["t"]
-        if fingerprint is not None:
-            texts = sorted(texts + [[fingerprint, ts_s]], key=_text_order)[-RECENT_TEXTS:]
-        since_s = (watermark - TEXT_MEMORY_MS) // 1000
-        record["t"] = [t for t in texts if t[1] >= since_s]
-    return record, novelty
+@cython.locals(watermark=cython.longlong, ts_s=cython.longlong)
+def _apply_to_sketches(sketches: dict[str, Any], plan_sketches: tuple, event: Event, ts: int,
+                       watermark: int) -> dict[str, bool | None]:
+    novelty: dict[str, bool | None] = {}
+    ts_s = ts // 1000
+    for name, memory_ms, field in plan_sketches:
+        current = sketches.get(name)
+        current = distinct_expire(current, (watermark - memory_ms) // 1000) if current else new_distinct()
+        value = field(event)
+        if value:
+            current, known = distinct_insert(current, hash32(value), ts_s)
+            novelty[name] = None if known is None else not known
+        if current.get("x") or current.get("h"):
+            sketches[name] = current
+        else:
+            sketches.pop(name, None)
+    return novelty
+
+
+@cython.locals(watermark=cython.longlong, ts_s=cython.longlong, since_s=cython.longlong)
+def _apply_to_texts(record: Record, fingerprint: int | None, ts: int, watermark: int) -> None:
+    """Keeps the RECENT_TEXTS newest texts by event time, within TEXT_MEMORY_MS of the watermark."""
+    texts = record["t"]
+    if fingerprint is not None:
+        ts_s = ts // 1000
+        texts = sorted(texts + [[fingerprint, ts_s]], key=_text_order)[-RECENT_TEXTS:]
+    since_s = (watermark - TEXT_MEMORY_MS) // 1000
+    record["t"] = [t for t in texts if t[1] >= since_s]
 
 
 def _text_order(text: list[int]) -> tuple[int, int]:
     return text[1], text[0]
 
 
-def _add(current: float, amount: float) -> float:
-    total = current + amount
-    return int(total) if float(total).is_integer() else round(total, 2)
+@cython.locals(a=cython.double, b=cython.double, total=cython.double)
+def _add(current: int | float, amount: int | float) -> int | float:  # not `float`: Cython makes that a C double
+    """A bucket's new value: an int while whole (as JSON keeps it), else rounded to cents."""
+    try:
+        a, b = current, amount
+    except OverflowError:  # an int beyond every double: added exactly below
+        a = b = _EXACT_INTEGERS
+    total = a + b
+    # Within 2 ** 53 a double holds every whole number, so adding as doubles gives what adding
+    # the Python numbers does (ints exactly, a float with an int as a double); beyond, Python adds.
+    if -_EXACT_INTEGERS < a < _EXACT_INTEGERS and -_EXACT_INTEGERS < b < _EXACT_INTEGERS \
+            and -_EXACT_INTEGERS < total < _EXACT_INTEGERS:
+        return int(total) if total == cython.cast(cython.longlong, total) else round(total, 2)
+    exact = current + amount
+    return int(exact) if float(exact).is_integer() else round(exact, 2)
+
+
+_EXACT_INTEGERS = 2.0 ** 53
 
 
 def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | None:
@@ -187,13 +222,17 @@ def is_idle(entity: Entity, record: Record, watermark_ms: int) -> bool:
 # Feature kinds, compiled once per entity into (code, name, arguments) steps: per event
 # the catalogue is then a loop over tuples, not attribute lookups and name formatting.
 _WINDOW_SUM, _MEAN, _RATIO, _RATE_OF_CHANGE, _DISTINCT, _IS_NEW, _NEAR_DUPLICATES, _AGE, _SINCE_LAST = range(9)
+# A window's sums are kept at slot * _MAX_CHANNELS + channel of one array of C doubles.
+_MAX_WINDOWS = 8
+_MAX_CHANNELS = 16
 
 
 @dataclass(frozen=True)
 class _Plan:
     zeros: dict[str, float]
     rings: tuple[tuple[str, int, int, tuple[str, ...]], ...]  # ring key, bucket width, buckets kept, channels
-    windows: tuple[tuple[str, int, int, str, int], ...]  # window name, bucket width, buckets, ring key, channels
+    sketches: tuple[tuple[str, int, Any], ...]  # name, memory in ms, the field it counts
+    windows: tuple[tuple[int, int, str, int], ...]  # per window slot: bucket width, buckets, ring key, channels
     steps: tuple[tuple[Any, ...], ...]
 
 
@@ -201,18 +240,23 @@ def _compile(entity: Entity) -> _Plan:
     windows = {f.window for f in entity.features if isinstance(f, (Count, Sum, Mean, Ratio))}
     if any(isinstance(f, RateOfChange) for f in entity.features):
         windows.add("1h")
-    index = {w: {ch: i for i, ch in enumerate(entity.ring_layout[WINDOWS[w][0]])} for w in windows}  # type: ignore[index]
+    names = sorted(windows)  # type: ignore[type-var]
+    if len(names) > _MAX_WINDOWS or max(map(len, entity.ring_layout.values())) > _MAX_CHANNELS:
+        raise ValueError(f"entity {entity.name}: at most {_MAX_WINDOWS} windows of {_MAX_CHANNELS} channels")
+    # where each window's sum of each channel is kept
+    at = {w: {ch: slot * _MAX_CHANNELS + i for i, ch in enumerate(entity.ring_layout[WINDOWS[w][0]])}
+          for slot, w in enumerate(names)}  # type: ignore[index]
     steps: list[tuple[Any, ...]] = []
     for f in entity.features:
         if isinstance(f, (Count, Sum)):
-            steps.append((_WINDOW_SUM, f.name, f.window, index[f.window][f.channel]))  # type: ignore[index]
+            steps.append((_WINDOW_SUM, f.name, at[f.window][f.channel]))  # type: ignore[index]
         elif isinstance(f, Mean):
-            steps.append((_MEAN, f.name, f.window, index[f.window][f.channel], index[f.window][f.per]))  # type: ignore[index]
+            steps.append((_MEAN, f.name, at[f.window][f.channel], at[f.window][f.per]))  # type: ignore[index]
         elif isinstance(f, Ratio):
-            w = index[f.window]  # type: ignore[index]
-            steps.append((_RATIO, f.name, f.window, w[f.numerator], w[f.denominator]))
+            w = at[f.window]  # type: ignore[index]
+            steps.append((_RATIO, f.name, w[f.numerator], w[f.denominator]))
         elif isinstance(f, RateOfChange):
-            steps.append((_RATE_OF_CHANGE, f.name, "1h", index["1h"][f.channel],
+            steps.append((_RATE_OF_CHANGE, f.name, at["1h"][f.channel],
                           1 + entity.ring_layout[HOUR].index(f.channel)))
         elif isinstance(f, Distinct):
             steps.append((_DISTINCT, f.name, f.sketch, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
@@ -230,8 +274,9 @@ def _compile(entity: Entity) -> _Plan:
         zeros={f.name: 0.0 for f in entity.features},
         rings=tuple((str(width), width, entity.ring_lengths[width], channels)
                     for width, channels in entity.ring_layout.items()),
-        windows=tuple((w, *WINDOWS[w], str(WINDOWS[w][0]), len(entity.ring_layout[WINDOWS[w][0]]))
-                      for w in sorted(windows)),  # type: ignore[index]
+        sketches=tuple((sketch.name, sketch.memory_ms, sketch.field) for sketch in entity.sketches),
+        windows=tuple((*WINDOWS[w], str(WINDOWS[w][0]), len(entity.ring_layout[WINDOWS[w][0]]))
+                      for w in names),  # type: ignore[index]
         steps=tuple(steps),
     )
 
@@ -239,19 +284,12 @@ def _compile(entity: Entity) -> _Plan:
 _PLANS = {name: _compile(entity) for name, entity in ENTITIES.items()}
 
 
-def _window_sums(record: Record, width: int, n: int, ring_key: str, channels: int) -> list[float]:
-    ring = record["r"].get(ring_key) or ()
-    oldest = record["l"] // width - n
-    # A ring is pruned to its record's watermark, so it is usually the window as it stands.
-    window = ring if not ring or ring[0][0] > oldest else [bucket for bucket in ring if bucket[0] > oldest]
-    if not window:
-        return [0.0] * channels
-    if len(window) == 1:
-        return [float(v) for v in window[0][1:]]
-    # summed in bucket order, as floats: the same values as adding bucket by bucket
-    return [float(sum(column)) for column in list(zip(*window))[1:]]
-
-
+@cython.locals(code=cython.int, slot=cython.Py_ssize_t, channel=cython.Py_ssize_t, channels=cython.Py_ssize_t,
+               base=cython.Py_ssize_t, i=cython.Py_ssize_t, watermark=cython.longlong, width=cython.longlong,
+               oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
+               amount=cython.double,
+               value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
+               bucket=list)
 def entity_features(
     entity: Entity, view: Record | None, event: Event, previous_last: int | None,
     novelty: dict[str, bool | None] | None = None, fingerprint: int | None = None,
@@ -264,38 +302,61 @@ def entity_features(
     if view is None:
         return dict(plan.zeros)
     watermark = view["l"]
-    sums = {w: _window_sums(view, width, n, key, channels) for w, width, n, key, channels in plan.windows}
+    rings = view["r"]
+    # Each window's sums, bucket by bucket in bucket order as doubles (what the models get)
+    sums = cython.declare(cython.double[128])  # _MAX_WINDOWS * _MAX_CHANNELS (C needs the number)
+    for slot in range(len(plan.windows)):
+        window = plan.windows[slot]
+        width, channels, base = window[0], window[3], slot * _MAX_CHANNELS
+        for channel in range(channels):
+            sums[base + channel] = 0.0
+        oldest = watermark // width - window[1]
+        for bucket in rings.get(window[2]) or ():
+            idx = bucket[0]
+            if idx > oldest:
+                for channel in range(channels):
+                    amount = bucket[1 + channel]
+                    sums[base + channel] += amount
     novelty = novelty or {}
     sketches = view["d"]
     out: dict[str, float] = {}
     for step in plan.steps:
         code = step[0]
         if code == _WINDOW_SUM:
-            value = sums[step[2]][step[3]]
+            value = sums[step[2]]
         elif code == _MEAN or code == _RATIO:
-            s = sums[step[2]]
-            value = s[step[3]] / s[step[4]] if s[step[4]] else 0.0
+            denominator = sums[step[3]]
+            value = sums[step[2]] / denominator if denominator else 0.0
         elif code == _DISTINCT:
             sketch = sketches.get(step[2])
-            value = float(distinct_count(sketch, watermark // 1000 - step[3])) if sketch else 0.0
+            value = distinct_count(sketch, watermark // 1000 - step[3]) if sketch else 0.0
         elif code == _RATE_OF_CHANGE:
-            this_hour = sums[step[2]][step[3]]
-            newest, i = watermark // HOUR, step[4]
-            day = sum(b[i] for b in view["r"].get(_HOUR_KEY, ()) if newest - 24 <= b[0] < newest)
-            value = (this_hour + 1) / (day / 24 + 1)
+            newest, i = watermark // HOUR, step[3]
+            day = 0.0
+            for bucket in rings.get(_HOUR_KEY) or ():
+                idx = bucket[0]
+                if newest - 24 <= idx < newest:
+                    amount = bucket[i]
+                    day += amount
+            value = (sums[step[2]] + 1) / (day / 24 + 1)
         elif code == _IS_NEW:
             value = 1.0 if novelty.get(step[2]) else 0.0
         elif code == _NEAR_DUPLICATES:
             value = _near_duplicates(view["t"], event, fingerprint, watermark // 1000 - step[2])
         elif code == _AGE:
-            value = (watermark - view["f"]) / HOUR
-        else:  # _SINCE_LAST
-            value = 86_400.0 if previous_last is None else min(86_400.0, max(0, event["ts"] - previous_last) / 1000)
-        # float, and 0 for inf/nan (x - x is 0 only for finite x)
+            elapsed = watermark - view["f"]
+            value = elapsed / _HOUR_MS
+        elif previous_last is None:  # _SINCE_LAST
+            value = 86_400.0
+        else:
+            elapsed = event["ts"] - previous_last
+            value = min(86_400.0, max(0, elapsed) / 1000.0)
+        # a float (a count is an int when run from source), and 0 for inf/nan (x - x is 0 only for finite x)
         out[step[1]] = float(value) if value - value == 0 else 0.0
     return out
 
 
+_HOUR_MS = float(HOUR)
 _HOUR_KEY = str(HOUR)
 
 

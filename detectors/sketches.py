@@ -88,22 +88,31 @@ def distinct_add(sketch: Distinct, value: str, ts_s: int) -> Distinct:
 
 
 def distinct_add_hash(sketch: Distinct, h: int, ts_s: int) -> Distinct:
+    return distinct_insert(sketch, h, ts_s)[0]
+
+
+def distinct_insert(sketch: Distinct, h: int, ts_s: int) -> tuple[Distinct, bool | None]:
+    """Adds a ``hash32``; returns the sketch and whether it held the hash before
+    (None once the sketch is a HyperLogLog: unknown)."""
     if "x" in sketch:
         exact = sketch["x"]
         key = str(h)
-        if key in exact or len(exact) < EXACT_LIMIT:
-            exact[key] = max(ts_s, exact.get(key, ts_s))
-            return sketch
+        seen = exact.get(key)
+        if seen is not None:
+            if ts_s > seen:
+                exact[key] = ts_s
+            return sketch, True
+        if len(exact) < EXACT_LIMIT:
+            exact[key] = ts_s
+            return sketch, False
         sketch = {"h": _to_hll(exact)}
+        known: bool | None = False
+    else:
+        known = None
     register, rank = _rank(h)
     registers = sketch["h"]
     registers[str(register)] = _front_add(registers.get(str(register), []), rank, ts_s)
-    return sketch
-
-
-def distinct_contains_hash(sketch: Distinct, h: int) -> bool | None:
-    """Membership of a ``hash32`` while exact; None once the sketch is a HyperLogLog (unknown)."""
-    return str(h) in sketch["x"] if "x" in sketch else None
+    return sketch, known
 
 
 def distinct_count(sketch: Distinct, since_s: int) -> int:
@@ -184,8 +193,86 @@ _HAS_DIGIT = re.compile(r"(?<!\S)[^\s\d]*\d\S*")
 @lru_cache(maxsize=4096)  # a text is normalised for its fingerprint, then again for the content model later in the batch
 def normalize_text(text: str) -> str:
     """Lower-cased letters only; links reduced to their host; tokens with digits (codes, ids) dropped."""
+    if cython.compiled and text.isascii():
+        return _normalize_ascii(text)
+    return _normalize_with_patterns(text)
+
+
+def _normalize_with_patterns(text: str) -> str:
+    """The reference, for any text: the three patterns above."""
     text = _HAS_DIGIT.sub(" ", _URL_PATH.sub(r"\1", text.lower()))
     return _NORMALIZE.sub(" ", text).strip()
+
+
+@cython.locals(data=cython.p_uchar, out=cython.p_uchar, n=cython.Py_ssize_t, i=cython.Py_ssize_t,
+               start=cython.Py_ssize_t, end=cython.Py_ssize_t, j=cython.Py_ssize_t, written=cython.Py_ssize_t,
+               character=cython.uchar, in_word=cython.bint, has_digit=cython.bint)
+def _normalize_ascii(text: str) -> str:
+    """``_normalize_with_patterns`` for ASCII text in one pass, only called when compiled
+    (tests/unit/test_compiled.py compares the two): per whitespace-separated token, a link is
+    cut after its host, a token with a digit is dropped, and the runs of a-z are the words."""
+    lowered = text.lower().encode("ascii")
+    result = bytearray(len(lowered))  # never longer: each word's space stands for a separator
+    data, out, n = lowered, result, len(lowered)
+    i = written = 0
+    while i < n:
+        while i < n and _is_ascii_space(data[i]):
+            i += 1
+        start = i
+        while i < n and not _is_ascii_space(data[i]):
+            i += 1
+        end = _after_link_host(data, start, i)
+        has_digit = False
+        for j in range(start, end):
+            if 48 <= data[j] <= 57:  # "0" to "9"
+                has_digit = True
+                break
+        if has_digit:
+            continue
+        in_word = False
+        for j in range(start, end):
+            character = data[j]
+            if 97 <= character <= 122:  # "a" to "z"
+                if not in_word and written:
+                    out[written] = 32
+                    written += 1
+                out[written] = character
+                written += 1
+                in_word = True
+            else:
+                in_word = False
+    return result[:written].decode("ascii")
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(character=cython.uchar)
+def _is_ascii_space(character) -> cython.bint:
+    """What Python's \\s matches below 128: tab to carriage return, the separators 28-31, space."""
+    return character == 32 or 9 <= character <= 13 or 28 <= character <= 31
+
+
+@cython.cfunc
+@cython.locals(data=cython.p_uchar, start=cython.Py_ssize_t, end=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               host=cython.Py_ssize_t, cut=cython.Py_ssize_t)
+def _after_link_host(data, start, end) -> cython.Py_ssize_t:
+    """Where a token ends once ``_URL_PATH`` has cut its first link after the host: at the
+    first "http://" or "https://" followed by a host (no "/") and then a "/"."""
+    for at in range(start, end):
+        if end - at < 4 or data[at] != 104 or data[at + 1] != 116 or data[at + 2] != 116 or data[at + 3] != 112:
+            continue  # not "http"
+        host = at + 4
+        if host < end and data[host] == 115:  # "s"
+            host += 1
+        if end - host < 3 or data[host] != 58 or data[host + 1] != 47 or data[host + 2] != 47:
+            continue  # not "://"
+        host += 3
+        cut = host
+        while cut < end and data[cut] != 47:
+            cut += 1
+        if host < cut < end:
+            return cut
+    return end
 
 
 # Shingles recur across texts (words, spam templates): each one's digest is computed once.

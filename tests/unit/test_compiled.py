@@ -93,6 +93,54 @@ def test_compiled_simhash_hands_unexpected_characters_to_the_reference():
         assert sketches._simhash_compiled(normalized) == sketches._simhash_of_shingles(normalized)
 
 
+@pure_python_run
+def test_compiled_normaliser_matches_the_patterns_on_ascii_text():
+    import random
+
+    from detectors import sketches
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = random.Random(4)
+    pieces = [chr(c) for c in range(128)] + ["http://", "https://", "HTTP://", "hTtPs://", "x.example/", "a1"] * 8
+    texts = ["", " ", "Visit https://x.example/path?q=1 NOW", "http:///x", "see:http://a.b/c/d", "http://http://a/b"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 24))) for _ in range(20_000)]
+    for text in texts:
+        assert sketches._normalize_ascii(text) == sketches._normalize_with_patterns(text), repr(text)
+
+
+def _bucket_arithmetic() -> str:
+    """Bucket values and window features on awkward amounts: the compiled build adds them as C doubles."""
+    from detectors.catalog import ENTITIES
+    from detectors.entities import _add, apply_event, entity_features
+
+    values = [0, 1, 3, 0.1, 0.2, 2.5, 0.005, 19.99, 123456.785, -3.75, 2.0 ** 53 - 1, 2.0 ** 53, 2.0 ** 53 + 2,
+              2 ** 53 - 1, 2 ** 53 + 1, 2 ** 60 + 1, -2 ** 60, 10 ** 400, -10 ** 400, 1e300,
+              float("inf"), float("-inf"), float("nan")]
+    sums = []
+    for a in values:
+        for b in values:
+            try:
+                sums.append(repr(_add(a, b)))
+            except OverflowError:  # e.g. 10 ** 400 + 1.0, as Python's own addition
+                sums.append("OverflowError")
+    features = []
+    for entity in (ENTITIES["user"], ENTITIES["merchant"], ENTITIES["card"]):
+        record, previous = None, None
+        for i, amount in enumerate([19.99, 0.01, 1e6 + 0.005, 250, 0.1, 0.2, 7.125, 1e15, 3.3] * 3):
+            event = {"event_id": f"p{i}", "type": "payment", "ts": 1_700_000_000_000 + i * 97_000, "user_id": "u1",
+                     "amount": amount, "merchant_id": "m1", "card_fingerprint": "c1", "declined": i % 4 == 0}
+            record, novelty = apply_event(entity, record, event)
+            features.append(entity_features(entity, record, event, previous, novelty))
+            previous = record["l"]
+    return repr((sums, record, features))
+
+
+@pure_python_run
+def test_compiled_bucket_arithmetic_matches_the_source():
+    assert detectors.compiled_modules(), NOT_COMPILED
+    assert _bucket_arithmetic() == _from_source("_bucket_arithmetic")
+
+
 def _package(tmp_path: Path, stale: tuple[str, ...] = ()) -> Path:
     """A package with two built modules, recorded as built from their sources except ``stale``."""
     recorded = {}

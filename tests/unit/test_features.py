@@ -152,6 +152,16 @@ def test_entity_features_match_brute_force(entity_name, seed):
     assert checked > 10
 
 
+def test_bucket_values_stay_whole_numbers_or_cents():
+    from detectors.entities import _add
+
+    assert _add(2, 1.0) == 3 and type(_add(2, 1.0)) is int  # counts stay ints in the stored JSON
+    assert _add(0.1, 0.2) == 0.3 and _add(19.99, 0.001) == 19.99  # amounts to the cent
+    assert type(_add(2.0 ** 53, 2.0)) is int  # every double that large is whole
+    assert _add(2 ** 60 + 1, 2) == 2 ** 60 + 3  # whole amounts beyond a double's precision add exactly
+    assert _add(1e308, 1e308) == math.inf and math.isnan(_add(math.inf, -math.inf))
+
+
 def test_shards_merge_to_the_single_record_answer():
     """Any split of an entity's events over partitions merges to the unsplit features."""
     rng = random.Random(99)
