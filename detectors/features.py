@@ -21,7 +21,7 @@ from typing import Mapping
 import orjson
 
 from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, Event
-from detectors.entities import apply_event, channel_amounts, entity_features, merge_records
+from detectors.entities import Record, apply_event, channel_amounts, entity_features, merge_records
 from detectors.reputation import reputation_features
 from detectors.sketches import simhash
 
@@ -29,22 +29,35 @@ from detectors.sketches import simhash
 @dataclass(frozen=True)
 class EntityState:
     """What the store holds for one entity: the shard this event writes to
-    (``own``) and, for sharded entities, the other shards as last replicated."""
+    (``own``) and, for sharded entities, the other shards as last replicated.
+
+    A caller that keeps records decoded between events (the live worker, within a
+    batch) passes the own shard as ``record`` instead: ``extract`` then updates that
+    object in place, so an entity's record is decoded once and encoded once per
+    batch, not per event. Other shards may be given decoded too (read only).
+    """
     own: bytes | None = None
-    others: tuple[bytes, ...] = ()
+    others: tuple[bytes | Record, ...] = ()
     reputation: bytes | None = None  # label-derived record, see detectors/reputation.py
+    record: Record | None = None
 
 
 @dataclass(frozen=True)
 class Extraction:
     features: dict[str, float]
-    records: dict[str, dict]  # entity name -> its own shard's record, for entities this event changed
+    records: dict[str, Record]  # entity name -> its own shard's record, for entities this event changed
     keys: dict[str, str] = field(default_factory=dict)  # entity name -> key in this event
 
     @cached_property
     def updates(self) -> dict[str, bytes]:
-        """The changed records as the store keeps them (as they were extracted)."""
-        return {name: orjson.dumps(record) for name, record in self.records.items()}
+        """The changed records as the store keeps them (as they were extracted: read it before
+        the next event updates a record kept decoded)."""
+        return {name: encode_record(record) for name, record in self.records.items()}
+
+
+def encode_record(record: Record) -> bytes:
+    """An entity record as the store and its changelog keep it."""
+    return orjson.dumps(record)
 
 
 def entity_keys(event: Event) -> dict[str, str]:
@@ -74,8 +87,8 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             features.update(entity_features(entity, None, event, None))
             continue
         state = states.get(name) or EntityState()
-        own = orjson.loads(state.own) if state.own else None
-        others = [orjson.loads(raw) for raw in state.others if raw]
+        own = state.record if state.record is not None else orjson.loads(state.own) if state.own else None
+        others = [shard if isinstance(shard, dict) else orjson.loads(shard) for shard in state.others if shard]
         lasts = [r["l"] for r in ([own] if own else []) + others]
         previous_last = max(lasts) if lasts else None
         novelty: dict[str, bool | None] = {}
@@ -93,6 +106,6 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     return Extraction(features, records, keys)
 
 
-def already_applied(record: dict, source: tuple[int, int]) -> bool:
+def already_applied(record: Record, source: tuple[int, int]) -> bool:
     applied = record.get("o")
     return applied is not None and applied[0] == source[0] and applied[1] >= source[1]

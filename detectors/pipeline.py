@@ -3,7 +3,9 @@
 
 This is the code the live worker, offline evaluation and tests all run; it
 knows nothing about Kafka or Faust. State crosses the boundary as bytes so the
-worker stores exactly what the detector wrote.
+worker stores exactly what the detector wrote; the live worker keeps a batch's
+records decoded between its events instead (see ``EntityState``) and encodes
+each once, when the batch ends.
 
 >>> d = Detector(ModelSet.new(min_labels_per_class=1))
 >>> out = d.score({"event_id": "e1", "type": "signup", "ts": 0, "user_id": "u1",
@@ -15,6 +17,7 @@ worker stores exactly what the detector wrote.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping, Protocol, Sequence
 
 import orjson
@@ -23,7 +26,7 @@ from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
 from detectors.content import text_inputs
 from detectors.decisions import alert_id, build_alert, score_id, severity
-from detectors.features import EntityState, Extraction, entity_keys, extract
+from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract
 from detectors.lifecycle import ModelSet
 from detectors.model import log_feature_matrix
 from detectors.reputation import add_label_stored, label_deltas
@@ -47,10 +50,16 @@ class StaticRules:
 
 @dataclass(frozen=True)
 class Scored:
-    updates: dict[str, bytes]  # entity name -> new bytes of the shard this event wrote
+    records: dict[str, dict]  # entity name -> the record of the shard this event wrote, alert state included
     keys: dict[str, str]  # entity name -> key
     risk_score: dict[str, Any]
     alert: dict[str, Any] | None
+
+    @cached_property
+    def updates(self) -> dict[str, bytes]:
+        """The records as the store keeps them (read before a later event of the batch updates
+        a record kept decoded; see ``EntityState``)."""
+        return {name: encode_record(record) for name, record in self.records.items()}
 
 
 @dataclass(frozen=True)
@@ -131,10 +140,7 @@ class Detector:
                 risk_score["inputs"] = {"text": text}
             records = dict(extraction.records)
             alert = self._decide(event, risk_score, rules, states, records, risk_score["scored_at"], alert_states)
-            updates = dict(extraction.updates)
-            if "user" in records:  # the alert state changed in it
-                updates["user"] = orjson.dumps(records["user"])
-            scored.append(Scored(updates, extraction.keys, risk_score, alert))
+            scored.append(Scored(records, extraction.keys, risk_score, alert))
         return scored
 
     def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list,
@@ -166,9 +172,10 @@ class Detector:
         threshold = policy.threshold_for(event["type"])
         user = records.get("user")
         if user is None:  # a redelivered event: the record already applied it
-            if "user" not in states or states["user"].own is None:
+            stored = states.get("user")
+            if stored is None or (stored.record is None and stored.own is None):
                 return None
-            user = orjson.loads(states["user"].own)
+            user = stored.record if stored.record is not None else orjson.loads(stored.own)
         state = (alert_states.get(event["user_id"]) or user.get("a")
                  or {"until": None, "id": None, "recent": [], "suppressed": 0})
         ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])
@@ -189,7 +196,8 @@ class Detector:
                     key=["low", "medium", "high", "critical"].index)
                 alert["suppressed_before"] = state["suppressed"]
                 state.update(until=ts + policy.cooldown_ms, id=this_alert, suppressed=0)
-        user["a"] = alert_states[event["user_id"]] = state
+        alert_states[event["user_id"]] = state
+        user["a"] = dict(state)  # as of this event: the batch's later decisions update ``state``
         records["user"] = user
         return alert
 

@@ -33,9 +33,9 @@ from faust.exceptions import SameNode
 
 import detectors
 from detectors.catalog import ENTITIES
-from detectors.entities import entity_features, is_idle, merge_records
+from detectors.entities import Record, entity_features, is_idle, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import EntityState, entity_keys, extract
+from detectors.features import EntityState, encode_record, entity_keys, extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -47,7 +47,7 @@ from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFoll
 from streams.kafka.io import KafkaWriter
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, ShardReplica, shard_key
+from streams.state import ExpirySweeper, RecordCache, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -56,6 +56,7 @@ LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
 BETWEEN_BATCHES_S = 0.005
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
+GC_THRESHOLDS = (50_000, 20, 20)  # the young generation's (Python's default: 700, 10, 10)
 
 
 def _now_ms() -> int:
@@ -212,9 +213,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # committed before the group moves on, so the next owner starts where this one stopped
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
+        record_cache.clear()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        record_cache.clear()
         for source in inputs:
             await source.on_assigned()
 
@@ -225,19 +228,28 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
-    # The batch's entity writes, applied once per entity when the batch ends: a hot IP in
-    # a batch of 1,000 events costs one store write and one changelog record, not one per
-    # event. Reads within the batch see them first. {(entity, table key): (record, partition)}
-    batch_writes: dict[tuple[str, bytes], tuple[bytes, int]] = {}
+    # The records the batch changed, kept decoded and written once per entity when the batch
+    # ends: a hot IP in a batch of 1,000 events costs one JSON encoding, one store write and
+    # one changelog record, not one per event. The batch's next events of the same entity
+    # read (and update) them first. {(entity, table key): (record, partition)}
+    batch_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
 
-    def stored(name: str, table_key: bytes, read: Any) -> bytes | None:
-        pending = batch_writes.get((name, table_key))
-        return pending[0] if pending is not None else read(table_key)
+    # And between batches, the records of recently seen entities, decoded (cleared whenever
+    # ownership may change: only this worker writes its owned partitions).
+    record_cache = RecordCache(settings.record_cache_entries)
+    app.record_cache = record_cache  # type: ignore[attr-defined]
+
+    def stored(name: str, table_key: bytes, read: Any) -> bytes | Record | None:
+        pending = batch_records.get((name, table_key))
+        if pending is not None:
+            return pending[0]
+        return record_cache.get((name, table_key)) or read(table_key)
 
     def write_batch() -> None:
-        for (name, key), (raw, partition) in batch_writes.items():
-            writer.put(tables[name], partition, key, raw)
-        batch_writes.clear()
+        for (name, key), (record, partition) in batch_records.items():
+            writer.put(tables[name], partition, key, encode_record(record))
+        record_cache.keep(batch_records)
+        batch_records.clear()
         writer.poll()
 
     # Per batch (ownership cannot change within one: agent bodies never await), for each
@@ -266,11 +278,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         states = {}
         for name, key in keys.items():
             own = stored(name, table_key(name, partition, key), store_get(name, partition))
-            others: tuple[bytes, ...] = ()
+            others: tuple[bytes | Record, ...] = ()
             if ENTITIES[name].sharded:
                 local = [stored(name, shard_key(p, key), store_get(name, p)) for p in local_partitions]
                 others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            states[name] = EntityState(own, others, feed.reputation_of(name, key))
+            if isinstance(own, dict):  # this batch's: extract updates it in place
+                states[name] = EntityState(None, others, feed.reputation_of(name, key), record=own)
+            else:
+                states[name] = EntityState(own, others, feed.reputation_of(name, key))
         return states
 
     def sweep(partition: int) -> None:
@@ -280,11 +295,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
             for key in sweeper.next_slice(name, partition, db.keys(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key or (name, key) in batch_writes:
+                if key == store.offset_key or (name, key) in batch_records:
                     continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
                     writer.put(table, partition, key, None)
+                    record_cache.discard((name, key))
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
@@ -405,22 +421,28 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             # What is alive now lives as long as the worker: out of the cyclic collector's full
             # scans, which the many short-lived objects of a batch trigger (+5-7% events/s).
             gc.freeze()
+            # Records kept decoded are acyclic and outlive a batch: the collector's young
+            # scans found nothing to free but cost 4-5% of extraction (docs/performance.md).
+            gc.set_threshold(*GC_THRESHOLDS)
 
     def extract_one(origin: Origin, record: dict[str, Any], extracted: list[tuple[Origin, Extracted]]) -> None:
-        """An event's features and entity records; the records go to the batch's writes
-        at once, as the batch's next events of the same entities read them."""
+        """An event's features and entity records; the records join the batch's at once,
+        as the batch's next events of the same entities read them."""
         partition = origin.partition
         try:
             keys = entity_keys(record)
             states = states_for(keys, partition)
             extraction = extract(record, states, (partition, origin.offset))
-            updates = extraction.updates
         except Exception as exc:  # a detector bug must not stop the partition
+            # A record kept from an earlier batch is read again from the store; one this batch
+            # wrote keeps what the event changed in it before the error.
+            for name, key in entity_keys(record).items():
+                record_cache.discard((name, table_key(name, partition, key)))
             log.exception("feature extraction failed for event %s", record.get("event_id"))
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
-        for name, raw in updates.items():
-            batch_writes[(name, table_key(name, partition, keys[name]))] = (raw, partition)
+        for name, entity_record in extraction.records.items():
+            batch_records[(name, table_key(name, partition, keys[name]))] = (entity_record, partition)
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -430,8 +452,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 reject(origin, ContractViolation("processing_error", f"{type(result).__name__}: {result}"))
                 continue
             partition = origin.partition
-            for name, raw in result.updates.items():
-                batch_writes[(name, table_key(name, partition, result.keys[name]))] = (raw, partition)
+            for name, entity_record in result.records.items():
+                batch_records[(name, table_key(name, partition, result.keys[name]))] = (entity_record, partition)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))
@@ -478,7 +500,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.task
     async def process_inputs() -> None:
         while True:
-            if app.rebalancing:
+            if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
+                record_cache.clear()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             new_labels = labels.poll(settings.batch_max_events)
@@ -565,6 +588,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
+            "records_kept_decoded": {"entries": len(record_cache), "capacity": record_cache.capacity,
+                                     "hits": record_cache.hits, "misses": record_cache.misses},
             "events_partitions": events.view(),
             "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view()},
         })

@@ -35,8 +35,9 @@ from confluent_kafka.admin import AdminClient
 from rocksdict import Rdict
 
 import detectors
+from detectors.entities import Record
 from detectors.events import decode_event
-from detectors.features import EntityState, entity_keys, extract
+from detectors.features import EntityState, encode_record, entity_keys, extract
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector
 from schemas import ContractViolation
@@ -279,9 +280,9 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
         batch = consumer.consume(1000, timeout=1.0)
         if batch:
             idle = time.monotonic()
-        # Like the worker: features per event over the batch's own writes, models per batch,
-        # each entity's record stored once per batch.
-        writes: dict[bytes, bytes] = {}
+        # Like the worker: features per event over the batch's records (kept decoded), models
+        # per batch, each entity's record encoded and stored once per batch.
+        records: dict[bytes, Record] = {}
         extracted = []
         for msg in batch:
             if msg.error():
@@ -292,21 +293,22 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
             except ContractViolation:
                 continue
             state_keys = {name: f"{name}|{key}".encode() for name, key in entity_keys(event).items()}
-            states = {name: EntityState(writes[k] if k in writes else db.get(k)) for name, k in state_keys.items()}
+            states = {name: EntityState(record=records[k]) if k in records else EntityState(db.get(k))
+                      for name, k in state_keys.items()}
             extraction = extract(event, states, (msg.partition(), msg.offset()))
-            for name, raw in extraction.updates.items():
-                writes[state_keys[name]] = raw
+            for name, record in extraction.records.items():
+                records[state_keys[name]] = record
             extracted.append((event, states, extraction))
         for (event, _, _), scored in zip(extracted, detector.score_many(extracted, int(time.time() * 1000))):
-            for name, raw in scored.updates.items():
-                writes[f"{name}|{scored.keys[name]}".encode()] = raw
+            for name, record in scored.records.items():
+                records[f"{name}|{scored.keys[name]}".encode()] = record
             producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=orjson.dumps(scored.risk_score))
             if scored.alert is not None:
                 producer.produce(settings.alerts_topic, key=event["user_id"].encode(), value=orjson.dumps(scored.alert))
             producer.poll(0)
             done += 1
-        for key, raw in writes.items():
-            db[key] = raw
+        for key, record in records.items():
+            db[key] = encode_record(record)
     producer.flush(60)
     elapsed = time.monotonic() - (started or time.monotonic())
     consumer.close()

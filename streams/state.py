@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
+
+from detectors.entities import Record
 
 log = logging.getLogger("abuse_detector.state")
 
@@ -177,6 +179,55 @@ class ShardReplica:
     def close(self) -> None:
         self.consumer.close()
         self.db.close()
+
+
+class RecordCache:
+    """Decoded entity records of the worker's owned partitions, kept between batches
+    (least recently used out first): an entity seen again is neither read from RocksDB
+    nor JSON decoded. Only this worker writes its owned partitions, so a kept record is
+    the stored one; the caller clears it whenever ownership may change, discards what
+    the expiry sweep deletes, and stores what it writes through ``keep``.
+
+    >>> cache = RecordCache(capacity=2)
+    >>> cache.keep({("user", b"a"): ({"l": 1}, 0), ("user", b"b"): ({"l": 2}, 0), ("ip", b"0|c"): ({"l": 3}, 0)})
+    >>> cache.get(("user", b"a")), cache.get(("ip", b"0|c"))
+    (None, {'l': 3})
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._records: OrderedDict[tuple[str, bytes], Record] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: tuple[str, bytes]) -> Record | None:
+        record = self._records.get(key)
+        if record is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._records.move_to_end(key)
+        return record
+
+    def keep(self, written: dict[tuple[str, bytes], tuple[Record, int]]) -> None:
+        """The records a batch wrote (as ``{key: (record, partition)}``), now the stored ones."""
+        if self.capacity <= 0:
+            return
+        records = self._records
+        for key, (record, _) in written.items():
+            records[key] = record
+            records.move_to_end(key)
+        while len(records) > self.capacity:
+            records.popitem(last=False)
+
+    def discard(self, key: tuple[str, bytes]) -> None:
+        self._records.pop(key, None)
+
+    def clear(self) -> None:
+        self._records.clear()
+
 
 
 @dataclass

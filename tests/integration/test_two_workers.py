@@ -148,7 +148,9 @@ def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produc
                     assert got[name] == want, (entity, name, got, expected)
 
         # Both workers give the same whole view of an IP through `features explain`, once the
-        # probes' own writes have replicated.
+        # probes' own writes have replicated (and b, restarted above, serves again: a worker
+        # takes seconds to start on a loaded 2-core box, longer than a now needs to score).
+        _wait_ready(b)
         time.sleep(STALENESS_BOUND_S)
         for worker in (a, b):
             url = f"http://127.0.0.1:{worker.settings.web_port}/entities/ip/{IPS[0]}/"

@@ -13,11 +13,11 @@ from detectors.anomaly import ANOMALY_FEATURES, AnomalyModel
 from detectors.catalog import FEATURE_NAMES
 from detectors.evaluation import evaluate
 from detectors.events import decode_event, decode_label
-from detectors.features import extract
+from detectors.features import EntityState, encode_record, entity_keys, extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import ModelSet
 from detectors.model import log_feature_matrix
-from detectors.pipeline import Detector, LocalStore
+from detectors.pipeline import Detector, LocalStore, Scored
 from streams.simulator import SimulationConfig, simulate
 
 CONFIG = SimulationConfig(seed=3, users=150, days=0.5, stuffing_per_day=6, fake_signup_bursts_per_day=6,
@@ -57,9 +57,34 @@ def test_anomaly_model_scores_exactly_as_rivers_half_space_trees_in_any_batches(
     assert got == expected
 
 
-def _run(stream, sizes: list[int], batched: bool) -> list[bytes]:
+def _score_keeping_records_decoded(detector: Detector, store: LocalStore, events: list[dict]) -> list[Scored]:
+    """``store.score_many`` as the live worker keeps state: the batch's records decoded,
+    updated in place event after event, encoded once when the batch ends."""
+    kept: dict[tuple[str, str], dict] = {}
+    batch = []
+    for event in events:
+        keys = entity_keys(event)
+        states = {name: EntityState(None if (name, key) in kept else store.records.get((name, key)),
+                                    reputation=store.reputation.get((name, key)), record=kept.get((name, key)))
+                  for name, key in keys.items()}
+        extraction = extract(event, states)
+        for name, record in extraction.records.items():
+            kept[(name, keys[name])] = record
+        batch.append((event, states, extraction))
+    scored = detector.score_many(batch, now_ms=None)
+    for result in scored:
+        for name, record in result.records.items():
+            kept[(name, result.keys[name])] = record
+    for key, record in kept.items():
+        store.records[key] = encode_record(record)
+    return scored
+
+
+def _run(stream, sizes: list[int], batched: bool, keep_decoded: bool = False,
+         final_records: dict | None = None) -> list[bytes]:
     """Scores the stream in segments of the given sizes, learning the labels that came
-    during a segment after it: each segment in one batch, or one event at a time."""
+    during a segment after it: each segment in one batch, or one event at a time.
+    Records kept decoded through a batch have no bytes per event: only scores and alerts are compared."""
     detector = Detector(ModelSet.new(min_labels_per_class=5))
     store = LocalStore()
     pending: dict = {}
@@ -71,9 +96,13 @@ def _run(stream, sizes: list[int], batched: bool) -> list[bytes]:
     offset = 0
 
     def score(events: list[dict]) -> None:
-        for scored in store.score_many(detector, events, now_ms=None):
-            outputs.append(orjson.dumps([scored.risk_score, scored.alert,
-                                         sorted((k, v.decode()) for k, v in scored.updates.items())]))
+        if keep_decoded:
+            results = _score_keeping_records_decoded(detector, store, events)
+        else:
+            results = store.score_many(detector, events, now_ms=None)
+        for scored in results:
+            updates = [] if keep_decoded else sorted((k, v.decode()) for k, v in scored.updates.items())
+            outputs.append(orjson.dumps([scored.risk_score, scored.alert, updates]))
             event_id = scored.risk_score["event_id"]
             pending[event_id], _ = on_score(pending.get(event_id), scored.risk_score)
 
@@ -91,6 +120,8 @@ def _run(stream, sizes: list[int], batched: bool) -> list[bytes]:
                 store.learn(detector, example, offset)
                 offset += 1
         labels.clear()
+        if final_records is not None:
+            final_records.update(store.records)
 
     for record in stream:
         if record.kind == "label":
@@ -114,6 +145,22 @@ def test_batches_score_like_one_event_at_a_time(stream):
     ready = [orjson.loads(o)[0] for o in one_at_a_time if orjson.loads(o)[0]["model_ready"]]
     assert ready and any(r["reasons"] for r in ready)
     assert batched == one_at_a_time
+
+
+def test_records_kept_decoded_through_batches_score_and_store_what_bytes_do(stream):
+    """The live worker's way (each batch's records decoded once, updated in place, encoded once)
+    against the bytes-per-event way of offline evaluation and replay: the same scores, alerts
+    and stored records."""
+    sizes = [random.Random(4).choice([1, 3, 40, 300, 1000]) for _ in range(200)]
+    stored_as_bytes: dict = {}
+    kept_decoded: dict = {}
+    per_event = [orjson.loads(o)[:2] for o in _run(stream, sizes, batched=True, final_records=stored_as_bytes)]
+    live = [orjson.loads(o)[:2] for o in _run(stream, sizes, batched=True, keep_decoded=True,
+                                               final_records=kept_decoded)]
+    assert len(live) == sum(r.kind == "event" for r in stream)
+    assert sum(alert is not None for _, alert in live) > 10
+    assert live == per_event
+    assert kept_decoded == stored_as_bytes
 
 
 def test_evaluation_in_batches_sees_what_one_event_at_a_time_sees(stream, monkeypatch):
