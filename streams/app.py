@@ -429,6 +429,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         """An event's features and entity records; the records join the batch's at once,
         as the batch's next events of the same entities read them."""
         partition = origin.partition
+        keys: dict[str, str] = {}
         try:
             keys = entity_keys(record)
             states = states_for(keys, partition)
@@ -436,7 +437,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception as exc:  # a detector bug must not stop the partition
             # A record kept from an earlier batch is read again from the store; one this batch
             # wrote keeps what the event changed in it before the error.
-            for name, key in entity_keys(record).items():
+            for name, key in keys.items():
                 record_cache.discard((name, table_key(name, partition, key)))
             log.exception("feature extraction failed for event %s", record.get("event_id"))
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
