@@ -41,6 +41,12 @@ class EntityState:
     reputation: bytes | None = None  # label-derived record, see detectors/reputation.py
     record: Record | None = None
 
+    def own_record(self) -> Record | None:
+        """The own shard decoded: ``record`` as given, else ``own``'s bytes decoded (None if neither)."""
+        if self.record is not None:
+            return self.record
+        return orjson.loads(self.own) if self.own else None
+
 
 @dataclass(frozen=True)
 class Extraction:
@@ -87,7 +93,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             features.update(entity_features(entity, None, event, None))
             continue
         state = states.get(name) or EntityState()
-        own = state.record if state.record is not None else orjson.loads(state.own) if state.own else None
+        own = state.own_record()
         others = [shard if isinstance(shard, dict) else orjson.loads(shard) for shard in state.others if shard]
         lasts = [r["l"] for r in ([own] if own else []) + others]
         previous_last = max(lasts) if lasts else None

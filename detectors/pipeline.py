@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping, Protocol, Sequence
 
-import orjson
-
 from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
 from detectors.content import text_inputs
@@ -173,9 +171,9 @@ class Detector:
         user = records.get("user")
         if user is None:  # a redelivered event: the record already applied it
             stored = states.get("user")
-            if stored is None or (stored.record is None and stored.own is None):
+            user = stored.own_record() if stored is not None else None
+            if user is None:
                 return None
-            user = stored.record if stored.record is not None else orjson.loads(stored.own)
         state = (alert_states.get(event["user_id"]) or user.get("a")
                  or {"until": None, "id": None, "recent": [], "suppressed": 0})
         ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])

@@ -84,11 +84,7 @@ def _to_hll(exact: dict[str, int]) -> dict[str, list[list[int]]]:
 
 
 def distinct_add(sketch: Distinct, value: str, ts_s: int) -> Distinct:
-    return distinct_add_hash(sketch, hash32(value), ts_s)
-
-
-def distinct_add_hash(sketch: Distinct, h: int, ts_s: int) -> Distinct:
-    return distinct_insert(sketch, h, ts_s)[0]
+    return distinct_insert(sketch, hash32(value), ts_s)[0]
 
 
 def distinct_insert(sketch: Distinct, h: int, ts_s: int) -> tuple[Distinct, bool | None]:

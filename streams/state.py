@@ -229,7 +229,6 @@ class RecordCache:
         self._records.clear()
 
 
-
 @dataclass
 class ExpirySweeper:
     """Deletes idle entities by event time, a slice of one partition's store at a time.
