@@ -388,10 +388,12 @@ FEATURE_NAMES = tuple(FEATURE_BY_NAME)
 assert len(FEATURE_NAMES) == len(ALL_FEATURES), "feature names must be unique"
 
 
+_DESCRIPTIONS = {name: feature.describe() for name, feature in FEATURE_BY_NAME.items()}
+
+
 def describe(name: str) -> str:
     """Human words for a feature name (or the name itself if it is not in the catalogue)."""
-    feature = FEATURE_BY_NAME.get(name)
-    return feature.describe() if feature is not None else name
+    return _DESCRIPTIONS.get(name, name)
 
 
 def _layout(entity: Entity) -> dict[int, tuple[str, ...]]:

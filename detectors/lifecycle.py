@@ -91,14 +91,19 @@ class ModelSet:
         # (out of sample): their scores at scoring time may be days old, from a model that
         # was not even trained yet, and would teach the stacker to ignore a model that has
         # since become good. Rules and anomaly keep their scoring-time scores.
-        now = dict(example["detectors"], model=self.champion.predict_proba_one(features))
+        # Champion and challenger share their scaler (``new``), which learns only from scored
+        # traffic: the example is scaled once for both to predict and learn.
+        champion_row = self.champion.scaled(features)
+        challenger_row = (champion_row if self.challenger.scaler is self.champion.scaler
+                          else self.challenger.scaled(features))
+        now = dict(example["detectors"], model=float(self.champion.predict_proba_many(champion_row[None, :])[0]))
         if has_text:
             now["content"] = self.content.predict_proba_one(example["text"])
         self.champion_metrics.update(is_abuse, now["model"])
-        self.challenger_metrics.update(is_abuse, self.challenger.predict_proba_one(features))
+        self.challenger_metrics.update(is_abuse, float(self.challenger.predict_proba_many(challenger_row[None, :])[0]))
         self.fusion.learn_one(now, has_text, is_abuse)
-        self.champion.learn_one(features, is_abuse)
-        self.challenger.learn_one(features, is_abuse)
+        self.champion.learn_scaled(champion_row, is_abuse)
+        self.challenger.learn_scaled(challenger_row, is_abuse)
         if has_text:
             self.content.learn_one(example["text"], is_abuse)
         self.examples += 1

@@ -22,7 +22,9 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Mapping, Sequence
 
+import cython
 import numpy as np
+from cython.cimports.libc.math import sqrt
 from river import linear_model, optim, utils
 
 from detectors.catalog import FEATURE_NAMES, describe
@@ -42,12 +44,47 @@ def log_feature_matrix(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
     >>> log_feature_matrix([{"user_events_1m": np.e - 1}]).shape == (1, len(FEATURE_NAMES))
     True
     """
+    x = _feature_matrix_compiled(rows) if cython.compiled else None
+    if x is None:
+        x = _feature_matrix(rows)
+    return np.log1p(x, out=x, where=x > 0)
+
+
+def _feature_matrix(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """The reference: the rows' values in catalogue order, as numpy converts them."""
     try:
         values = [_PICK(row) for row in rows]
     except KeyError:
         values = [tuple(row.get(name, 0.0) for name in FEATURE_NAMES) for row in rows]
-    x = np.array(values, dtype=float).reshape(len(values), len(FEATURE_NAMES))
-    return np.log1p(x, out=x, where=x > 0)
+    return np.array(values, dtype=float).reshape(len(values), len(FEATURE_NAMES))
+
+
+_MISSING = object()
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(matrix=cython.double[:, ::1], i=cython.Py_ssize_t, j=cython.Py_ssize_t, values=dict, names=tuple)
+def _feature_matrix_compiled(rows: Sequence[Mapping[str, float]]) -> np.ndarray | None:
+    """``_feature_matrix`` filled in C, only called when compiled (tests/unit/test_compiled.py
+    compares the two); None for a row that is not a dict or a value that is not a number
+    (numpy's own conversion decides those)."""
+    names, missing = FEATURE_NAMES, _MISSING
+    x = np.empty((len(rows), len(names)))
+    matrix = x
+    for i, row in enumerate(rows):
+        if type(row) is not dict:
+            return None
+        values = row
+        for j in range(len(names)):
+            value = values.get(names[j], missing)
+            if type(value) is float or type(value) is int:
+                matrix[i, j] = value
+            elif value is missing:
+                matrix[i, j] = 0.0
+            else:
+                return None
+    return x
 
 
 class Standardiser:
@@ -104,6 +141,13 @@ class Standardiser:
 
     def learn_transform_many(self, log_features: np.ndarray) -> np.ndarray:
         """Learns each row in order and standardises it by the statistics including it."""
+        if cython.compiled:
+            # fresh statistics arrays, as the reference rebinds them (counts it updates in place)
+            self.means, self.variances = self.means.copy(), self.variances.copy()
+            standardised = np.zeros(log_features.shape)
+            _learn_standardise(np.ascontiguousarray(log_features, dtype=float), self.counts, self.means,
+                               self.variances, standardised)
+            return standardised
         means, variances = np.empty_like(log_features), np.empty_like(log_features)
         for i, x in enumerate(log_features):
             self._learn(x)
@@ -116,6 +160,28 @@ class Standardiser:
 
     def transform_one(self, features: Mapping[str, float]) -> dict[str, float]:
         return dict(zip(self.names, self.transform_many(log_feature_matrix([features]))[0].tolist()))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)  # IEEE division, as numpy's
+@cython.locals(x=cython.double[:, ::1], counts=cython.double[::1], means=cython.double[::1],
+               variances=cython.double[::1], z=cython.double[:, ::1], i=cython.Py_ssize_t, j=cython.Py_ssize_t,
+               value=cython.double, count=cython.double, old=cython.double, mean=cython.double,
+               variance=cython.double)
+def _learn_standardise(x, counts, means, variances, z) -> None:
+    """``Standardiser.learn_transform_many`` as one C loop, only called when compiled
+    (tests/unit/test_compiled.py compares the two): the same operations in the same order
+    per element, so the same doubles."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            value, old = x[i, j], means[j]
+            count = counts[j] + 1
+            mean = old + (value - old) / count
+            variance = variances[j] + ((value - old) * (value - mean) - variances[j]) / count
+            counts[j], means[j], variances[j] = count, mean, variance
+            if variance != 0:
+                z[i, j] = (value - mean) / sqrt(variance)
 
 
 class OnlineRiskModel:
@@ -155,8 +221,12 @@ class OnlineRiskModel:
         """What the classifier sees: log-scaled, standardised features."""
         return self.scaler.transform_one(features)
 
+    def scaled(self, features: Mapping[str, float]) -> np.ndarray:
+        """``inputs`` as one row in catalogue order, what ``predict_proba_many`` and ``learn_scaled`` take."""
+        return self.scaler.transform_many(log_feature_matrix([features]))[0]
+
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        return float(self.predict_proba_many(self.scaler.transform_many(log_feature_matrix([features])))[0])
+        return float(self.predict_proba_many(self.scaled(features)[None, :])[0])
 
     def _weight_vector(self) -> np.ndarray:
         """The classifier's weights in catalogue order, rebuilt only after it learned."""
@@ -175,6 +245,10 @@ class OnlineRiskModel:
         return np.where(logits < -30, 0.0, np.where(logits > 30, 1.0, p))
 
     def learn_one(self, features: Mapping[str, float], is_abuse: bool) -> None:
+        self.learn_scaled(self.scaled(features), is_abuse)
+
+    def learn_scaled(self, row: np.ndarray, is_abuse: bool) -> None:
+        """``learn_one`` of a row already through the scaler (``scaled``)."""
         if is_abuse:
             self.positives += 1
             weight = self.negatives / self.positives
@@ -182,7 +256,7 @@ class OnlineRiskModel:
             self.negatives += 1
             weight = self.positives / self.negatives
         weight = min(MAX_CLASS_WEIGHT, max(1.0, weight))
-        self.classifier.learn_one(self.inputs(features), is_abuse, w=weight)
+        self.classifier.learn_one(dict(zip(self.scaler.names, row.tolist())), is_abuse, w=weight)
 
     def warm_start(self, weights: Mapping[str, float], intercept: float, positives: int, negatives: int) -> None:
         """Starts from weights fitted offline (on ``inputs``) as if it had learned that many labels."""
@@ -203,23 +277,25 @@ class OnlineRiskModel:
         """``explain_one`` of each row of ``inputs`` (already through the scaler)."""
         names = self.scaler.names
         products = inputs * self._weight_vector()
-        # the top few by (contribution, name), as a full sort would rank them, without one
+        # the top few by (contribution, name), as a full sort would rank them, without one;
+        # only what contributed positively can be a reason
         if len(names) > top:
             cutoffs = np.partition(products, -top, axis=1)[:, -top]
         else:
             cutoffs = np.full(len(products), -np.inf)
+        rows, columns = np.nonzero((products >= cutoffs[:, None]) & (products > 0))
+        candidates: list[list[tuple[float, str]]] = [[] for _ in range(len(products))]
+        for row, column, contribution in zip(rows.tolist(), columns.tolist(), products[rows, columns].tolist()):
+            candidates[row].append((contribution, names[column]))
         explained = []
-        for row, cutoff, values in zip(products, cutoffs, features):
-            contributions = sorted(((row[i], names[i]) for i in np.flatnonzero(row >= cutoff)), reverse=True)
+        for contributions, values in zip(candidates, features):
             reasons = []
-            for contribution, name in contributions[:top]:
-                if contribution <= 0:
-                    break
+            for contribution, name in sorted(contributions, reverse=True)[:top]:
                 value = values.get(name, 0.0)
                 reasons.append({
                     "code": name,
                     "text": f"{describe(name)}: {value:g}",
-                    "weight": round(float(contribution), 4),
+                    "weight": round(contribution, 4),
                     "value": value,
                 })
             explained.append(reasons)

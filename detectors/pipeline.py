@@ -101,6 +101,9 @@ class Detector:
         anomaly_scores = self.anomaly.score_then_learn_many(log_features)
         explanations = champion.explain_many(features, model_inputs) if champion.ready else None
         alert_states: dict[str, dict[str, Any]] = {}  # the batch's alert decisions so far, per user
+        # nothing learns during a batch: the same versions and readiness for all its events
+        model_version, model_ready, shadow_version = champion.version, champion.ready, models.challenger.version
+        content_ready = models.content.ready
         scored = []
         for i, (event, states, extraction) in enumerate(batch):
             has_text = event["type"] in CONTENT_TYPES
@@ -112,7 +115,7 @@ class Detector:
                 "rules": max((r.score for r in matched), default=0.0),
                 "content": round(models.content.predict_proba_one(text), 6) if text else 0.0,
             }
-            fused = models.fusion.fuse(scores, champion.ready, models.content.ready, has_text)
+            fused = models.fusion.fuse(scores, model_ready, content_ready, has_text)
             risk_score = {
                 "schema_version": 1,
                 "score_id": score_id(event["event_id"]),
@@ -122,12 +125,12 @@ class Detector:
                 "ts": event["ts"],
                 "scored_at": event["ts"] if now_ms is None else now_ms,
                 "score": round(min(1.0, max(0.0, fused)), 6),
-                "model_version": champion.version,
-                "model_ready": champion.ready,
+                "model_version": model_version,
+                "model_ready": model_ready,
                 "rules_version": rules.version,
                 "detectors": scores,
                 "matched_rules": [r.name for r in matched],
-                "shadow": {"model_version": models.challenger.version,
+                "shadow": {"model_version": shadow_version,
                            "score": round(float(shadow_scores[i]), 6)},
                 "reasons": self._reasons(extraction.features, scores, matched,
                                          explanations[i] if explanations is not None else []),
@@ -176,13 +179,14 @@ class Detector:
                 return None
         state = (alert_states.get(event["user_id"]) or user.get("a")
                  or {"until": None, "id": None, "recent": [], "suppressed": 0})
-        ts, score, this_alert = event["ts"], risk_score["score"], alert_id(event["event_id"])
+        ts, score = event["ts"], risk_score["score"]
         recent = [r for r in state["recent"] if r[2] > ts - policy.cooldown_ms and r[0] != event["event_id"]]
         if score >= EVIDENCE_SHARE * threshold:
             recent = (recent + [[event["event_id"], score, ts]])[-MAX_EVIDENCE:]
         state["recent"] = recent
         alert = None
         if score >= threshold:
+            this_alert = alert_id(event["event_id"])
             cooling = state["until"] is not None and ts < state["until"] and state["id"] != this_alert
             if cooling:
                 state["suppressed"] += 1

@@ -298,52 +298,85 @@ def _simhash_of_shingles(normalized: str) -> int:
 
 
 # The compiled path names a shingle of letters and spaces by a 25-bit code (5 bits per
-# character), so it neither slices the text nor hashes strings to find a shingle's digest.
-_SHINGLE_DIGESTS_BY_CODE: dict[int, bytes] = {}
+# character), so it neither slices the text nor hashes strings to find a shingle's digest,
+# and keeps recent digests in a direct-mapped C table (768 KB) instead of a dict.
+_DIGEST_SLOTS_BITS = 16  # the two tables below hold 1 << 16 slots
+_DIGEST_TAGS = cython.declare(cython.uint[65536])  # a slot's shingle code + 1; 0 for empty
+_DIGEST_VALUES = cython.declare(cython.ulonglong[65536])  # its digest, big-endian, as a number
 
 
-@cython.locals(length=cython.Py_ssize_t, start=cython.Py_ssize_t, k=cython.Py_ssize_t, byte=cython.Py_ssize_t,
-               bit=cython.int, rows=cython.int, character=cython.uint, code=cython.uint, value=cython.uchar,
-               data=cython.p_uchar, majority=cython.ulonglong)
+@cython.locals(length=cython.Py_ssize_t, start=cython.Py_ssize_t, k=cython.Py_ssize_t, bit=cython.int,
+               rows=cython.int, character=cython.uchar, code=cython.uint, data=cython.p_uchar,
+               majority=cython.ulonglong, digest=cython.ulonglong, slot=cython.uint, golden=cython.uint,
+               size=cython.Py_ssize_t, seen_slot=cython.Py_ssize_t, seen=cython.p_uint, shingle=cython.Py_ssize_t,
+               shift=cython.int, every_fourth_of_16=cython.ulonglong)
 def _simhash_compiled(normalized: str) -> int:
     """``_simhash_of_shingles`` as C loops, only called when compiled (tests/unit/test_compiled.py
-    compares the two): each distinct shingle's blake2b digest votes once."""
-    length = len(normalized)
+    compares the two): each distinct shingle's blake2b digest votes once. The distinct shingles
+    are found with a small open-addressing table of codes, the digests come from the C table
+    (computed on a miss, so the fingerprints are blake2b's whatever the table holds), and the
+    votes are added 16 bits at a time into 16-bit lanes of 64-bit words."""
+    if not normalized.isascii():  # not what normalize_text makes: the reference path handles anything
+        return _simhash_of_shingles(normalized)
+    encoded = normalized.encode("ascii")
+    data, length, shingle, shift = encoded, len(encoded), _SHINGLE, 32 - _DIGEST_SLOTS_BITS
     counts = cython.declare(cython.int[64])
+    lanes = cython.declare(cython.ulonglong[16])  # word k, 16-bit lane j: votes for bit 16 * j + k (from the right)
     for bit in range(64):
         counts[bit] = 0
-    seen = set()
-    known = _SHINGLE_DIGESTS_BY_CODE
-    if len(known) > _SHINGLE_DIGESTS_MAX:
-        known.clear()
+    for k in range(16):
+        lanes[k] = 0
+    size = 16
+    while size < 2 * length:
+        size *= 2
+    scratch = bytearray(4 * size)  # zeroed: a slot holds a shingle's code + 1
+    seen = cython.cast(cython.p_uint, cython.cast(cython.p_uchar, scratch))
+    golden = 2654435761  # Knuth's multiplicative hash: the table index is the product's top bits
+    every_fourth_of_16 = 0x0001000100010001
     rows = 0
-    for start in range(length - _SHINGLE + 1):
+    for start in range(length - shingle + 1):
         code = 0
-        for k in range(_SHINGLE):
-            character = ord(normalized[start + k])
+        for k in range(shingle):
+            character = data[start + k]
             if character == 32:  # " "
                 code = code << 5
             elif 97 <= character <= 122:  # "a" to "z"
                 code = (code << 5) | (character - 96)
-            else:  # not what normalize_text makes: the reference path handles anything
+            else:
                 return _simhash_of_shingles(normalized)
-        if code in seen:
+        seen_slot = code & (size - 1)
+        while seen[seen_slot] and seen[seen_slot] != code + 1:
+            seen_slot = (seen_slot + 1) & (size - 1)
+        if seen[seen_slot]:
             continue
-        seen.add(code)
-        digest = known.get(code)
-        if digest is None:
-            digest = known[code] = hashlib.blake2b(normalized[start:start + _SHINGLE].encode(), digest_size=8).digest()
-        data = digest
-        for byte in range(8):
-            value = data[byte]
-            for bit in range(8):
-                counts[byte * 8 + bit] += (value >> (7 - bit)) & 1
+        seen[seen_slot] = code + 1
+        slot = (code * golden) >> shift
+        if _DIGEST_TAGS[slot] == code + 1:
+            digest = _DIGEST_VALUES[slot]
+        else:
+            digest = int.from_bytes(hashlib.blake2b(encoded[start:start + shingle], digest_size=8).digest(), "big")
+            _DIGEST_TAGS[slot], _DIGEST_VALUES[slot] = code + 1, digest
+        for k in range(16):
+            lanes[k] += (digest >> k) & every_fourth_of_16
         rows += 1
+        if rows % 0xFFFF == 0:  # before a lane overflows
+            _add_lanes(lanes, counts)
+    _add_lanes(lanes, counts)
     majority = 0
     for bit in range(64):
         if counts[bit] * 2 > rows:
             majority |= cython.cast(cython.ulonglong, 1) << (63 - bit)
     return majority
+
+
+@cython.cfunc
+@cython.locals(lanes=cython.p_ulonglong, counts=cython.p_int, k=cython.int, lane=cython.int)
+def _add_lanes(lanes, counts) -> cython.void:
+    """Moves the lanes' votes into ``counts`` (indexed from the leftmost bit) and empties them."""
+    for k in range(16):
+        for lane in range(4):
+            counts[63 - (16 * lane + k)] += (lanes[k] >> (16 * lane)) & 0xFFFF
+        lanes[k] = 0
 
 
 def hamming(a: int, b: int) -> int:

@@ -225,3 +225,60 @@ def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, p
         assert ip_state() == 0
     finally:
         worker.stop()
+
+
+def test_a_record_extraction_cannot_read_dead_letters_its_events_and_the_batch_goes_on(settings, reader, produce,
+                                                                                       tmp_path):
+    """A detector bug meets one user's stored record (here the record is corrupted in its
+    changelog and restored from there): each of that user's events goes to the dead-letter topic
+    as a processing error, every other event of the same batches is scored, and the worker
+    keeps going."""
+    from confluent_kafka import Consumer
+
+    from streams.app import table_name
+    from tests.integration.conftest import Worker
+
+    worker = Worker(settings, tmp_path / "logs").start()
+    scores = reader(settings.scores_topic)
+    dead = reader(settings.dead_letter_topic)
+    try:
+        produce(settings.events_topic, [as_record(event("first", "login", T0, "broken", success=True))])
+        scores.wait_for(lambda r: any(x[1]["event_id"] == "first" for x in r), worker=worker)
+        worker.stop()
+
+        changelog = f"{settings.app_id}-{table_name('user')}-changelog"
+        stored = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"check-{settings.app_id}",
+                           "auto.offset.reset": "earliest"})
+        stored.subscribe([changelog])
+        try:
+            written = [m for m in stored.consume(50, timeout=10) if not m.error()]
+        finally:
+            stored.close()
+        assert [m.key() for m in written] == [b"broken"], "the user's record is not where this test corrupts it"
+        assert "l" in orjson.loads(written[0].value()), "the changelog holds the record as the worker stores it"
+        produce(changelog, [(b"broken", b"{}")])  # valid JSON, but no record extraction can read
+        shutil.rmtree(settings.data_dir)  # restored from the changelog on start
+        worker.start()
+
+        batch = [event(f"b-{i}", "login", T0 + 1_000 + i, "broken" if i % 3 == 0 else f"fine-{i}", success=True)
+                 for i in range(12)]
+        produce(settings.events_topic, [as_record(e) for e in batch])
+        broken = {e["event_id"] for e in batch if e["user_id"] == "broken"}
+        fine = {e["event_id"] for e in batch} - broken
+        scores.wait_for(lambda r: fine <= {x[1]["event_id"] for x in r}, worker=worker)
+        letters = dead.wait_for(lambda r: len(r) >= len(broken), worker=worker)
+        by_event = {orjson.loads(base64.b64decode(r["value_b64"]))["event_id"]: r for _, r, _, _ in letters}
+        assert set(by_event) == broken
+        for letter in by_event.values():
+            schemas.check("dead_letter", letter)
+            assert letter["reason"] == "processing_error"
+            assert "KeyError" in letter["error"], letter["error"]
+            assert letter["source_topic"] == settings.events_topic
+        assert not broken & {x[1]["event_id"] for x in scores.records}
+
+        produce(settings.events_topic, [as_record(event("after", "login", T0 + 5_000, "fine-1", success=True))])
+        scores.wait_for(lambda r: any(x[1]["event_id"] == "after" for x in r), worker=worker)
+        assert len(dead.records) == len(broken)
+        assert worker.alive()
+    finally:
+        worker.stop()

@@ -75,6 +75,7 @@ def _fingerprints() -> list[int]:
     texts = ["", "a", "abcd", "abcde", "Hello, world!", "x" * 500, "FREE phone http://x.example/1 now " * 20,
              "Ünïcödé wörds, 日本語 and\ttabs\nand lines"]
     texts += ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 400))) for _ in range(500)]
+    texts.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(70_000)))  # > 65,535 shingles
     return [simhash(text) for text in texts]
 
 
@@ -174,3 +175,74 @@ def test_a_build_without_its_record_runs_from_source(tmp_path, monkeypatch):
     (package / BUILD_RECORD).unlink()
     with pytest.warns(RuntimeWarning):
         assert modules_from_source(package, {"entities"}) == {"entities"}
+
+
+def _texts(seed: int, count: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    texts = ["", "a", "ab", "abc", "abcd", "Hello, world!", "FREE phone http://x.example/1 now " * 40,
+             "Ünïcödé wörds, 日本語 and\ttabs\nand lines", "aaaa aaaa aaaa"]
+    return texts + ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 600))) for _ in range(count)]
+
+
+@pure_python_run
+def test_compiled_text_inputs_count_like_the_counter_reference():
+    from detectors import content
+    from detectors.sketches import normalize_text
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    for text in _texts(6, 3000):
+        normalized = f" {normalize_text(text)} ".encode()
+        # same buckets, same shares, same order (the order the stored scores and River see)
+        assert list(content._counts_compiled(normalized).items()) == list(content._counts_of_ngrams(normalized).items())
+    assert content._crc32_table()[:4] == [0, 0x77073096, 0xEE0E612C, 0x990951BA]  # zlib's
+
+
+@pure_python_run
+def test_compiled_feature_matrix_converts_like_numpy():
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from detectors.catalog import FEATURE_NAMES
+    from detectors.model import _feature_matrix, _feature_matrix_compiled
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    full = {name: float(i) * 1.5 for i, name in enumerate(FEATURE_NAMES)}
+    cases = [
+        [full, dict(full, user_events_1m=2 ** 60 + 1)],  # ints, as stored examples may carry
+        [full, {"user_events_1m": 3.0, "not_a_feature": 9.0}],  # a missing feature counts as 0
+        [dict(full, user_events_1m=float("nan")), dict(full, ip_events_1m=float("-inf"))],
+        [],
+    ]
+    for rows in cases:
+        compiled = _feature_matrix_compiled(rows)
+        assert compiled is not None and compiled.tobytes() == _feature_matrix(rows).tobytes()
+    for odd in ({**full, "user_events_1m": True}, {**full, "user_events_1m": None}, {**full, "user_events_1m": "2.5"},
+                OrderedDict(full)):
+        assert _feature_matrix_compiled([full, odd]) is None  # left to numpy's conversion
+        np.testing.assert_array_equal(_feature_matrix([odd]), _feature_matrix([odd]))
+
+
+@pure_python_run
+def test_compiled_standardiser_learns_the_same_doubles_as_numpy():
+    import numpy as np
+
+    from detectors.model import Standardiser
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = np.random.default_rng(8)
+    batches = [rng.lognormal(0, 3, size=(n, 101)) * (rng.random((n, 101)) < 0.3) for n in (1, 7, 300, 2)]
+    batches.append(np.full((3, 101), 1e300))
+    compiled, reference = Standardiser(), Standardiser()
+    for batch in batches:
+        z = compiled.learn_transform_many(batch.copy())
+        expected = np.empty_like(batch)
+        with np.errstate(over="ignore", invalid="ignore"):  # the 1e300s overflow, in both
+            for i, row in enumerate(batch):  # the numpy reference, row by row
+                reference._learn(row)
+                expected[i] = reference.transform_many(row[None, :])[0]
+        assert z.tobytes() == expected.tobytes()
+        for name in ("counts", "means", "variances"):
+            assert getattr(compiled, name).tobytes() == getattr(reference, name).tobytes(), name
