@@ -15,11 +15,16 @@ Four measurements in one run, each on its own fresh topics:
     scores and alerts, no Faust), the local upper bound; ratio = (a) / (c).
 (d) two worker processes against one on the same preload, each started and
     sharing the partitions before it (so no rebalance falls inside the measurement).
+
+(a) and (c) also report CPU milliseconds per event (the worker process's, all its
+threads, over the same span; the plain loop's process's): on a shared or noisy
+machine they vary far less than events/s between runs of the same code.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import time
 import urllib.request
@@ -27,7 +32,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -66,6 +71,8 @@ class BenchResult:
     one_worker_assigned_first_per_s: float  # (d)'s baseline: one worker, started the way the two are
     kept_up_rate: float  # (b') offered load, a share of (a): latency when the worker keeps up
     kept_up_ms: tuple[float, float, float]  # its p50, p95, p99
+    cpu_ms_per_event: float | None = None  # (a)'s worker process (None where /proc is missing)
+    ceiling_cpu_ms_per_event: float | None = None  # (c)'s process
 
     @property
     def ratio(self) -> float:
@@ -151,6 +158,25 @@ class _ScoreWatcher:
         self.consumer.close()
 
 
+class Throughput(NamedTuple):
+    events_per_s: float
+    cpu_ms_per_event: float | None  # the worker processes', summed; None where /proc is missing
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of a process and all its threads so far (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pids: list[int]) -> float | None:
+    times = [_process_cpu_s(pid) for pid in pids]
+    return None if None in times else sum(times)  # type: ignore[arg-type]
+
+
 def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], timeout: float = 180) -> None:
     """Until the workers own every events partition between them, each some: a worker
     joining mid-measurement would stop the group for a rebalance and count it as work."""
@@ -172,7 +198,7 @@ def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], time
 
 
 def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float,
-                       assigned_first: bool = False) -> float:
+                       assigned_first: bool = False) -> Throughput:
     """Events/s from the first risk score to the moment the workers have scored every event
     *and* joined every label (a worker whose label join falls behind has not finished).
     ``assigned_first``: the workers start and share the partitions before the preload,
@@ -189,7 +215,11 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
         if assigned_first:
             _wait_for_assignment(worker_settings, procs)
             events = _preload(settings, records)
-        seen = watcher.until(events, timeout, alive=lambda: all(p.poll() is None for p in procs), labelled=labelled)
+        alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731
+        watcher.until(1, timeout, alive=alive)  # start-up and recovery are not the work measured
+        cpu_before = _cpu_s([p.pid for p in procs])
+        seen = watcher.until(events, timeout, alive=alive, labelled=labelled)
+        cpu_after = _cpu_s([p.pid for p in procs])
         for i, p in enumerate(procs):
             if p.poll() is not None:
                 print(f"  warning: worker {i} exited with code {p.returncode}; log: {log_dir / f'{settings.app_id}-{i}.log'}")
@@ -202,11 +232,13 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
               f"labelled events joined within {timeout:.0f}s")
     stamps = sorted(seen.values())
     if len(stamps) < 2:
-        return 0.0
+        return Throughput(0.0, None)
     # from the first score to the last score or example: startup and recovery are not throughput
     end = max(stamps[-1], max(watcher.examples.values(), default=0))
     print(f"      label join done {(end - stamps[-1]) / 1000:.1f}s after the last score")
-    return (len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000)
+    cpu_ms = (None if cpu_before is None or cpu_after is None
+              else 1000 * (cpu_after - cpu_before) / max(1, len(stamps) - 1))
+    return Throughput((len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000), cpu_ms)
 
 
 def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path) -> list[float]:
@@ -262,8 +294,9 @@ def detector_build() -> str:
     return f"compiled with Cython ({len(compiled)} modules)"
 
 
-def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
-    """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust."""
+def plain_loop(settings: Settings, events: int, state_dir: Path) -> Throughput:
+    """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust.
+    Its CPU is this process's (all threads) from its first event to its last delivery."""
     consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"plain-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.max.bytes": 4 * 1024 * 1024})
@@ -274,7 +307,8 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
     detector = Detector(ModelSet.new(settings.min_labels_per_class))
     gc.freeze()  # as the worker does once warm (here it also keeps the preloaded records out of full scans)
     done = 0
-    started = None
+    started: float | None = None
+    cpu_started = 0.0
     idle = time.monotonic()
     while done < events and time.monotonic() - idle < 30:
         batch = consumer.consume(1000, timeout=1.0)
@@ -287,7 +321,8 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
         for msg in batch:
             if msg.error():
                 continue
-            started = started or time.monotonic()
+            if started is None:
+                started, cpu_started = time.monotonic(), time.process_time()
             try:
                 event = decode_event(msg.value(), settings.max_event_bytes)
             except ContractViolation:
@@ -311,12 +346,17 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> float:
             db[key] = encode_record(record)
     producer.flush(60)
     elapsed = time.monotonic() - (started or time.monotonic())
+    cpu_ms = 1000 * (time.process_time() - cpu_started) / done if started is not None and done else None
     consumer.close()
     db.close()
-    return done / max(elapsed, 1e-3)
+    return Throughput(done / max(elapsed, 1e-3), cpu_ms)
 
 
 KEPT_UP_SHARE = 0.6
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, latency_seconds: float = 10.0,
@@ -343,20 +383,21 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
 
         with _measurement(settings, "one", home) as one:
             print("  (a) one worker, full pipeline ...", flush=True)
-            throughput = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
-            print(f"      {throughput:,.0f} events/s")
+            worker = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
+            print(f"      {worker.events_per_s:,.0f} events/s, {_ms(worker.cpu_ms_per_event)} ms CPU per event")
 
             print("  (c) plain confluent-kafka loop, same detector, no Faust ...", flush=True)
             ceiling = plain_loop(one, n_events, home)
             shutil.rmtree(home / PLAIN_LOOP_STATE, ignore_errors=True)
-            print(f"      {ceiling:,.0f} events/s")
+            print(f"      {ceiling.events_per_s:,.0f} events/s, {_ms(ceiling.cpu_ms_per_event)} ms CPU per event")
+            throughput = worker.events_per_s
 
         # Both started and sharing the partitions before the preload, against one worker started
         # the same way, so the speedup compares like with like ((a) is preloaded first, like (c)).
         def assigned_first(workers: int) -> float:
             with _measurement(settings, f"{workers}-assigned-first", home) as fresh:
                 return _worker_throughput(fresh, records, workers, home, timeout=max(600.0, n_events / 50),
-                                          assigned_first=True)
+                                          assigned_first=True).events_per_s
 
         print("  (d) two workers, and one started the same way ...", flush=True)
         two_workers, one_worker = assigned_first(2), assigned_first(1)
@@ -378,9 +419,10 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
 
         def pct(values: list[float], q: float) -> float:
             return float(values[min(len(values) - 1, int(q * len(values)))]) if values else float("nan")
-        result = BenchResult(n_events, throughput, ceiling, pct(latencies, 0.5), pct(latencies, 0.95),
+        result = BenchResult(n_events, throughput, ceiling.events_per_s, pct(latencies, 0.5), pct(latencies, 0.95),
                              pct(latencies, 0.99), rate, len(latencies), two_workers, one_worker,
-                             kept_up_rate, (pct(kept_up, 0.5), pct(kept_up, 0.95), pct(kept_up, 0.99)))
+                             kept_up_rate, (pct(kept_up, 0.5), pct(kept_up, 0.95), pct(kept_up, 0.99)),
+                             worker.cpu_ms_per_event, ceiling.cpu_ms_per_event)
     finally:
         if we_started:
             kafka.down()
@@ -389,6 +431,11 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
     print(f"  {'(a) one worker, events/s':44s}{result.events_per_s:>14,.0f}")
     print(f"  {'(c) plain loop ceiling, events/s':44s}{result.ceiling_events_per_s:>14,.0f}")
     print(f"  {'    ratio (a)/(c)':44s}{result.ratio:>14.2f}")
+    print(f"  {'(a) worker CPU per event, ms':44s}{_ms(result.cpu_ms_per_event):>14s}")
+    print(f"  {'(c) plain loop CPU per event, ms':44s}{_ms(result.ceiling_cpu_ms_per_event):>14s}")
+    cpu_ratio = (result.ceiling_cpu_ms_per_event / result.cpu_ms_per_event
+                 if result.cpu_ms_per_event and result.ceiling_cpu_ms_per_event else None)
+    print(f"  {'    CPU ratio (c)/(a)':44s}{'n/a' if cpu_ratio is None else f'{cpu_ratio:.2f}':>14s}")
     print(f"  {'(d) two workers, events/s':44s}{result.two_worker_events_per_s:>14,.0f}")
     print(f"  {'    one worker started the same way':44s}{result.one_worker_assigned_first_per_s:>14,.0f}")
     print(f"  {'    speedup':44s}{result.two_worker_speedup:>14.2f}")
