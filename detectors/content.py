@@ -59,8 +59,8 @@ def _crc32_table() -> list[int]:
 
 _CRC32_TABLE = cython.declare(cython.uint[256], _crc32_table())
 # A bucket's name, made once: most of a text's n-grams recur across texts. At most 2 MB of
-# list plus ~60 bytes a bucket ever seen.
-_BUCKET_NAMES: list[str | None] = [None] * BUCKETS
+# list plus ~60 bytes a bucket ever seen; only the compiled path names buckets from it.
+_BUCKET_NAMES: list[str | None] = [None] * BUCKETS if cython.compiled else []
 
 
 @cython.locals(data=cython.p_uchar, length=cython.Py_ssize_t, grams=cython.Py_ssize_t, start=cython.Py_ssize_t,

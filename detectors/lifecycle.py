@@ -96,11 +96,11 @@ class ModelSet:
         champion_row = self.champion.scaled(features)
         challenger_row = (champion_row if self.challenger.scaler is self.champion.scaler
                           else self.challenger.scaled(features))
-        now = dict(example["detectors"], model=float(self.champion.predict_proba_many(champion_row[None, :])[0]))
+        now = dict(example["detectors"], model=self.champion.predict_proba_scaled(champion_row))
         if has_text:
             now["content"] = self.content.predict_proba_one(example["text"])
         self.champion_metrics.update(is_abuse, now["model"])
-        self.challenger_metrics.update(is_abuse, float(self.challenger.predict_proba_many(challenger_row[None, :])[0]))
+        self.challenger_metrics.update(is_abuse, self.challenger.predict_proba_scaled(challenger_row))
         self.fusion.learn_one(now, has_text, is_abuse)
         self.champion.learn_scaled(champion_row, is_abuse)
         self.challenger.learn_scaled(challenger_row, is_abuse)

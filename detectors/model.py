@@ -226,7 +226,11 @@ class OnlineRiskModel:
         return self.scaler.transform_many(log_feature_matrix([features]))[0]
 
     def predict_proba_one(self, features: Mapping[str, float]) -> float:
-        return float(self.predict_proba_many(self.scaled(features)[None, :])[0])
+        return self.predict_proba_scaled(self.scaled(features))
+
+    def predict_proba_scaled(self, row: np.ndarray) -> float:
+        """``predict_proba_one`` of a row already through the scaler (``scaled``)."""
+        return float(self.predict_proba_many(row[None, :])[0])
 
     def _weight_vector(self) -> np.ndarray:
         """The classifier's weights in catalogue order, rebuilt only after it learned."""

@@ -215,7 +215,9 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
         if assigned_first:
             _wait_for_assignment(worker_settings, procs)
             events = _preload(settings, records)
-        alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731
+        def alive() -> bool:
+            return all(p.poll() is None for p in procs)
+
         watcher.until(1, timeout, alive=alive)  # start-up and recovery are not the work measured
         cpu_before = _cpu_s([p.pid for p in procs])
         seen = watcher.until(events, timeout, alive=alive, labelled=labelled)

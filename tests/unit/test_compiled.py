@@ -65,18 +65,25 @@ def test_compiled_modules_score_byte_for_byte_like_their_python_source():
     assert _outputs_digest() == _from_source("_outputs_digest")
 
 
+def _texts(seed: int, count: int) -> list[str]:
+    """Texts of every length class (shorter than a shingle or an n-gram, long, repetitive,
+    non-ASCII, links, digits), then ``count`` random ones."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["", "a", "ab", "abc", "abcd", "abcde", "Hello, world!", "x" * 500, "aaaa aaaa aaaa",
+             "FREE phone http://x.example/1 now " * 40, "Ünïcödé wörds, 日本語 and\ttabs\nand lines"]
+    return texts + ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 600))) for _ in range(count)]
+
+
 def _fingerprints() -> list[int]:
     """``simhash`` of texts of every length class: the compiled build votes in C, the source with numpy."""
     import random
 
     from detectors.sketches import simhash
 
-    rng = random.Random(11)
-    texts = ["", "a", "abcd", "abcde", "Hello, world!", "x" * 500, "FREE phone http://x.example/1 now " * 20,
-             "Ünïcödé wörds, 日本語 and\ttabs\nand lines"]
-    texts += ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 400))) for _ in range(500)]
-    texts.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(70_000)))  # > 65,535 shingles
-    return [simhash(text) for text in texts]
+    long_text = "".join(random.Random(12).choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(70_000))
+    return [simhash(text) for text in _texts(11, 500) + [long_text]]  # the last: > 65,535 shingles
 
 
 @pure_python_run
@@ -177,15 +184,6 @@ def test_a_build_without_its_record_runs_from_source(tmp_path, monkeypatch):
         assert modules_from_source(package, {"entities"}) == {"entities"}
 
 
-def _texts(seed: int, count: int) -> list[str]:
-    import random
-
-    rng = random.Random(seed)
-    texts = ["", "a", "ab", "abc", "abcd", "Hello, world!", "FREE phone http://x.example/1 now " * 40,
-             "Ünïcödé wörds, 日本語 and\ttabs\nand lines", "aaaa aaaa aaaa"]
-    return texts + ["".join(rng.choice("abcdefgh ijkZ9.é") for _ in range(rng.randint(0, 600))) for _ in range(count)]
-
-
 @pure_python_run
 def test_compiled_text_inputs_count_like_the_counter_reference():
     from detectors import content
@@ -206,7 +204,7 @@ def test_compiled_feature_matrix_converts_like_numpy():
     import numpy as np
 
     from detectors.catalog import FEATURE_NAMES
-    from detectors.model import _feature_matrix, _feature_matrix_compiled
+    from detectors.model import _feature_matrix, _feature_matrix_compiled, log_feature_matrix
 
     assert detectors.compiled_modules(), NOT_COMPILED
     full = {name: float(i) * 1.5 for i, name in enumerate(FEATURE_NAMES)}
@@ -222,7 +220,9 @@ def test_compiled_feature_matrix_converts_like_numpy():
     for odd in ({**full, "user_events_1m": True}, {**full, "user_events_1m": None}, {**full, "user_events_1m": "2.5"},
                 OrderedDict(full)):
         assert _feature_matrix_compiled([full, odd]) is None  # left to numpy's conversion
-        np.testing.assert_array_equal(_feature_matrix([odd]), _feature_matrix([odd]))
+        expected = _feature_matrix([full, odd])
+        np.log1p(expected, out=expected, where=expected > 0)
+        assert log_feature_matrix([full, odd]).tobytes() == expected.tobytes()
 
 
 @pure_python_run
