@@ -29,17 +29,16 @@ An entity idle for ``Entity.idle_expiry_ms`` of event time is deleted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import cython
 
 from detectors.catalog import (
-    ALL_TYPES, CHANNELS, ENTITIES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean, NearDuplicates,
-    RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
+    ALL_TYPES, CHANNELS, ENTITIES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean,
+    NearDuplicates, RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
-    NEAR_DUPLICATE_BITS, distinct_count, distinct_expire, distinct_insert, distinct_merge, hamming, hash32,
+    NEAR_DUPLICATE_BITS, distinct_count, distinct_expire, distinct_insert, distinct_merge, hamming, hashed,
     new_distinct,
 )
 
@@ -52,8 +51,9 @@ def new_record() -> Record:
     return {"f": None, "l": None, "r": {}, "d": {}, "t": []}
 
 
-@cython.locals(newest=cython.longlong, length=cython.longlong, oldest=cython.longlong)
-def _prune_ring(ring: list[list], newest: int, length: int) -> list[list]:
+@cython.ccall  # called from C within this module, from Python elsewhere
+@cython.locals(oldest=cython.longlong)
+def _prune_ring(ring: list, newest: cython.longlong, length: cython.longlong) -> list:
     oldest = newest - length + 1
     if not ring or ring[0][0] >= oldest:  # rings are kept in bucket order
         return ring
@@ -87,7 +87,7 @@ def apply_event(
     watermark = ts if record["l"] is None else max(record["l"], ts)
     record["f"] = ts if record["f"] is None else min(record["f"], ts)
     record["l"] = watermark
-    plan = _PLANS[entity.name]
+    plan: _Plan = _PLANS[entity.name]
     _apply_to_rings(record["r"], plan.rings, ts, watermark, amounts)
     novelty = _apply_to_sketches(record["d"], plan.sketches, event, ts, watermark)
     if entity.track_texts:
@@ -95,17 +95,23 @@ def apply_event(
     return record, novelty
 
 
-@cython.locals(ts=cython.longlong, watermark=cython.longlong, width=cython.longlong, length=cython.longlong,
-               newest=cython.longlong, idx=cython.longlong, i=cython.Py_ssize_t, ring=list, bucket=list, added=list)
-def _apply_to_rings(rings: dict[str, list], plan_rings: tuple, ts: int, watermark: int,
-                    amounts: dict[str, float]) -> None:
+@cython.ccall
+@cython.locals(width=cython.longlong, length=cython.longlong, newest=cython.longlong, idx=cython.longlong,
+               i=cython.Py_ssize_t, ring=list, bucket=list, added=list, any_added=cython.bint)
+def _apply_to_rings(rings: dict, plan_rings: tuple, ts: cython.longlong, watermark: cython.longlong,
+                    amounts: dict) -> None:
     for key, width, length, channels in plan_rings:
         newest = watermark // width
         ring = rings.get(key) or []
         ring = _prune_ring(ring, newest, length)
         idx = ts // width
         added = [amounts[ch] for ch in channels] if idx > newest - length else []
-        if any(added):
+        any_added = False
+        for amount in added:
+            if amount:
+                any_added = True
+                break
+        if any_added:
             if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
                 bucket = ring[-1]
             else:
@@ -116,7 +122,7 @@ def _apply_to_rings(rings: dict[str, list], plan_rings: tuple, ts: int, watermar
                     bucket = [idx] + [0] * len(channels)
                     ring.append(bucket)
                     if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
-                        ring.sort(key=lambda b: b[0])
+                        ring.sort(key=_bucket_order)
             for i, amount in enumerate(added):
                 if amount:
                     bucket[1 + i] = _add(bucket[1 + i], amount)
@@ -126,9 +132,10 @@ def _apply_to_rings(rings: dict[str, list], plan_rings: tuple, ts: int, watermar
             rings.pop(key, None)
 
 
-@cython.locals(watermark=cython.longlong, ts_s=cython.longlong)
-def _apply_to_sketches(sketches: dict[str, Any], plan_sketches: tuple, event: Event, ts: int,
-                       watermark: int) -> dict[str, bool | None]:
+@cython.ccall
+@cython.locals(ts_s=cython.longlong, current=dict)
+def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cython.longlong,
+                       watermark: cython.longlong) -> dict:
     novelty: dict[str, bool | None] = {}
     ts_s = ts // 1000
     for name, memory_ms, field in plan_sketches:
@@ -136,7 +143,8 @@ def _apply_to_sketches(sketches: dict[str, Any], plan_sketches: tuple, event: Ev
         current = distinct_expire(current, (watermark - memory_ms) // 1000) if current else new_distinct()
         value = field(event)
         if value:
-            current, known = distinct_insert(current, hash32(value), ts_s)
+            h, key = hashed(value)
+            current, known = distinct_insert(current, h, ts_s, key)
             novelty[name] = None if known is None else not known
         if current.get("x") or current.get("h"):
             sketches[name] = current
@@ -145,8 +153,9 @@ def _apply_to_sketches(sketches: dict[str, Any], plan_sketches: tuple, event: Ev
     return novelty
 
 
-@cython.locals(watermark=cython.longlong, ts_s=cython.longlong, since_s=cython.longlong)
-def _apply_to_texts(record: Record, fingerprint: int | None, ts: int, watermark: int) -> None:
+@cython.ccall
+@cython.locals(ts_s=cython.longlong, since_s=cython.longlong)
+def _apply_to_texts(record: dict, fingerprint: object, ts: cython.longlong, watermark: cython.longlong) -> None:
     """Keeps the RECENT_TEXTS newest texts by event time, within TEXT_MEMORY_MS of the watermark."""
     texts = record["t"]
     if fingerprint is not None:
@@ -156,15 +165,20 @@ def _apply_to_texts(record: Record, fingerprint: int | None, ts: int, watermark:
     record["t"] = [t for t in texts if t[1] >= since_s]
 
 
+def _bucket_order(bucket: list) -> int:
+    return bucket[0]
+
+
 def _text_order(text: list[int]) -> tuple[int, int]:
     return text[1], text[0]
 
 
+@cython.ccall
 @cython.locals(a=cython.double, b=cython.double, total=cython.double)
 def _add(current: int | float, amount: int | float) -> int | float:  # not `float`: Cython makes that a C double
     """A bucket's new value: an int while whole (as JSON keeps it), else rounded to cents."""
     try:
-        a, b = current, amount
+        a, b = _as_double(current), _as_double(amount)
     except OverflowError:  # an int beyond every double: added exactly below
         a = b = _EXACT_INTEGERS
     total = a + b
@@ -177,7 +191,18 @@ def _add(current: int | float, amount: int | float) -> int | float:  # not `floa
     return int(exact) if float(exact).is_integer() else round(exact, 2)
 
 
-_EXACT_INTEGERS = 2.0 ** 53
+_EXACT_INTEGERS = cython.declare(cython.double, 2.0 ** 53)  # a C double: compared with C doubles above
+
+
+@cython.cfunc
+@cython.inline
+def _as_double(value: object) -> cython.double:
+    """A bucket's number as a C double, as ``float(value)`` gives it. An int (a count, as JSON
+    keeps it) is converted directly: a double local given an int goes through int's
+    ``__float__``, which makes and frees a float object (4% of extraction, round 12)."""
+    if type(value) is int:
+        return float(value)
+    return value  # a float; anything else raises TypeError, as before
 
 
 def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | None:
@@ -200,7 +225,7 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
                 else:
                     for i in range(1, len(bucket)):
                         into[i] = _add(into[i], bucket[i])
-        ring = _prune_ring(sorted(buckets.values(), key=lambda b: b[0]), watermark // width, entity.ring_lengths[width])
+        ring = _prune_ring(sorted(buckets.values(), key=_bucket_order), watermark // width, entity.ring_lengths[width])
         if ring:
             merged["r"][key] = ring
     for sketch in entity.sketches:
@@ -221,19 +246,37 @@ def is_idle(entity: Entity, record: Record, watermark_ms: int) -> bool:
 
 # Feature kinds, compiled once per entity into (code, name, arguments) steps: per event
 # the catalogue is then a loop over tuples, not attribute lookups and name formatting.
-_WINDOW_SUM, _MEAN, _RATIO, _RATE_OF_CHANGE, _DISTINCT, _IS_NEW, _NEAR_DUPLICATES, _AGE, _SINCE_LAST = range(9)
+# C ints when compiled, so comparing a step's code with them makes no Python int.
+_WINDOW_SUM = cython.declare(cython.int, 0)
+_MEAN = cython.declare(cython.int, 1)
+_RATIO = cython.declare(cython.int, 2)
+_RATE_OF_CHANGE = cython.declare(cython.int, 3)
+_DISTINCT = cython.declare(cython.int, 4)
+_IS_NEW = cython.declare(cython.int, 5)
+_NEAR_DUPLICATES = cython.declare(cython.int, 6)
+_AGE = cython.declare(cython.int, 7)
+_SINCE_LAST = cython.declare(cython.int, 8)
 # A window's sums are kept at slot * _MAX_CHANNELS + channel of one array of C doubles.
 _MAX_WINDOWS = 8
 _MAX_CHANNELS = 16
 
 
-@dataclass(frozen=True)
+@cython.cclass
 class _Plan:
-    zeros: dict[str, float]
-    rings: tuple[tuple[str, int, int, tuple[str, ...]], ...]  # ring key, bucket width, buckets kept, channels
-    sketches: tuple[tuple[str, int, Any], ...]  # name, memory in ms, the field it counts
-    windows: tuple[tuple[int, int, str, int], ...]  # per window slot: bucket width, buckets, ring key, channels
-    steps: tuple[tuple[Any, ...], ...]
+    """An entity's catalogue as the per-event code reads it (C struct fields when compiled)."""
+    zeros = cython.declare(dict, visibility="readonly")  # feature name -> 0.0
+    rings = cython.declare(tuple, visibility="readonly")  # (ring key, bucket width, buckets kept, channels)
+    sketches = cython.declare(tuple, visibility="readonly")  # (name, memory in ms, the field it counts)
+    windows = cython.declare(tuple, visibility="readonly")  # per window slot: (width, buckets, ring key, channels)
+    steps = cython.declare(tuple, visibility="readonly")  # (code, feature name, arguments...)
+
+    def __init__(self, zeros: dict[str, float], rings: tuple, sketches: tuple, windows: tuple, steps: tuple) -> None:
+        self.zeros, self.rings, self.sketches, self.windows, self.steps = zeros, rings, sketches, windows, steps
+
+
+# Feature names as the catalogue's own string objects (a feature's ``name`` makes a new string
+# each time): the features dict of an event is keyed by these, so each lookup matches by identity.
+_CATALOGUE_NAMES = {name: name for name in FEATURE_NAMES}
 
 
 def _compile(entity: Entity) -> _Plan:
@@ -248,30 +291,31 @@ def _compile(entity: Entity) -> _Plan:
           for slot, w in enumerate(names)}  # type: ignore[index]
     steps: list[tuple[Any, ...]] = []
     for f in entity.features:
+        name = _CATALOGUE_NAMES[f.name]
         if isinstance(f, (Count, Sum)):
-            steps.append((_WINDOW_SUM, f.name, at[f.window][f.channel]))  # type: ignore[index]
+            steps.append((_WINDOW_SUM, name, at[f.window][f.channel]))  # type: ignore[index]
         elif isinstance(f, Mean):
-            steps.append((_MEAN, f.name, at[f.window][f.channel], at[f.window][f.per]))  # type: ignore[index]
+            steps.append((_MEAN, name, at[f.window][f.channel], at[f.window][f.per]))  # type: ignore[index]
         elif isinstance(f, Ratio):
             w = at[f.window]  # type: ignore[index]
-            steps.append((_RATIO, f.name, w[f.numerator], w[f.denominator]))
+            steps.append((_RATIO, name, w[f.numerator], w[f.denominator]))
         elif isinstance(f, RateOfChange):
-            steps.append((_RATE_OF_CHANGE, f.name, at["1h"][f.channel],
+            steps.append((_RATE_OF_CHANGE, name, at["1h"][f.channel],
                           1 + entity.ring_layout[HOUR].index(f.channel)))
         elif isinstance(f, Distinct):
-            steps.append((_DISTINCT, f.name, f.sketch, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
+            steps.append((_DISTINCT, name, f.sketch, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
         elif isinstance(f, IsNew):
-            steps.append((_IS_NEW, f.name, f.sketch))
+            steps.append((_IS_NEW, name, f.sketch))
         elif isinstance(f, NearDuplicates):
-            steps.append((_NEAR_DUPLICATES, f.name, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
+            steps.append((_NEAR_DUPLICATES, name, WINDOW_MS[f.window] // 1000))  # type: ignore[index]
         elif isinstance(f, SinceFirstSeen):
-            steps.append((_AGE, f.name))
+            steps.append((_AGE, name))
         elif isinstance(f, SinceLastSeen):
-            steps.append((_SINCE_LAST, f.name))
+            steps.append((_SINCE_LAST, name))
         else:  # pragma: no cover - the catalogue only declares the kinds above
             raise TypeError(f"unknown feature kind {type(f).__name__}")
     return _Plan(
-        zeros={f.name: 0.0 for f in entity.features},
+        zeros={_CATALOGUE_NAMES[f.name]: 0.0 for f in entity.features},
         rings=tuple((str(width), width, entity.ring_lengths[width], channels)
                     for width, channels in entity.ring_layout.items()),
         sketches=tuple((sketch.name, sketch.memory_ms, sketch.field) for sketch in entity.sketches),
@@ -289,18 +333,23 @@ _PLANS = {name: _compile(entity) for name, entity in ENTITIES.items()}
                oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
                amount=cython.double,
                value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
-               bucket=list)
+               bucket=list, rings=dict, sketches=dict, out=dict, plan=_Plan)
 def entity_features(
     entity: Entity, view: Record | None, event: Event, previous_last: int | None,
     novelty: dict[str, bool | None] | None = None, fingerprint: int | None = None,
+    out: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Feature values of ``entity`` for ``event``; ``view`` already includes the event.
 
-    With no key on the event (e.g. no IP) or no state, every feature is 0.
+    With no key on the event (e.g. no IP) or no state, every feature is 0. The values
+    are set in ``out`` if given (``extract`` fills one dict per event), else in a new dict.
     """
     plan = _PLANS[entity.name]
+    if out is None:
+        out = {}
     if view is None:
-        return dict(plan.zeros)
+        out.update(plan.zeros)
+        return out
     watermark = view["l"]
     rings = view["r"]
     # Each window's sums, bucket by bucket in bucket order as doubles (what the models get)
@@ -315,11 +364,10 @@ def entity_features(
             idx = bucket[0]
             if idx > oldest:
                 for channel in range(channels):
-                    amount = bucket[1 + channel]
+                    amount = _as_double(bucket[1 + channel])
                     sums[base + channel] += amount
     novelty = novelty or {}
     sketches = view["d"]
-    out: dict[str, float] = {}
     for step in plan.steps:
         code = step[0]
         if code == _WINDOW_SUM:
@@ -336,7 +384,7 @@ def entity_features(
             for bucket in rings.get(_HOUR_KEY) or ():
                 idx = bucket[0]
                 if newest - 24 <= idx < newest:
-                    amount = bucket[i]
+                    amount = _as_double(bucket[i])
                     day += amount
             value = (sums[step[2]] + 1) / (day / 24 + 1)
         elif code == _IS_NEW:

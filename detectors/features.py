@@ -14,19 +14,18 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Mapping
 
+import cython
 import orjson
 
-from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, Event
+from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, FEATURE_NAMES, Event
 from detectors.entities import Record, apply_event, channel_amounts, entity_features, merge_records
 from detectors.reputation import reputation_features
 from detectors.sketches import simhash
 
 
-@dataclass(frozen=True)
+@cython.cclass
 class EntityState:
     """What the store holds for one entity: the shard this event writes to
     (``own``) and, for sharded entities, the other shards as last replicated.
@@ -36,10 +35,20 @@ class EntityState:
     object in place, so an entity's record is decoded once and encoded once per
     batch, not per event. Other shards may be given decoded too (read only).
     """
-    own: bytes | None = None
-    others: tuple[bytes | Record, ...] = ()
-    reputation: bytes | None = None  # label-derived record, see detectors/reputation.py
-    record: Record | None = None
+    # An extension type when compiled (read-only fields, made without a Python frame:
+    # the worker makes one per entity per event), a plain class from source.
+    own = cython.declare(object, visibility="readonly")  # bytes | None
+    others = cython.declare(tuple, visibility="readonly")  # tuple[bytes | Record, ...]
+    reputation = cython.declare(object, visibility="readonly")  # label-derived record (detectors/reputation.py)
+    record = cython.declare(object, visibility="readonly")  # Record | None
+
+    def __init__(self, own: bytes | None = None, others: tuple[bytes | Record, ...] = (),
+                 reputation: bytes | None = None, record: Record | None = None) -> None:
+        self.own, self.others, self.reputation, self.record = own, others, reputation, record
+
+    def __repr__(self) -> str:
+        return f"EntityState(own={self.own!r}, others={self.others!r}, reputation={self.reputation!r}, " \
+               f"record={self.record!r})"
 
     def own_record(self) -> Record | None:
         """The own shard decoded: ``record`` as given, else ``own``'s bytes decoded (None if neither)."""
@@ -48,17 +57,26 @@ class EntityState:
         return orjson.loads(self.own) if self.own else None
 
 
-@dataclass(frozen=True)
+@cython.cclass
 class Extraction:
-    features: dict[str, float]
-    records: dict[str, Record]  # entity name -> its own shard's record, for entities this event changed
-    keys: dict[str, str] = field(default_factory=dict)  # entity name -> key in this event
+    """One event's features and the records it changed (see ``extract``)."""
+    features = cython.declare(dict, visibility="readonly")  # every name of FEATURE_NAMES, in its order
+    records = cython.declare(dict, visibility="readonly")  # entity name -> its own shard's record, if changed
+    keys = cython.declare(dict, visibility="readonly")  # entity name -> key in this event
+    _updates = cython.declare(object)
 
-    @cached_property
+    def __init__(self, features: dict[str, float], records: dict[str, Record],
+                 keys: dict[str, str] | None = None) -> None:
+        self.features, self.records, self.keys = features, records, {} if keys is None else keys
+        self._updates = None
+
+    @property
     def updates(self) -> dict[str, bytes]:
         """The changed records as the store keeps them (as they were extracted: read it before
         the next event updates a record kept decoded)."""
-        return {name: encode_record(record) for name, record in self.records.items()}
+        if self._updates is None:
+            self._updates = {name: encode_record(record) for name, record in self.records.items()}
+        return self._updates
 
 
 def encode_record(record: Record) -> bytes:
@@ -76,6 +94,7 @@ def entity_keys(event: Event) -> dict[str, str]:
     return keys
 
 
+@cython.locals(state=EntityState)
 def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, int] | None = None) -> Extraction:
     """Features of ``event`` and the new bytes of each entity record it changes.
 
@@ -83,17 +102,18 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     the last input it applied, so a redelivered event (at-least-once after a
     crash or rebalance) is scored again but never counted twice.
     """
-    features = {f.name: f.compute(event) for f in EVENT_FEATURES}
+    features = dict(_NO_FEATURES)  # in catalogue order; an entity absent from the event keeps its zeros
+    for name, compute in _EVENT_FEATURES:
+        features[name] = compute(event)
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     records: dict[str, dict] = {}
     keys = entity_keys(event)
     amounts = channel_amounts(event)
     for name, entity in ENTITIES.items():
         if name not in keys:
-            features.update(entity_features(entity, None, event, None))
             continue
-        state = states.get(name) or EntityState()
-        own = state.own_record()
+        state = states.get(name) or _NO_STATE
+        own = state.record if state.record is not None else orjson.loads(state.own) if state.own else None
         others = [shard if isinstance(shard, dict) else orjson.loads(shard) for shard in state.others if shard]
         lasts = [r["l"] for r in ([own] if own else []) + others]
         previous_last = max(lasts) if lasts else None
@@ -103,13 +123,17 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             if source is not None:
                 own["o"] = list(source)
             records[name] = own
-        view = merge_records(entity, [own, *others])
-        features.update(entity_features(entity, view, event, previous_last, novelty, fingerprint))
-    for name in ENTITIES:
-        state = states.get(name)
-        record = orjson.loads(state.reputation) if state is not None and state.reputation else None
-        features.update(reputation_features(name, record if name in keys else None, event["ts"]))
+        view = merge_records(entity, [own, *others]) if others else own
+        entity_features(entity, view, event, previous_last, novelty, fingerprint, features)
+        state_reputation = state.reputation
+        if state_reputation:  # most entities never had a label: their counts stay 0
+            features.update(reputation_features(name, orjson.loads(state_reputation), event["ts"]))
     return Extraction(features, records, keys)
+
+
+_NO_FEATURES = dict.fromkeys(FEATURE_NAMES, 0.0)
+_EVENT_FEATURES = tuple((f.name, f.compute) for f in EVENT_FEATURES)
+_NO_STATE = EntityState()
 
 
 def already_applied(record: Record, source: tuple[int, int]) -> bool:

@@ -76,6 +76,20 @@ def _feature_matrix_compiled(rows: Sequence[Mapping[str, float]]) -> np.ndarray 
         if type(row) is not dict:
             return None
         values = row
+        j = 0
+        if len(values) == len(names):
+            # An extracted row holds the catalogue's own name objects in catalogue order
+            # (features.extract): its values are read in order, without a lookup per name.
+            for name, value in values.items():
+                if name is not names[j]:
+                    break
+                if type(value) is float or type(value) is int:
+                    matrix[i, j] = value
+                else:
+                    return None
+                j += 1
+        if j == len(names):
+            continue
         for j in range(len(names)):
             value = values.get(names[j], missing)
             if type(value) is float or type(value) is int:

@@ -54,6 +54,13 @@ def hash32(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big")
 
 
+@lru_cache(maxsize=65_536)
+def hashed(value: str) -> tuple[int, str]:
+    """``hash32(value)`` and its decimal string, an exact sketch's key for it."""
+    h = hash32(value)
+    return h, str(h)
+
+
 def new_distinct() -> Distinct:
     return {"x": {}}
 
@@ -87,12 +94,14 @@ def distinct_add(sketch: Distinct, value: str, ts_s: int) -> Distinct:
     return distinct_insert(sketch, hash32(value), ts_s)[0]
 
 
-def distinct_insert(sketch: Distinct, h: int, ts_s: int) -> tuple[Distinct, bool | None]:
+@cython.locals(exact=dict)
+def distinct_insert(sketch: Distinct, h: int, ts_s: int, key: str | None = None) -> tuple[Distinct, bool | None]:
     """Adds a ``hash32``; returns the sketch and whether it held the hash before
-    (None once the sketch is a HyperLogLog: unknown)."""
+    (None once the sketch is a HyperLogLog: unknown). ``key`` is ``str(h)`` if the caller has it."""
     if "x" in sketch:
         exact = sketch["x"]
-        key = str(h)
+        if key is None:
+            key = str(h)
         seen = exact.get(key)
         if seen is not None:
             if ts_s > seen:
@@ -132,13 +141,15 @@ def distinct_count(sketch: Distinct, since_s: int) -> int:
     return round(raw)
 
 
+@cython.locals(exact=dict)
 def distinct_expire(sketch: Distinct, before_s: int) -> Distinct:
     """``sketch`` without the values last seen before ``before_s`` (itself if none are)."""
     if "x" in sketch:
         exact = sketch["x"]
-        if not exact or min(exact.values()) >= before_s:
-            return sketch
-        return {"x": {k: t for k, t in exact.items() if t >= before_s}}
+        for ts in exact.values():  # a loop, not min(): compiled, no iterator object per call
+            if ts < before_s:
+                return {"x": {k: t for k, t in exact.items() if t >= before_s}}
+        return sketch
     if not _any_before(sketch["h"], before_s):
         return sketch
     registers = {}

@@ -140,6 +140,16 @@ def _bucket_arithmetic() -> str:
             record, novelty = apply_event(entity, record, event)
             features.append(entity_features(entity, record, event, previous, novelty))
             previous = record["l"]
+    # counts as JSON keeps them (ints), past a double's precision and past its range
+    for count in (True, 7, 2 ** 53 + 1, 2 ** 60 + 1, -2 ** 62, 10 ** 400):
+        view = json.loads(json.dumps(record))
+        for ring in view["r"].values():
+            for bucket in ring:
+                bucket[1:] = [count] * (len(bucket) - 1)
+        try:
+            features.append(entity_features(ENTITIES["card"], view, event, previous))
+        except OverflowError:  # 10 ** 400: no double holds it, compiled or not
+            features.append("OverflowError")
     return repr((sums, record, features))
 
 
@@ -211,6 +221,9 @@ def test_compiled_feature_matrix_converts_like_numpy():
     cases = [
         [full, dict(full, user_events_1m=2 ** 60 + 1)],  # ints, as stored examples may carry
         [full, {"user_events_1m": 3.0, "not_a_feature": 9.0}],  # a missing feature counts as 0
+        # the catalogue's names as other string objects, or in another order: looked up by name
+        [{name[:1] + name[1:]: value for name, value in full.items()}, dict(reversed(full.items()))],
+        [dict(list(full.items())[:-1], not_a_feature=1.0)],  # as many keys, one not the catalogue's
         [dict(full, user_events_1m=float("nan")), dict(full, ip_events_1m=float("-inf"))],
         [],
     ]
@@ -223,6 +236,20 @@ def test_compiled_feature_matrix_converts_like_numpy():
         expected = _feature_matrix([full, odd])
         np.log1p(expected, out=expected, where=expected > 0)
         assert log_feature_matrix([full, odd]).tobytes() == expected.tobytes()
+
+
+@pure_python_run
+def test_compiled_state_and_extraction_are_read_only_extension_types():
+    from detectors.features import EntityState, Extraction, extract
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    state = EntityState(b"{}", (b"{}",), None, None)
+    with pytest.raises(AttributeError):
+        state.own = b"changed"  # type: ignore[misc]
+    result = extract({"event_id": "e", "type": "signup", "ts": 0, "user_id": "u", "device_id": "d"}, {})
+    assert isinstance(result, Extraction) and result.updates is result.updates  # encoded once
+    with pytest.raises(AttributeError):
+        result.features = {}  # type: ignore[misc]
 
 
 @pure_python_run

@@ -211,6 +211,10 @@ def test_extract_emits_the_catalogue_in_order_with_all_entities():
     again = extract(dict(event, event_id="f", ts=6), {k: EntityState(v) for k, v in result.updates.items()})
     assert again.features["merchant_payments_10m"] == 2 and again.features["user_secs_since_last"] == 0.001
     assert len(EVENT_FEATURES) < len(FEATURE_NAMES)
+    # keyed by the catalogue's own name objects, so the models read the values in order (model.py)
+    assert all(name is catalogued for name, catalogued in zip(result.features, FEATURE_NAMES))
+    only_a_user = extract({"event_id": "g", "type": "signup", "ts": 7, "user_id": "v"}, {}).features
+    assert tuple(only_a_user) == FEATURE_NAMES and only_a_user["ip_events_1m"] == 0.0  # absent entities: zeros
 
 
 # -- sketches ------------------------------------------------------------------------
@@ -220,6 +224,16 @@ def test_distinct_is_exact_up_to_the_limit():
         sketch = distinct_add(sketch, f"v{i}", ts_s=i)
     assert "x" in sketch
     assert [distinct_count(sketch, since_s=s) for s in (0, 10, EXACT_LIMIT)] == [EXACT_LIMIT, EXACT_LIMIT - 10, 0]
+
+
+def test_an_exact_sketch_is_keyed_by_the_decimal_hash():
+    from detectors.sketches import distinct_insert, hash32, hashed
+
+    h, key = hashed("1.2.3.4")
+    assert (h, key) == (hash32("1.2.3.4"), str(hash32("1.2.3.4")))
+    given, _ = distinct_insert(new_distinct(), h, 5, key)
+    made, _ = distinct_insert(new_distinct(), h, 5)
+    assert given == made == {"x": {key: 5}}
 
 
 @pytest.mark.parametrize("n", [30, 100, 400, 2000, 20000])
