@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import cython
 import numpy as np
-from cython.cimports.libc.math import sqrt
+from cython.cimports.libc.math import exp, pow, sqrt
 from river import linear_model, optim, utils
 
 from detectors.catalog import FEATURE_NAMES, describe
@@ -198,6 +198,121 @@ def _learn_standardise(x, counts, means, variances, z) -> None:
                 z[i, j] = (value - mean) / sqrt(variance)
 
 
+@cython.ccall
+@cython.locals(j=cython.Py_ssize_t)
+def _in_order(values: dict, names: tuple) -> cython.bint:
+    """Whether ``values`` holds exactly ``names``, in that order."""
+    if len(values) != len(names):
+        return False
+    j = 0
+    for name in values:
+        if name != names[j]:
+            return False
+        j += 1
+    return True
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(j=cython.Py_ssize_t)
+def _read_in_order(values: dict, names: tuple, into: cython.double[::1]) -> cython.bint:
+    """Copies ``values`` into ``into`` if it holds exactly ``names``, in that order."""
+    if len(values) != len(names) or into.shape[0] != len(names):
+        return False
+    j = 0
+    for name, value in values.items():
+        if name != names[j]:
+            return False
+        into[j] = value
+        j += 1
+    return True
+
+
+@cython.cfunc
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(j=cython.Py_ssize_t)
+def _write_in_order(values: dict, source: cython.double[::1]) -> cython.void:
+    """Sets ``values`` (read by ``_read_in_order``) to ``source``, key by key through the
+    dict's own key objects (a lookup by identity)."""
+    j = 0
+    for name in values:  # replacing values changes neither the size nor the order
+        values[name] = source[j]
+        j += 1
+
+
+_SQUARE_LIMIT = cython.declare(cython.double, 1e150)  # a gradient whose square Python cannot hold: River raises
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.cdivision(True)  # IEEE division, as Python's floats (the divisors here are never 0)
+@cython.locals(x=cython.double[::1], w=cython.double[::1], m=cython.double[::1], v=cython.double[::1],
+               weights=dict, means=dict, squares=dict, names=tuple, n=cython.Py_ssize_t, j=cython.Py_ssize_t,
+               dot=cython.double, raw=cython.double, z=cython.double, y=cython.int, loss_weight=cython.double,
+               gradient=cython.double, clip=cython.double, lr=cython.double, beta_1=cython.double,
+               beta_2=cython.double, eps=cython.double, g=cython.double, iteration=cython.double)
+def _learn_logistic_adam(classifier, held: tuple, names: tuple, row: np.ndarray, is_abuse: bool,
+                         sample_weight: float) -> bool:
+    """River's ``LogisticRegression.learn_one(dict(zip(names, row)), is_abuse, w=sample_weight)``
+    with Adam, computed in C on the dicts ``_held_state`` holds: the same operations, in the same
+    order, on the same doubles (tests/unit/test_compiled.py compares the two, learning after
+    learning). Only called when compiled; False (nothing changed) when River must run instead:
+    the dicts are not exactly ``names`` in order, or a value would make Python raise or be odd."""
+    weights, means, squares = held[1], held[3], held[5]
+    n = len(names)
+    x = row
+    state = np.empty((3, n))
+    w, m, v = state[0], state[1], state[2]
+    if x.shape[0] != n or not (_read_in_order(weights, names, w) and _read_in_order(means, names, m)
+                               and _read_in_order(squares, names, v)):
+        return False
+    # GLM._raw_dot_one: the weights' dot product, key by key from 0, plus the intercept
+    dot = 0.0
+    for j in range(n):
+        dot += w[j] * x[j]
+    raw = dot + classifier.intercept
+    # optim.losses.Log.gradient
+    loss = classifier.loss
+    y = 1 if is_abuse else -1
+    loss_weight = loss.weight_pos if is_abuse else loss.weight_neg
+    z = raw * y
+    if z > 18.0:
+        gradient = loss_weight * exp(-z) * -y
+    elif z < -18.0:
+        gradient = loss_weight * -y
+    else:
+        gradient = loss_weight * -y / (exp(z) + 1.0)
+    gradient *= sample_weight
+    clip = classifier.clip_gradient
+    if clip < gradient:  # utils.math.clamp: max(min(gradient, clip), -clip)
+        gradient = clip
+    if -clip > gradient:
+        gradient = -clip
+    for j in range(n):
+        g = x[j] * gradient
+        if not (-_SQUARE_LIMIT < g < _SQUARE_LIMIT):  # NaN, inf or a square Python raises on
+            return False
+    # the intercept by its own constant rate, then Adam's step (optim.Adam._step_with_vector)
+    classifier.intercept = classifier.intercept - classifier.intercept_lr.learning_rate * gradient
+    optimizer = classifier.optimizer
+    beta_1, beta_2, eps = optimizer.beta_1, optimizer.beta_2, optimizer.eps
+    iteration = optimizer.n_iterations + 1
+    lr = optimizer.lr.learning_rate * pow(1 - pow(beta_2, iteration), 0.5)
+    lr /= 1 - pow(beta_1, iteration)
+    for j in range(n):
+        g = x[j] * gradient
+        m[j] = beta_1 * m[j] + (1 - beta_1) * g
+        v[j] = beta_2 * v[j] + (1 - beta_2) * pow(g, 2.0)
+        w[j] = w[j] - m[j] * lr / (pow(v[j], 0.5) + eps)
+    _write_in_order(weights, w)
+    _write_in_order(means, m)
+    _write_in_order(squares, v)
+    optimizer.n_iterations += 1
+    return True
+
+
 class OnlineRiskModel:
     """``observe`` every scored event, ``learn_one`` every label, ``predict_proba_one`` to score."""
 
@@ -250,10 +365,42 @@ class OnlineRiskModel:
         """The classifier's weights in catalogue order, rebuilt only after it learned."""
         cached = getattr(self, "_weights_in_order", None)  # checkpoints from before it lack it
         if cached is None or cached[0] != self.updates:
-            weights = self.classifier._weights
-            cached = self._weights_in_order = (
-                self.updates, np.fromiter(map(weights.get, self.scaler.names, repeat(0.0)), float, len(self.scaler.names)))
+            names = self.scaler.names
+            held = self._held_state()
+            if held is not None and _in_order(held[1], names):  # the weights dict itself, in order
+                vector = np.fromiter(held[1].values(), float, len(names))
+            else:
+                vector = np.fromiter(map(self.classifier._weights.get, names, repeat(0.0)), float, len(names))
+            cached = self._weights_in_order = (self.updates, vector)
         return cached[1]
+
+    def _held_state(self) -> tuple | None:
+        """The classifier's weights and Adam's two moments as dicts this model holds, wrapped
+        (not copied) by River's ``VectorDict``s, so C code can read and update them in place;
+        None while River's own ``learn_one`` must run (before Adam's first step, or a
+        classifier configured otherwise than ``__init__`` makes it)."""
+        classifier = self.classifier
+        optimizer = classifier.optimizer
+        if not (type(classifier) is linear_model.LogisticRegression and type(optimizer) is optim.Adam
+                and optimizer.m is not None and type(classifier.loss) is optim.losses.Log
+                and classifier.l1 == 0 and classifier.l2 == 0
+                and type(classifier.intercept_lr) is optim.schedulers.Constant
+                and type(optimizer.lr) is optim.schedulers.Constant):
+            return None
+        held = self.__dict__.get("_held")
+        if held is None or held[0] is not classifier._weights or held[2] is not optimizer.m \
+                or held[4] is not optimizer.v:
+            # VectorDict(d) keeps d itself: River's own operations on these then update the dicts held
+            weights, means, squares = classifier._weights.to_dict(), optimizer.m.to_dict(), optimizer.v.to_dict()
+            classifier._weights = utils.VectorDict(weights)
+            optimizer.m, optimizer.v = utils.VectorDict(means), utils.VectorDict(squares)
+            held = self._held = (classifier._weights, weights, optimizer.m, means, optimizer.v, squares)
+        return held
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_held", None)  # references into the classifier, made again after loading
+        return state
 
     def predict_proba_many(self, inputs: np.ndarray) -> np.ndarray:
         """``predict_proba_one`` of rows already through the scaler (``Standardiser.learn_transform_many``)."""
@@ -274,7 +421,10 @@ class OnlineRiskModel:
             self.negatives += 1
             weight = self.positives / self.negatives
         weight = min(MAX_CLASS_WEIGHT, max(1.0, weight))
-        self.classifier.learn_one(dict(zip(self.scaler.names, row.tolist())), is_abuse, w=weight)
+        held = self._held_state() if cython.compiled else None
+        if held is None or not _learn_logistic_adam(self.classifier, held, self.scaler.names,
+                                                    np.ascontiguousarray(row, dtype=float), is_abuse, weight):
+            self.classifier.learn_one(dict(zip(self.scaler.names, row.tolist())), is_abuse, w=weight)
 
     def warm_start(self, weights: Mapping[str, float], intercept: float, positives: int, negatives: int) -> None:
         """Starts from weights fitted offline (on ``inputs``) as if it had learned that many labels."""

@@ -253,6 +253,71 @@ def test_compiled_state_and_extraction_are_read_only_extension_types():
 
 
 @pure_python_run
+def test_compiled_learning_updates_the_model_as_rivers_learn_one(monkeypatch):
+    import pickle
+
+    import numpy as np
+
+    from detectors import model as model_module
+    from detectors.model import OnlineRiskModel
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = np.random.default_rng(21)
+    n = len(OnlineRiskModel().scaler.names)
+    fast, river = OnlineRiskModel(learning_rate=0.01), OnlineRiskModel(learning_rate=0.003)
+    river.learning_rate = fast.learning_rate
+    river.classifier = pickle.loads(pickle.dumps(fast.classifier))
+
+    def state(model: OnlineRiskModel) -> str:
+        optimizer = model.classifier.optimizer
+        dicts = [model.classifier._weights] + ([optimizer.m, optimizer.v] if optimizer.m is not None else [])
+        return repr(([[(k, float(value).hex()) for k, value in d.to_dict().items()] for d in dicts],
+                     float(model.classifier.intercept).hex(), optimizer.n_iterations, model.positives,
+                     model.negatives))
+
+    taken = []
+    compiled_learn = model_module._learn_logistic_adam
+
+    def counted(*args):
+        taken.append(compiled_learn(*args))
+        return taken[-1]
+
+    for step in range(600):
+        row = rng.normal(0, 3, size=n) * (rng.random(n) < 0.4)
+        if step == 590:
+            row[3] = np.nan  # left to River, which learns NaNs (and is NaN from then on)
+        elif step % 89 == 7:
+            row[4] = 1e200  # a gradient whose square overflows: River raises
+        elif step % 61 == 3:
+            row *= 40  # saturated logits, both sides of the loss's cut-offs
+        is_abuse = bool(rng.random() < 0.3)
+        outcomes = []
+        for model, learn in ((fast, counted), (river, lambda *args: False)):
+            with monkeypatch.context() as patch:
+                patch.setattr(model_module, "_learn_logistic_adam", learn)
+                try:
+                    model.learn_scaled(row, is_abuse)
+                    outcomes.append("learned")
+                except OverflowError:
+                    outcomes.append("OverflowError")
+        assert outcomes[0] == outcomes[1], step
+        assert state(fast) == state(river), step
+        assert fast.predict_proba_scaled(row).hex() == river.predict_proba_scaled(row).hex(), step
+        if step == 300:  # a checkpoint, restored: the held dicts are made again
+            fast, river = pickle.loads(pickle.dumps(fast)), pickle.loads(pickle.dumps(river))
+        if step in (450, 520):  # weights fitted offline (bootstrap), then in another order and missing some
+            names = fast.scaler.names if step == 450 else tuple(reversed(fast.scaler.names[10:]))
+            weights = {name: float(rng.normal()) for name in names}
+            for model in (fast, river):
+                model.warm_start(weights, 0.5, 40, 60)
+            if step == 520:
+                # all but each start's first step (Adam has no moments yet) and the NaN or overflowing rows
+                assert sum(taken) > 480 and all(taken[-60:]), "the compiled path learns, again after a warm start"
+                taken.clear()
+    assert not any(taken), "weights in another order than the catalogue's are left to River"
+
+
+@pure_python_run
 def test_compiled_standardiser_learns_the_same_doubles_as_numpy():
     import numpy as np
 
