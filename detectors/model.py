@@ -242,7 +242,9 @@ def _write_in_order(values: dict, source: cython.double[::1]) -> cython.void:
         j += 1
 
 
-_SQUARE_LIMIT = cython.declare(cython.double, 1e150)  # a gradient whose square Python cannot hold: River raises
+# Gradients past this (or NaN) are left to River: their squares overflow, and which of River's
+# operations then run on Python floats (``**`` raises OverflowError) or natively is River's business.
+_SQUARE_LIMIT = cython.declare(cython.double, 1e150)
 
 
 @cython.boundscheck(False)
@@ -259,7 +261,7 @@ def _learn_logistic_adam(classifier, held: tuple, names: tuple, row: np.ndarray,
     with Adam, computed in C on the dicts ``_held_state`` holds: the same operations, in the same
     order, on the same doubles (tests/unit/test_compiled.py compares the two, learning after
     learning). Only called when compiled; False (nothing changed) when River must run instead:
-    the dicts are not exactly ``names`` in order, or a value would make Python raise or be odd."""
+    the dicts are not exactly ``names`` in order, or a gradient is NaN or past ``_SQUARE_LIMIT``."""
     weights, means, squares = held[1], held[3], held[5]
     n = len(names)
     x = row
@@ -292,7 +294,7 @@ def _learn_logistic_adam(classifier, held: tuple, names: tuple, row: np.ndarray,
         gradient = -clip
     for j in range(n):
         g = x[j] * gradient
-        if not (-_SQUARE_LIMIT < g < _SQUARE_LIMIT):  # NaN, inf or a square Python raises on
+        if not (-_SQUARE_LIMIT < g < _SQUARE_LIMIT):  # NaN, inf, or a square that overflows
             return False
     # the intercept by its own constant rate, then Adam's step (optim.Adam._step_with_vector)
     classifier.intercept = classifier.intercept - classifier.intercept_lr.learning_rate * gradient

@@ -287,20 +287,14 @@ def test_compiled_learning_updates_the_model_as_rivers_learn_one(monkeypatch):
         if step == 590:
             row[3] = np.nan  # left to River, which learns NaNs (and is NaN from then on)
         elif step % 89 == 7:
-            row[4] = 1e200  # a gradient whose square overflows: River raises
+            row[4] = 1e200  # a gradient whose square overflows (left to River: Adam's moment goes to inf)
         elif step % 61 == 3:
             row *= 40  # saturated logits, both sides of the loss's cut-offs
         is_abuse = bool(rng.random() < 0.3)
-        outcomes = []
         for model, learn in ((fast, counted), (river, lambda *args: False)):
             with monkeypatch.context() as patch:
                 patch.setattr(model_module, "_learn_logistic_adam", learn)
-                try:
-                    model.learn_scaled(row, is_abuse)
-                    outcomes.append("learned")
-                except OverflowError:
-                    outcomes.append("OverflowError")
-        assert outcomes[0] == outcomes[1], step
+                model.learn_scaled(row, is_abuse)
         assert state(fast) == state(river), step
         assert fast.predict_proba_scaled(row).hex() == river.predict_proba_scaled(row).hex(), step
         if step == 300:  # a checkpoint, restored: the held dicts are made again
