@@ -50,6 +50,7 @@ class EntityState:
         return f"EntityState(own={self.own!r}, others={self.others!r}, reputation={self.reputation!r}, " \
                f"record={self.record!r})"
 
+    @cython.ccall  # a C call from extract
     def own_record(self) -> Record | None:
         """The own shard decoded: ``record`` as given, else ``own``'s bytes decoded (None if neither)."""
         if self.record is not None:
@@ -113,7 +114,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
         if name not in keys:
             continue
         state = states.get(name) or _NO_STATE
-        own = state.record if state.record is not None else orjson.loads(state.own) if state.own else None
+        own = state.own_record()
         others = [shard if isinstance(shard, dict) else orjson.loads(shard) for shard in state.others if shard]
         lasts = [r["l"] for r in ([own] if own else []) + others]
         previous_last = max(lasts) if lasts else None

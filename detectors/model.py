@@ -198,20 +198,6 @@ def _learn_standardise(x, counts, means, variances, z) -> None:
                 z[i, j] = (value - mean) / sqrt(variance)
 
 
-@cython.ccall
-@cython.locals(j=cython.Py_ssize_t)
-def _in_order(values: dict, names: tuple) -> cython.bint:
-    """Whether ``values`` holds exactly ``names``, in that order."""
-    if len(values) != len(names):
-        return False
-    j = 0
-    for name in values:
-        if name != names[j]:
-            return False
-        j += 1
-    return True
-
-
 @cython.cfunc
 @cython.boundscheck(False)
 @cython.wraparound(False)
@@ -369,9 +355,8 @@ class OnlineRiskModel:
         if cached is None or cached[0] != self.updates:
             names = self.scaler.names
             held = self._held_state()
-            if held is not None and _in_order(held[1], names):  # the weights dict itself, in order
-                vector = np.fromiter(held[1].values(), float, len(names))
-            else:
+            vector = np.empty(len(names))
+            if held is None or not _read_in_order(held[1], names, vector):  # else the weights dict itself, in order
                 vector = np.fromiter(map(self.classifier._weights.get, names, repeat(0.0)), float, len(names))
             cached = self._weights_in_order = (self.updates, vector)
         return cached[1]
