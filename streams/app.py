@@ -47,7 +47,7 @@ from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFoll
 from streams.kafka.io import KafkaWriter
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, RecordCache, ShardReplica, shard_key
+from streams.state import ExpirySweeper, RecordCache, ShardPresence, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -214,10 +214,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
         record_cache.clear()
+        shard_presence.clear()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         record_cache.clear()
+        shard_presence.clear()
         for source in inputs:
             await source.on_assigned()
 
@@ -239,11 +241,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     record_cache = RecordCache(settings.record_cache_entries)
     app.record_cache = record_cache  # type: ignore[attr-defined]
 
-    def stored(name: str, table_key: bytes, read: Any) -> bytes | Record | None:
+    def stored(name: str, table_key: bytes, read: Any) -> Record | None:
         pending = batch_records.get((name, table_key))
         if pending is not None:
             return pending[0]
-        return record_cache.get((name, table_key)) or read(table_key)
+        return record_cache.read((name, table_key), read)
 
     def write_batch() -> None:
         for (name, key), (record, partition) in batch_records.items():
@@ -267,6 +269,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             get = batch_stores[(name, partition)] = tables[name].data._db_for_partition(partition).get
             return get
 
+    # Which owned partitions hold a shard of each sharded entity: most hold none.
+    shard_presence = ShardPresence()
+
+    def shard_exists(name: str, partition: int, key: str) -> bool:
+        return stored(name, shard_key(partition, key), store_get(name, partition)) is not None
+
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         layout = batch_layout.get(partition)
         if layout is None:
@@ -277,15 +285,15 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         local_partitions, remote_partitions = layout
         states = {}
         for name, key in keys.items():
+            # decoded: extract updates it in place, and the batch's next events read it
             own = stored(name, table_key(name, partition, key), store_get(name, partition))
             others: tuple[bytes | Record, ...] = ()
             if ENTITIES[name].sharded:
-                local = [stored(name, shard_key(p, key), store_get(name, p)) for p in local_partitions]
+                with_shards = shard_presence.partitions(name, key, events.owned, shard_exists)
+                local = [stored(name, shard_key(p, key), store_get(name, p))
+                         for p in local_partitions if with_shards >> p & 1]
                 others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            if isinstance(own, dict):  # this batch's: extract updates it in place
-                states[name] = EntityState(None, others, feed.reputation_of(name, key), record=own)
-            else:
-                states[name] = EntityState(own, others, feed.reputation_of(name, key))
+            states[name] = EntityState(None, others, feed.reputation_of(name, key), record=own)
         return states
 
     def sweep(partition: int) -> None:
@@ -444,6 +452,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return
         for name, entity_record in extraction.records.items():
             batch_records[(name, table_key(name, partition, keys[name]))] = (entity_record, partition)
+            shard_presence.add(name, keys[name], partition)
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -455,6 +464,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             partition = origin.partition
             for name, entity_record in result.records.items():
                 batch_records[(name, table_key(name, partition, result.keys[name]))] = (entity_record, partition)
+                shard_presence.add(name, result.keys[name], partition)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))
@@ -503,6 +513,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         while True:
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
                 record_cache.clear()
+                shard_presence.clear()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             new_labels = labels.poll(settings.batch_max_events)

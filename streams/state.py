@@ -23,8 +23,9 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
+import orjson
 from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, Options, Rdict
 
@@ -182,16 +183,20 @@ class ShardReplica:
 
 
 class RecordCache:
-    """Decoded entity records of the worker's owned partitions, kept between batches
-    (least recently used out first): an entity seen again is neither read from RocksDB
-    nor JSON decoded. Only this worker writes its owned partitions, so a kept record is
-    the stored one; the caller clears it whenever ownership may change, discards what
-    the expiry sweep deletes, and stores what it writes through ``keep``.
+    """A read-through cache of the worker's owned partitions' entity records, decoded, kept
+    between batches (least recently used out first): an entity seen again is neither read
+    from RocksDB nor JSON decoded (a shard of another owned partition was decoded for every
+    event that read it). Only this worker writes its owned partitions, so a record kept is
+    the stored one; the caller clears the cache whenever ownership may change, discards
+    what the expiry sweep deletes, and stores what it writes through ``keep``. An absent
+    record is not kept: the worker writes it next, or ``ShardPresence`` stops asking.
 
+    >>> store = {b"a": b'{"l": 1}'}
     >>> cache = RecordCache(capacity=2)
-    >>> cache.keep({("user", b"a"): ({"l": 1}, 0), ("user", b"b"): ({"l": 2}, 0), ("ip", b"0|c"): ({"l": 3}, 0)})
-    >>> cache.get(("user", b"a")), cache.get(("ip", b"0|c"))
-    (None, {'l': 3})
+    >>> cache.read(("user", b"a"), store.get), cache.read(("user", b"b"), store.get)
+    ({'l': 1}, None)
+    >>> cache.read(("user", b"a"), store.get), (cache.hits, cache.misses)
+    ({'l': 1}, (1, 2))
     """
 
     def __init__(self, capacity: int):
@@ -202,13 +207,24 @@ class RecordCache:
     def __len__(self) -> int:
         return len(self._records)
 
-    def get(self, key: tuple[str, bytes]) -> Record | None:
-        record = self._records.get(key)
-        if record is None:
-            self.misses += 1
-        else:
+    def read(self, key: tuple[str, bytes], read: Callable[[bytes], bytes | None]) -> Record | None:
+        """The record of ``key`` (entity name, table key), None if there is none; on a miss
+        ``read(table key)`` gives the stored bytes, and the record they hold is kept."""
+        records = self._records
+        record = records.get(key)
+        if record is not None:
             self.hits += 1
-            self._records.move_to_end(key)
+            records.move_to_end(key)
+            return record
+        self.misses += 1
+        raw = read(key[1])
+        if raw is None:
+            return None
+        record = orjson.loads(raw)
+        if self.capacity > 0:
+            records[key] = record
+            if len(records) > self.capacity:
+                records.popitem(last=False)
         return record
 
     def keep(self, written: dict[tuple[str, bytes], tuple[Record, int]]) -> None:
@@ -227,6 +243,71 @@ class RecordCache:
 
     def clear(self) -> None:
         self._records.clear()
+
+
+SHARD_PRESENCE_ENTITIES = 100_000  # ~100 bytes each
+
+
+class ShardPresence:
+    """Which of the worker's owned partitions hold a shard of each sharded entity.
+
+    An event reads its IP's, device's, merchant's and card's shards in every other
+    partition the worker owns (three RocksDB reads per entity with four partitions on
+    one worker), and most of those shards do not exist: an IP is mostly seen on the
+    partitions of its few users. The partitions found holding one are kept per entity, a
+    bitmask: found once by reading the stores, then kept up to date by ``add`` for every
+    shard the worker writes. Only this worker writes its owned partitions, so a partition
+    not in the mask holds no shard; one in it may (the expiry sweep may have deleted it:
+    reading it then finds nothing). Cleared whenever ownership may change; forgotten
+    altogether when ``capacity`` entities are kept.
+
+    >>> stores = {0: {b"0|1.2.3.4"}, 1: set(), 2: set()}
+    >>> presence = ShardPresence(capacity=10)
+    >>> presence.partitions("ip", "1.2.3.4", [0, 1, 2], lambda entity, p, key: shard_key(p, key) in stores[p])
+    1
+    >>> presence.add("ip", "1.2.3.4", 2)
+    >>> presence.partitions("ip", "1.2.3.4", [0, 1, 2], lambda entity, p, key: 1 / 0)  # known: no store read
+    5
+    """
+
+    def __init__(self, capacity: int = SHARD_PRESENCE_ENTITIES):
+        self.capacity = capacity
+        self._masks: dict[str, dict[str, int]] = {}  # entity -> key -> bit p set if partition p has a shard
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def partitions(self, entity: str, key: str, owned: Iterable[int], exists: Callable[[str, int, str], bool]) -> int:
+        """The bitmask of the ``owned`` partitions with a shard of ``key``; ``exists(entity,
+        partition, key)`` reads a store, for an entity not known yet."""
+        masks = self._masks.get(entity)
+        if masks is None:
+            masks = self._masks[entity] = {}
+        mask = masks.get(key)
+        if mask is None:
+            mask = 0
+            for partition in owned:
+                if exists(entity, partition, key):
+                    mask |= 1 << partition
+            if self._count >= self.capacity:
+                self.clear()
+                masks = self._masks[entity] = {}
+            masks[key] = mask
+            self._count += 1
+        return mask
+
+    def add(self, entity: str, key: str, partition: int) -> None:
+        """The worker wrote a shard of ``key`` in ``partition``."""
+        masks = self._masks.get(entity)
+        if masks is not None:
+            mask = masks.get(key)
+            if mask is not None:
+                masks[key] = mask | (1 << partition)
+
+    def clear(self) -> None:
+        self._masks.clear()
+        self._count = 0
 
 
 @dataclass

@@ -56,6 +56,27 @@ def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tomb
     writer.close()
 
 
+def test_a_flush_after_close_still_delivers_and_does_not_raise(settings, tmp_path):
+    """The worker closes its writer before Faust's own shutdown flushes it once more (the
+    writer's flush stands in for Faust's producer's): a table write in between must be
+    delivered, and that flush must not fail, or Faust's shutdown stops halfway and the
+    process hangs on a thread it never stopped."""
+    table = _table(settings, tmp_path)
+    writer = KafkaWriter(settings)
+    writer.put(table, 0, b"u1", b'{"l":1}')
+    writer.flush()
+    writer.persist_offsets()
+    writer.close()
+    writer.put(table, 0, b"u2", b'{"l":2}')  # e.g. the label join's timer, between the two
+    writer.flush()
+    assert writer._offsets_reader is None  # nothing opened again that no one would close
+    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
+    try:
+        assert [key for _, key, _ in reader.read_range(0, 0, 2)] == [b"u1", b"u2"]
+    finally:
+        reader.close()
+
+
 def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
     """murmur2, as aiokafka and Java: a score must sit on its event id's partition,
     where the label join reads the labels of that event id."""

@@ -278,3 +278,44 @@ def test_a_content_model_checkpointed_with_adam_continues_with_adagrad():
     assert isinstance(restored.classifier.optimizer, optim.AdaGrad)
     assert dict(restored.classifier._weights) == dict(old.classifier._weights)
     restored.learn_one(text_inputs("lovely quiet walk"), False)
+
+
+class CountingStore:
+    """The reputation store with its reads counted."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, 0
+
+    def get(self, key):
+        self.reads += 1
+        return self.store.get(key)
+
+    def put(self, key, value):
+        self.store.put(key, value)
+
+
+def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, monkeypatch):
+    from streams import learning
+
+    feed = learning.LearningFeed(Detector(ModelSet.new(5)), "127.0.0.1:1", "examples", "checkpoints", "w",
+                                 tmp_path)
+    store = feed.reputation = CountingStore(feed.reputation)
+    feed.detector.models.offset, feed.reputation_offset = 100, -1  # only the reputation store learns
+    try:
+        assert feed.reputation_of("ip", "1.2.3.4") is None
+        assert feed.reputation_of("ip", "1.2.3.4") is None and store.reads == 1  # its absence was kept
+        feed.apply({"event_id": "e1", "label": "abuse", "previous_label": None, "label_ts": 60_000,
+                    "entities": {"ip": "1.2.3.4", "user": "u1"}}, offset=0)
+        reads = store.reads
+        stored = feed.reputation_of("ip", "1.2.3.4")
+        assert stored is not None and reputation_features("ip", orjson.loads(stored), 60_000)
+        assert feed.reputation_of("ip", "1.2.3.4") == stored and store.reads == reads + 1
+
+        monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
+        for key in ("a", "b", "c"):  # the third forgets all that was kept
+            feed.reputation_of("device", key)
+        reads = store.reads
+        feed.reputation_of("ip", "1.2.3.4")
+        assert store.reads == reads + 1
+    finally:
+        feed.reputation.store.close()
