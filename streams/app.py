@@ -275,6 +275,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def shard_exists(name: str, partition: int, key: str) -> bool:
         return stored(name, shard_key(partition, key), store_get(name, partition)) is not None
 
+    def hold(name: str, partition: int, key: str, record: Record) -> None:
+        """A record the batch changed: written when the batch ends, read by its next events."""
+        batch_records[(name, table_key(name, partition, key))] = (record, partition)
+        shard_presence.add(name, key, partition)
+
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
         layout = batch_layout.get(partition)
         if layout is None:
@@ -451,8 +456,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, entity_record in extraction.records.items():
-            batch_records[(name, table_key(name, partition, keys[name]))] = (entity_record, partition)
-            shard_presence.add(name, keys[name], partition)
+            hold(name, partition, keys[name], entity_record)
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -463,8 +467,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 continue
             partition = origin.partition
             for name, entity_record in result.records.items():
-                batch_records[(name, table_key(name, partition, result.keys[name]))] = (entity_record, partition)
-                shard_presence.add(name, result.keys[name], partition)
+                hold(name, partition, result.keys[name], entity_record)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))

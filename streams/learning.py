@@ -32,6 +32,7 @@ from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
 from detectors.reputation import add_label_stored
 from streams.kafka.io import CHECKPOINT_MAX_BYTES
+from streams.state import KeptPerEntity
 
 log = logging.getLogger("abuse_detector.learning")
 
@@ -41,6 +42,7 @@ CHECKPOINT_EVERY_S = 10.0
 # Reputations read per entity per event, most of them of entities that never had a label: the
 # answers (absent ones too) are kept, and the whole set is dropped when it reaches this size.
 REPUTATIONS_KEPT = 100_000
+_UNREAD = object()
 
 
 def reputation_key(entity: str, key: str) -> bytes:
@@ -60,8 +62,7 @@ class LearningFeed:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         self.reputation = Rdict(str(data_dir / "reputation"), options=options, access_type=AccessType.read_write())
-        self._reputations_kept: dict[str, dict[str, bytes | None]] = {}  # entity -> key -> stored bytes
-        self._reputations_kept_count = 0
+        self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
                                   "compression.type": "zstd", "message.max.bytes": CHECKPOINT_MAX_BYTES})
         self.consumer: Consumer | None = None
@@ -157,25 +158,16 @@ class LearningFeed:
             for d in deltas:
                 key = reputation_key(d.entity, d.key)
                 self.reputation.put(key, add_label_stored(self.reputation.get(key), d.label_ts, d.delta))
-                self._reputations_kept.get(d.entity, {}).pop(d.key, None)
+                self._reputations_kept.forget(d.entity, d.key)
             self.reputation_offset = offset
 
     def reputation_of(self, entity: str, key: str) -> bytes | None:
         """An entity's stored reputation, None if it never had a label. Only ``apply``
         writes the store (in this process), and it forgets what it changes."""
-        kept = self._reputations_kept.get(entity)
-        if kept is None:
-            kept = self._reputations_kept[entity] = {}
-        try:
-            return kept[key]
-        except KeyError:
-            pass
-        if self._reputations_kept_count >= REPUTATIONS_KEPT:
-            for entity_kept in self._reputations_kept.values():
-                entity_kept.clear()
-            self._reputations_kept_count = 0
-        stored = kept[key] = self.reputation.get(reputation_key(entity, key))
-        self._reputations_kept_count += 1
+        stored = self._reputations_kept.get(entity, key, _UNREAD)
+        if stored is _UNREAD:
+            stored = self.reputation.get(reputation_key(entity, key))
+            self._reputations_kept.put(entity, key, stored)
         return stored
 
     def checkpoint(self) -> None:

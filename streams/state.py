@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
@@ -245,6 +245,54 @@ class RecordCache:
         self._records.clear()
 
 
+class KeptPerEntity:
+    """Values kept per entity and key, all forgotten at once when ``capacity`` are kept: a
+    read costs two dict lookups and no bookkeeping (an LRU's would be one more write).
+
+    >>> kept = KeptPerEntity(capacity=2)
+    >>> kept.put("ip", "a", 1)
+    >>> kept.put("ip", "b", None)  # kept: a default tells it from a key never kept
+    >>> kept.get("ip", "b", "unknown"), kept.get("ip", "z", "unknown")
+    (None, 'unknown')
+    >>> kept.put("device", "c", 3)  # the third: a and b are forgotten
+    >>> kept.get("ip", "a"), kept.get("device", "c"), len(kept)
+    (None, 3, 1)
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._kept: dict[str, dict[str, Any]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, entity: str, key: str, default: Any = None) -> Any:
+        kept = self._kept.get(entity)
+        return default if kept is None else kept.get(key, default)
+
+    def put(self, entity: str, key: str, value: Any) -> None:
+        kept = self._kept.get(entity)
+        if kept is None:
+            kept = self._kept[entity] = {}
+        if key not in kept:
+            if self._count >= self.capacity:
+                self.clear()
+                kept = self._kept[entity] = {}
+            self._count += 1
+        kept[key] = value
+
+    def forget(self, entity: str, key: str) -> None:
+        kept = self._kept.get(entity)
+        if kept is not None and key in kept:
+            del kept[key]
+            self._count -= 1
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self._count = 0
+
+
 SHARD_PRESENCE_ENTITIES = 100_000  # ~100 bytes each
 
 
@@ -271,43 +319,31 @@ class ShardPresence:
     """
 
     def __init__(self, capacity: int = SHARD_PRESENCE_ENTITIES):
-        self.capacity = capacity
-        self._masks: dict[str, dict[str, int]] = {}  # entity -> key -> bit p set if partition p has a shard
-        self._count = 0
+        self._masks = KeptPerEntity(capacity)  # entity -> key -> bit p set if partition p has a shard
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._masks)
 
     def partitions(self, entity: str, key: str, owned: Iterable[int], exists: Callable[[str, int, str], bool]) -> int:
         """The bitmask of the ``owned`` partitions with a shard of ``key``; ``exists(entity,
         partition, key)`` reads a store, for an entity not known yet."""
-        masks = self._masks.get(entity)
-        if masks is None:
-            masks = self._masks[entity] = {}
-        mask = masks.get(key)
+        mask = self._masks.get(entity, key)
         if mask is None:
             mask = 0
             for partition in owned:
                 if exists(entity, partition, key):
                     mask |= 1 << partition
-            if self._count >= self.capacity:
-                self.clear()
-                masks = self._masks[entity] = {}
-            masks[key] = mask
-            self._count += 1
+            self._masks.put(entity, key, mask)
         return mask
 
     def add(self, entity: str, key: str, partition: int) -> None:
         """The worker wrote a shard of ``key`` in ``partition``."""
-        masks = self._masks.get(entity)
-        if masks is not None:
-            mask = masks.get(key)
-            if mask is not None:
-                masks[key] = mask | (1 << partition)
+        mask = self._masks.get(entity, key)
+        if mask is not None:
+            self._masks.put(entity, key, mask | (1 << partition))
 
     def clear(self) -> None:
         self._masks.clear()
-        self._count = 0
 
 
 @dataclass

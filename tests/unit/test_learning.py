@@ -297,6 +297,7 @@ class CountingStore:
 def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, monkeypatch):
     from streams import learning
 
+    monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
     feed = learning.LearningFeed(Detector(ModelSet.new(5)), "127.0.0.1:1", "examples", "checkpoints", "w",
                                  tmp_path)
     store = feed.reputation = CountingStore(feed.reputation)
@@ -311,8 +312,7 @@ def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, mon
         assert stored is not None and reputation_features("ip", orjson.loads(stored), 60_000)
         assert feed.reputation_of("ip", "1.2.3.4") == stored and store.reads == reads + 1
 
-        monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
-        for key in ("a", "b", "c"):  # the third forgets all that was kept
+        for key in ("a", "b", "c"):  # the second forgets all that was kept, ip's reputation too
             feed.reputation_of("device", key)
         reads = store.reads
         feed.reputation_of("ip", "1.2.3.4")

@@ -82,6 +82,7 @@ def test_shard_presence_reads_the_stores_once_per_entity_then_follows_the_writes
 
     presence = ShardPresence(capacity=10)
     assert presence.partitions("ip", "1.2.3.4", [0, 1, 2, 3], exists) == 0b101
+    assert presence.partitions("ip", "1.2.3.4", [0, 1, 2, 3], exists) == 0b101  # kept as found
     assert len(reads) == 4
     presence.add("ip", "1.2.3.4", 3)  # the worker wrote the shard of partition 3
     presence.add("ip", "5.6.7.8", 1)  # not known yet: found in the stores when first asked
