@@ -20,7 +20,7 @@ import cython
 import orjson
 
 from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, FEATURE_NAMES, Event
-from detectors.entities import Record, apply_event, channel_amounts, entity_features, merge_records
+from detectors.entities import Record, apply_event, channel_amounts, shard_features
 from detectors.reputation import reputation_features
 from detectors.sketches import simhash
 
@@ -124,8 +124,8 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             if source is not None:
                 own["o"] = list(source)
             records[name] = own
-        view = merge_records(entity, [own, *others]) if others else own
-        entity_features(entity, view, event, previous_last, novelty, fingerprint, features)
+        shard_features(entity, [own, *others] if others else [own], event, previous_last, novelty, fingerprint,
+                       features)
         state_reputation = state.reputation
         if state_reputation:  # most entities never had a label: their counts stay 0
             features.update(reputation_features(name, orjson.loads(state_reputation), event["ts"]))

@@ -46,7 +46,9 @@ _ALPHA = 0.7213 / (1 + 1.079 / REGISTERS)
 _INVERSE_POWERS = tuple(2.0 ** -rank for rank in range(33))  # 2 ** -rank for every rank a 25-bit rest can have
 _REGISTER_INDEX = {str(register): register for register in range(REGISTERS)}
 
-Distinct = dict[str, Any]  # {"x": {hash: ts}} exact, or {"h": {register: [[rank, ts], ...]}}
+# {"x": {hash: ts}} exact, or {"h": {register: [[rank, ts], ...]}}; {"u": [parts]} only as
+# distinct_union gives it to distinct_count, never stored
+Distinct = dict[str, Any]
 
 
 @lru_cache(maxsize=65_536)  # the same users, IPs and devices recur event after event
@@ -121,24 +123,103 @@ def distinct_insert(sketch: Distinct, h: int, ts_s: int, key: str | None = None)
 
 
 def distinct_count(sketch: Distinct, since_s: int) -> int:
+    """Distinct values seen at or after ``since_s``: of one sketch, or of a ``distinct_union``."""
+    return distinct_counts(sketch, (since_s,))[0]
+
+
+MAX_WINDOWS_PER_SKETCH = 4
+# C ints when compiled: the per-value arithmetic below makes no Python int
+_C_REGISTERS = cython.declare(cython.Py_ssize_t, REGISTERS)
+_C_REGISTER_BITS = cython.declare(cython.int, REGISTER_BITS)
+
+
+@cython.locals(n=cython.Py_ssize_t, w=cython.Py_ssize_t, register=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               rank=cython.int, ts=cython.longlong, h=cython.ulonglong, rest=cython.ulonglong, empty=cython.int,
+               total=cython.double, counts=list, part=dict)
+def distinct_counts(sketch: Distinct, since_s: tuple) -> list[int]:
+    """``distinct_count`` at each of ``since_s`` (at most ``MAX_WINDOWS_PER_SKETCH``), in one
+    pass over the sketch: an entity's windows on one sketch are counted together."""
+    n = len(since_s)
+    if n > MAX_WINDOWS_PER_SKETCH:
+        raise ValueError(f"at most {MAX_WINDOWS_PER_SKETCH} windows per sketch, got {n}")
+    since = cython.declare(cython.longlong[4])  # MAX_WINDOWS_PER_SKETCH
+    for w in range(n):
+        since[w] = since_s[w]
     if "x" in sketch:
-        count = 0
-        for ts in sketch["x"].values():  # a loop, not sum() over a generator: compiled, 4x faster
-            if ts >= since_s:
-                count += 1
-        return count
-    ranks = [0] * REGISTERS
-    for register, front in sketch["h"].items():
-        best = 0
-        for r, t in front:  # loops, not max() over a generator: a hot entity counts 128 registers per window
-            if t >= since_s and r > best:
-                best = r
-        ranks[_REGISTER_INDEX[register]] = best
-    raw = _ALPHA * REGISTERS * REGISTERS / sum([_INVERSE_POWERS[r] for r in ranks])
-    empty = ranks.count(0)
-    if raw <= 2.5 * REGISTERS and empty:
-        return round(REGISTERS * math.log(REGISTERS / empty))
-    return round(raw)
+        exact_counts = cython.declare(cython.int[4])
+        for w in range(n):
+            exact_counts[w] = 0
+        for ts in sketch["x"].values():  # loops, not sum() over generators: compiled, no objects per value
+            for w in range(n):
+                if ts >= since[w]:
+                    exact_counts[w] += 1
+        return [exact_counts[w] for w in range(n)]
+    # Per window, each register's best rank among the values seen in it
+    ranks = cython.declare(cython.int[512])  # MAX_WINDOWS_PER_SKETCH * REGISTERS
+    for at in range(n * _C_REGISTERS):
+        ranks[at] = 0
+    for part in ([sketch] if "h" in sketch else sketch["u"]):
+        if "h" in part:
+            for key, front in part["h"].items():
+                register = _REGISTER_INDEX[key]
+                for pair in front:  # (rank, ts) pairs no other beats on both
+                    rank, ts = pair[0], pair[1]
+                    for w in range(n):
+                        if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
+                            ranks[w * _C_REGISTERS + register] = rank
+        else:  # an exact part of a union: each value where _to_hll would place it
+            for key, ts in part["x"].items():
+                h = int(key)
+                register = h & (_C_REGISTERS - 1)
+                rest = h >> _C_REGISTER_BITS
+                rank = 26  # 25 - rest.bit_length() + 1, as _rank
+                while rest:
+                    rest >>= 1
+                    rank -= 1
+                for w in range(n):
+                    if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
+                        ranks[w * _C_REGISTERS + register] = rank
+    counts = []
+    for w in range(n):
+        total, empty = 0.0, 0
+        for register in range(_C_REGISTERS):  # added in register order: the same double every build
+            rank = ranks[w * _C_REGISTERS + register]
+            total += _INVERSE_POWERS[rank]
+            if rank == 0:
+                empty += 1
+        raw = _ALPHA * REGISTERS * REGISTERS / total
+        if raw <= 2.5 * REGISTERS and empty:
+            counts.append(round(REGISTERS * math.log(REGISTERS / empty)))
+        else:
+            counts.append(round(raw))
+    return counts
+
+
+def distinct_union(parts: list[Distinct]) -> Distinct:
+    """What folding ``distinct_merge`` over ``parts`` counts to, made without building fronts.
+
+    Exact while every part is and their union holds at most ``EXACT_LIMIT`` values (as the
+    fold keeps it); otherwise ``{"u": parts}``, which ``distinct_count`` counts as the
+    HyperLogLog of every part's values: a register's best rank in a window is the best of
+    all its pairs in the window, whichever of them the merged fronts would have kept.
+
+    >>> a, b = distinct_add(new_distinct(), "x", ts_s=1), distinct_add(new_distinct(), "y", ts_s=5)
+    >>> distinct_count(distinct_union([a, b]), since_s=0), distinct_count(distinct_union([a, b]), since_s=2)
+    (2, 1)
+    """
+    if len(parts) == 1:
+        return parts[0]
+    merged: dict[str, int] = {}
+    for part in parts:
+        if "x" not in part:
+            return {"u": parts}
+        for key, ts in part["x"].items():
+            seen = merged.get(key)
+            if seen is None or ts > seen:
+                merged[key] = ts
+    if len(merged) > EXACT_LIMIT:
+        return {"u": parts}
+    return {"x": merged}
 
 
 @cython.locals(exact=dict)

@@ -13,11 +13,11 @@ from detectors.catalog import (
     ENTITIES, EVENT_FEATURES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, IsNew, Mean, NearDuplicates,
     RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, CHANNELS, HOUR,
 )
-from detectors.entities import apply_event, entity_features, is_idle, merge_records
+from detectors.entities import apply_event, entity_features, is_idle, merge_records, shard_features
 from detectors.features import EntityState, extract
 from detectors.sketches import (
     EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_expire, distinct_merge,
-    hamming, new_distinct, normalize_text, simhash,
+    distinct_union, hamming, new_distinct, normalize_text, simhash,
 )
 
 KINDS = ("login", "post", "message", "follow", "like", "payment", "signup", "report", "comment")
@@ -183,6 +183,42 @@ def test_shards_merge_to_the_single_record_answer():
                     entity_features(entity, whole[key], event, None)), (entity_name, seed, event)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_features_read_from_shards_equal_the_merged_view(seed):
+    """shard_features (what extract runs) answers as merge_records + entity_features, with
+    shards whose sketch unions stay exact, pass EXACT_LIMIT and are HyperLogLogs, shards
+    whose watermarks lag, late events and near-duplicate texts spread over shards."""
+    rng = random.Random(seed)
+    ts = 1_767_225_600_000
+    shards: dict[tuple[int, str, str], dict] = {}
+    compared = {"exact": 0, "hll": 0}
+    for i in range(1500):
+        ts += rng.choice((0, 500, 5_000, 30_000, 60_000, 299_999, 3_600_000))
+        event = random_event(rng, ts - (rng.randrange(1, 3_600_000) if rng.random() < 0.1 else 0),
+                             n_users=rng.choice((8, 80)), n_ips=3)
+        event["device_id"] = rng.choice(("d1", "d2"))
+        fp = simhash(event["text"]) if "text" in event else None
+        for name in ("ip", "device", "merchant", "card", "user"):  # users are not sharded, but may be
+            entity = ENTITIES[name]
+            key = entity.key(event)
+            if not key:
+                continue
+            own_partition = rng.randrange(4)
+            own, novelty = apply_event(entity, shards.get((own_partition, name, key)), event,
+                                       fp if entity.track_texts else None)
+            shards[(own_partition, name, key)] = own
+            others = [shards[(q, name, key)] for q in range(4) if q != own_partition and (q, name, key) in shards]
+            want = entity_features(entity, merge_records(entity, [own, *others]), event, ts - 1, novelty, fp)
+            got = shard_features(entity, [own, *others], event, ts - 1, novelty, fp)
+            assert list(got) == list(want)
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (name, i)
+            for sketch in entity.sketches:
+                parts = [r["d"][sketch.name] for r in [own, *others] if sketch.name in r["d"]]
+                if len(parts) > 1:
+                    compared["exact" if "x" in distinct_union(parts) else "hll"] += 1
+    assert compared["exact"] > 100 and compared["hll"] > 100, compared
+
+
 def test_new_ip_for_user_is_remembered_for_thirty_days():
     user = ENTITIES["user"]
     login = {"type": "login", "user_id": "u", "success": True, "ip": "1.1.1.1", "device_id": "d"}
@@ -274,6 +310,41 @@ def test_distinct_merge_is_a_union():
         assert distinct_count(merged, since) == distinct_count(whole, since)
     small_a, small_b = distinct_add(new_distinct(), "p", 1), distinct_add(new_distinct(), "q", 2)
     assert distinct_count(distinct_merge(small_a, small_b), 0) == 2
+
+
+def _hyperloglog_of(hashes: list[int]) -> int:
+    """The estimate from scratch (as Flajolet et al., with linear counting when small)."""
+    best = [0] * 128
+    for h in hashes:
+        register, rest = h & 127, h >> 7
+        best[register] = max(best[register], 25 - rest.bit_length() + 1)
+    raw = 0.7213 / (1 + 1.079 / 128) * 128 * 128 / sum(2.0 ** -r for r in best)
+    return round(128 * math.log(128 / best.count(0))) if raw <= 2.5 * 128 and best.count(0) else round(raw)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_counts_of_a_union_of_sketches_in_several_windows(seed):
+    """distinct_counts over distinct_union: exact while the parts are and their union is within
+    the limit, else the HyperLogLog of every value seen in each window, in one pass."""
+    from detectors.sketches import distinct_counts, distinct_union, hash32
+
+    rng = random.Random(seed)
+    parts, seen = [], {}  # value hash -> last time seen, over all parts
+    for _ in range(rng.choice((2, 3, 4))):
+        part = new_distinct()
+        for _ in range(rng.choice((3, 8, 30, 200))):
+            value, ts = f"v{rng.randrange(rng.choice((20, 400)))}", rng.randrange(1000)
+            part = distinct_add(part, value, ts_s=ts)
+            seen[hash32(value)] = max(ts, seen.get(hash32(value), ts))
+        parts.append(part)
+    since = (0, sorted(seen.values())[len(seen) // 2], 700, max(seen.values()))  # two at a value's own time
+    counts = distinct_counts(distinct_union(parts), since)
+    for window, count in zip(since, counts):
+        in_window = [h for h, ts in seen.items() if ts >= window]
+        exact = all("x" in part for part in parts) and len(seen) <= EXACT_LIMIT
+        assert count == (len(in_window) if exact else _hyperloglog_of(in_window)), (window, exact)
+    with pytest.raises(ValueError, match="at most 4 windows"):
+        distinct_counts(parts[0], (0, 1, 2, 3, 4))
 
 
 def test_simhash_separates_near_duplicates_from_unrelated_texts():
