@@ -54,7 +54,6 @@ log = logging.getLogger("abuse_detector.worker")
 REPLICA_POLL_S = 0.05
 LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
-BETWEEN_BATCHES_S = 0.005
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 GC_THRESHOLDS = (50_000, 20, 20)  # the young generation's (Python's default: 700, 10, 10)
 
@@ -528,9 +527,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     join_labels(new_labels)
                 if new_events:
                     score_batch(new_events)
-                # Not sleep(0): Faust's consumer thread (changelogs, the group's heartbeats) needs
-                # the GIL, which a loop that never waits hands over only in slices.
-                await asyncio.sleep(BETWEEN_BATCHES_S)
+                # Lets the loop's other tasks (Faust's timers and services) run; Faust's consumer
+                # thread, which since round 8 reads only changelogs and heartbeats, gets the GIL
+                # at the interpreter's switch interval. A fixed pause here (5 ms until round 14)
+                # was a fixed cost per batch: at moderate load, where batches are small, it
+                # doubled p50 latency (docs/performance.md).
+                await asyncio.sleep(0)
             else:
                 await asyncio.sleep(settings.batch_wait_s)
 

@@ -38,7 +38,7 @@ class Settings:
     log_level: str = field(default="warning", metadata={"help": "worker log level"})
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class a model needs before its score is trusted"})
     batch_max_events: int = field(default=1000, metadata={"help": "most events the worker scores per batch (a batch is what has arrived, scored in event-time order)"})
-    batch_wait_s: float = field(default=0.02, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
+    batch_wait_s: float = field(default=0.005, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
     record_cache_entries: int = field(default=20_000, metadata={"help": "entity records the worker keeps decoded between batches (~3 KB each; more lengthens the collector's rare full scan; 0: none)"})
