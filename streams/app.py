@@ -141,6 +141,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     faust_flush = app.producer.flush
 
     async def flush_writer() -> None:
+        write_held()  # every commit, rebalance and shutdown flushes: no held record is left out
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
 
@@ -151,7 +152,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
 
     # One compact record per entity (per shard for sharded entities): at most one
-    # changelog write per entity per batch. key_type/value_type bytes = stored raw.
+    # changelog write per entity per state_write_interval_s (see held_records).
+    # key_type/value_type bytes = stored raw.
     tables = {
         name: app.Table(table_name(name), default=None, key_type=bytes, value_type=bytes,
                         partitions=settings.partitions, options={"driver": "rocksdict"})
@@ -229,11 +231,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
-    # The records the batch changed, kept decoded and written once per entity when the batch
-    # ends: a hot IP in a batch of 1,000 events costs one JSON encoding, one store write and
-    # one changelog record, not one per event. The batch's next events of the same entity
-    # read (and update) them first. {(entity, table key): (record, partition)}
-    batch_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
+    # The records batches changed, kept decoded and written once per entity at most every
+    # state_write_interval_s (and before every flush): a hot IP costs one JSON encoding, one
+    # store write and one changelog record per interval, not one per event or per small
+    # batch. Events read (and update) them first. {(entity, table key): (record, partition)}
+    held_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
+    held_since = [0.0]  # monotonic time of the oldest held record
 
     # And between batches, the records of recently seen entities, decoded (cleared whenever
     # ownership may change: only this worker writes its owned partitions).
@@ -241,16 +244,22 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     app.record_cache = record_cache  # type: ignore[attr-defined]
 
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
-        pending = batch_records.get((name, table_key))
+        pending = held_records.get((name, table_key))
         if pending is not None:
             return pending[0]
         return record_cache.read((name, table_key), read)
 
-    def write_batch() -> None:
-        for (name, key), (record, partition) in batch_records.items():
+    def write_held() -> None:
+        if not held_records:
+            return
+        for (name, key), (record, partition) in held_records.items():
             writer.put(tables[name], partition, key, encode_record(record))
-        record_cache.keep(batch_records)
-        batch_records.clear()
+        record_cache.keep(held_records)
+        held_records.clear()
+
+    def write_held_if_due() -> None:
+        if held_records and time.monotonic() - held_since[0] >= settings.state_write_interval_s:
+            write_held()
         writer.poll()
 
     # Per batch (ownership cannot change within one: agent bodies never await), for each
@@ -275,8 +284,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         return stored(name, shard_key(partition, key), store_get(name, partition)) is not None
 
     def hold(name: str, partition: int, key: str, record: Record) -> None:
-        """A record the batch changed: written when the batch ends, read by its next events."""
-        batch_records[(name, table_key(name, partition, key))] = (record, partition)
+        """A record an event changed: read by the next events, written by write_held."""
+        if not held_records:
+            held_since[0] = time.monotonic()
+        held_records[(name, table_key(name, partition, key))] = (record, partition)
         shard_presence.add(name, key, partition)
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
@@ -307,7 +318,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
             for key in sweeper.next_slice(name, partition, db.keys(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key or (name, key) in batch_records:
+                if key == store.offset_key or (name, key) in held_records:
                     continue
                 raw = db.get(key)
                 if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
@@ -412,6 +423,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for source in inputs:
             source.close()
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
+        write_held()  # none are left after the commit's flush; written all the same if one is
         writer.close()
         scores.close()
         replica.close()
@@ -493,7 +505,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             extract_one(origin, record, extracted)
         if extracted:
             score_extracted(extracted)
-        write_batch()
+        write_held_if_due()
         events.processed(messages)
 
     def join_labels(messages: list[Any]) -> None:
@@ -534,6 +546,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 # doubled p50 latency (docs/performance.md).
                 await asyncio.sleep(0)
             else:
+                write_held_if_due()  # idle too: other workers read the shards at most an interval late
                 await asyncio.sleep(settings.batch_wait_s)
 
     # Faust's group assigns the events and labels partitions (with the tables' partitions of
@@ -547,6 +560,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()
         keep_up()
+        write_held()  # the tables then hold every event scored so far
         entity = ENTITIES[kind]
         if entity.sharded:
             by_partition = replica.shard_map(kind, key)

@@ -282,3 +282,33 @@ def test_a_record_extraction_cannot_read_dead_letters_its_events_and_the_batch_g
         assert worker.alive()
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("restart", ["stop", "crash"])
+def test_records_held_between_writes_are_written_before_their_positions_commit(settings, reader, produce, tmp_path,
+                                                                                restart):
+    """A worker holds changed records for up to state_write_interval_s; with that far longer
+    than the commit interval, only the flush before each commit (and at shutdown) writes
+    them. Were it to commit first, the restarted worker would resume after events whose
+    state is lost: the user would count 1 event, not 6."""
+    from tests.integration.conftest import Worker
+
+    settings = settings.replace(state_write_interval_s=600.0)
+    worker = Worker(settings, tmp_path / "logs").start()
+    scores = reader(settings.scores_topic)
+    try:
+        produce(settings.events_topic, [as_record(benign_post(i, "held-user")) for i in range(5)])
+        scores.wait_for(lambda r: len(r) >= 5, worker=worker)
+        if restart == "crash":
+            time.sleep(3)  # past a commit (every second): positions committed, records flushed before them
+            worker.kill()
+        else:
+            worker.stop()
+        shutil.rmtree(settings.data_dir)  # the state must come back from the changelog
+        worker.start()
+        produce(settings.events_topic, [as_record(benign_post(5, "held-user"))])
+        records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
+        after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
+        assert after["features"]["user_events_1h"] == 6
+    finally:
+        worker.stop()
