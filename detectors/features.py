@@ -124,8 +124,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             if source is not None:
                 own["o"] = list(source)
             records[name] = own
-        shard_features(entity, [own, *others] if others else [own], event, previous_last, novelty, fingerprint,
-                       features)
+        shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features)
         state_reputation = state.reputation
         if state_reputation:  # most entities never had a label: their counts stay 0
             features.update(reputation_features(name, orjson.loads(state_reputation), event["ts"]))

@@ -236,7 +236,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # store write and one changelog record per interval, not one per event or per small
     # batch. Events read (and update) them first. {(entity, table key): (record, partition)}
     held_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
-    held_since = [0.0]  # monotonic time of the oldest held record
+    held_since = 0.0  # monotonic time of the oldest held record
 
     # And between batches, the records of recently seen entities, decoded (cleared whenever
     # ownership may change: only this worker writes its owned partitions).
@@ -258,7 +258,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         held_records.clear()
 
     def write_held_if_due() -> None:
-        if held_records and time.monotonic() - held_since[0] >= settings.state_write_interval_s:
+        if held_records and time.monotonic() - held_since >= settings.state_write_interval_s:
             write_held()
         writer.poll()
 
@@ -285,8 +285,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def hold(name: str, partition: int, key: str, record: Record) -> None:
         """A record an event changed: read by the next events, written by write_held."""
+        nonlocal held_since
         if not held_records:
-            held_since[0] = time.monotonic()
+            held_since = time.monotonic()
         held_records[(name, table_key(name, partition, key))] = (record, partition)
         shard_presence.add(name, key, partition)
 

@@ -145,11 +145,16 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, restart
     if restart == "wipe":
         shutil.rmtree(settings.data_dir)  # state must come back from the changelog topic
     worker.start()
-    produce(settings.events_topic, [as_record(benign_post(5, "steady-user"))])
-    records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
-    after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
+    after = _score_of_sixth_post(settings, worker, scores, produce, "steady-user")
     assert after["features"]["user_events_1h"] == 6
     assert after["features"]["user_age_h"] == pytest.approx(5 / 3600)
+
+
+def _score_of_sixth_post(settings, worker, scores, produce, user: str) -> dict:
+    """The risk score of ``user``'s post good-5, produced now (after good-0..4 and a restart)."""
+    produce(settings.events_topic, [as_record(benign_post(5, user))])
+    records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
+    return next(x[1] for x in records if x[1]["event_id"] == "good-5")
 
 
 def test_events_positions_are_committed_to_the_group_and_a_restart_resumes_there(settings, worker, reader, produce):
@@ -306,9 +311,6 @@ def test_records_held_between_writes_are_written_before_their_positions_commit(s
             worker.stop()
         shutil.rmtree(settings.data_dir)  # the state must come back from the changelog
         worker.start()
-        produce(settings.events_topic, [as_record(benign_post(5, "held-user"))])
-        records = scores.wait_for(lambda r: any(x[1]["event_id"] == "good-5" for x in r), timeout=90, worker=worker)
-        after = next(x[1] for x in records if x[1]["event_id"] == "good-5")
-        assert after["features"]["user_events_1h"] == 6
+        assert _score_of_sixth_post(settings, worker, scores, produce, "held-user")["features"]["user_events_1h"] == 6
     finally:
         worker.stop()
