@@ -33,9 +33,9 @@ from faust.exceptions import SameNode
 
 import detectors
 from detectors.catalog import ENTITIES
-from detectors.entities import Record, entity_features, is_idle, merge_records
+from detectors.entities import Record, entity_features, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import EntityState, encode_record, entity_keys, extract
+from detectors.features import EntityState, encode_record, entity_keys, extract, stored_is_idle
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -318,11 +318,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for name, table in tables.items():
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
-            for key in sweeper.next_slice(name, partition, db.keys(from_key=sweeper.cursor(name, partition))):
+            for key, raw in sweeper.next_slice(name, partition, db.items(from_key=sweeper.cursor(name, partition))):
                 if key == store.offset_key or (name, key) in held_records:
                     continue
-                raw = db.get(key)
-                if raw is not None and is_idle(ENTITIES[name], orjson.loads(raw), watermark):
+                if stored_is_idle(ENTITIES[name], raw, watermark):
                     writer.put(table, partition, key, None)
                     record_cache.discard((name, key))
                     sweeper.deleted += 1

@@ -381,14 +381,16 @@ class ExpirySweeper:
         self._seen[partition] = count
         return count % self.every_events == 0
 
-    def next_slice(self, table_name: str, partition: int, keys: Iterable[bytes]) -> list[bytes]:
-        """Up to ``slice_keys`` keys starting at this table's cursor; advances the cursor."""
-        taken: list[bytes] = []
-        for key in keys:
-            taken.append(key)
+    def next_slice(self, table_name: str, partition: int,
+                   items: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Up to ``slice_keys`` (key, value) pairs of ``items``, a store's from this table's
+        cursor on, in key order; advances the cursor."""
+        taken: list[tuple[bytes, bytes]] = []
+        for item in items:
+            taken.append(item)
             if len(taken) >= self.slice_keys:
                 break
-        self._cursors[(table_name, partition)] = (taken[-1] + b"\x00") if len(taken) >= self.slice_keys else None
+        self._cursors[(table_name, partition)] = (taken[-1][0] + b"\x00") if len(taken) >= self.slice_keys else None
         return taken
 
     def cursor(self, table_name: str, partition: int) -> bytes | None:

@@ -13,8 +13,8 @@ from detectors.catalog import (
     ENTITIES, EVENT_FEATURES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, IsNew, Mean, NearDuplicates,
     RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, CHANNELS, HOUR,
 )
-from detectors.entities import apply_event, entity_features, is_idle, merge_records, shard_features
-from detectors.features import EntityState, extract
+from detectors.entities import apply_event, entity_features, is_idle, merge_records, new_record, shard_features
+from detectors.features import EntityState, encode_record, extract, stored_is_idle
 from detectors.sketches import (
     EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_expire, distinct_merge,
     distinct_union, hamming, new_distinct, normalize_text, simhash,
@@ -235,6 +235,34 @@ def test_idle_entities_expire_by_event_time():
     record, _ = apply_event(ip, None, {"type": "signup", "ts": 0, "user_id": "u", "ip": "1.1.1.1"})
     assert not is_idle(ip, record, watermark_ms=ip.idle_expiry_ms)
     assert is_idle(ip, record, watermark_ms=ip.idle_expiry_ms + 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_sweeps_reading_of_stored_records_agrees_with_decoding_them(seed):
+    """``stored_is_idle`` reads the last event time from a stored record's first bytes: it
+    agrees with ``is_idle`` of the decoded record just below, at and just above the expiry,
+    for records of every entity written by ``encode_record``, and for bytes it cannot read
+    that way (keys in another order, a float time, no time yet), which it decodes whole."""
+    rng = random.Random(seed)
+    checked = 0
+    for entity in ENTITIES.values():
+        record = None
+        for _ in range(40):
+            event = {"type": rng.choice(["login", "post", "signup"]), "ts": rng.randrange(-10**6, 10**13),
+                     "user_id": f"u{rng.randrange(5)}", "ip": "1.1.1.1", "device_id": "d", "text": "hello there",
+                     "success": rng.random() < 0.5}
+            record, _ = apply_event(entity, record, event)
+            raw = encode_record(dict(record, o=[0, rng.randrange(100)]))
+            other_order = orjson.dumps(dict(reversed(list(record.items()))))
+            float_time = orjson.dumps(dict(record, l=float(record["l"]) + 0.5))
+            for stored in (raw, other_order, float_time, encode_record(new_record())):
+                decoded = orjson.loads(stored)
+                last = decoded["l"] if decoded["l"] is not None else 0
+                for watermark in (last + entity.idle_expiry_ms - 1, last + entity.idle_expiry_ms,
+                                  int(last) + entity.idle_expiry_ms + 1):
+                    assert stored_is_idle(entity, stored, watermark) == is_idle(entity, decoded, watermark), stored
+                    checked += 1
+    assert checked == len(ENTITIES) * 40 * 4 * 3
 
 
 def test_extract_emits_the_catalogue_in_order_with_all_entities():
