@@ -360,7 +360,7 @@ def entity_features(
                oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
                first=cython.longlong, amount=cython.double,
                value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
-               bucket=list, record=dict, out=dict, plan=_Plan, counted=dict, counts=list)
+               bucket=list, record=dict, rings=dict, out=dict, plan=_Plan, counted=dict, counts=list, novelty=dict)
 def shard_features(
     entity: Entity, shards: list[Record], event: Event, previous_last: int | None,
     novelty: dict[str, bool | None] | None = None, fingerprint: int | None = None,
@@ -398,7 +398,8 @@ def shard_features(
             sums[base + channel] = 0.0
         oldest = watermark // width - window[1]
         for record in present:
-            for bucket in record["r"].get(window[2]) or ():
+            rings = record["r"]  # a C dict lookup below, not a call of the method ``get``
+            for bucket in rings.get(window[2]) or ():
                 idx = bucket[0]
                 if idx > oldest:
                     for channel in range(channels):
@@ -425,7 +426,8 @@ def shard_features(
             newest, i = watermark // HOUR, step[3]
             day = 0.0
             for record in present:
-                for bucket in record["r"].get(_HOUR_KEY) or ():
+                rings = record["r"]
+                for bucket in rings.get(_HOUR_KEY) or ():
                     idx = bucket[0]
                     if newest - 24 <= idx < newest:
                         amount = _as_double(bucket[i])
