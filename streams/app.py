@@ -252,8 +252,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def write_held() -> None:
         if not held_records:
             return
+        by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         for (name, key), (record, partition) in held_records.items():
-            writer.put(tables[name], partition, key, encode_record(record))
+            by_store.setdefault((name, partition), []).append((key, encode_record(record)))
+        for (name, partition), items in by_store.items():
+            writer.put_many(tables[name], partition, items)
         record_cache.keep(held_records)
         held_records.clear()
 

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from rocksdict import WriteOptions
+from rocksdict import WriteBatch, WriteOptions
 
 from streams.config import Settings
 
@@ -296,6 +296,19 @@ class KafkaWriter:
         self._tables[topic] = table
         self._changelogs_written.add((topic, partition))
         self.send(topic, key, value, partition)
+
+    def put_many(self, table: Any, partition: int, items: list[tuple[bytes, bytes]]) -> None:
+        """``put`` of several keys of one partition of a table: one write of the store (a
+        batch), then their changelog records in order."""
+        topic = table.changelog_topic_name
+        writes = WriteBatch(raw_mode=True)
+        for key, value in items:
+            writes.put(key, value)
+        table.data._db_for_partition(partition).write(writes, _WITHOUT_WAL)
+        self._tables[topic] = table
+        self._changelogs_written.add((topic, partition))
+        for key, value in items:
+            self.send(topic, key, value, partition)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         while True:

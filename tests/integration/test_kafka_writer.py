@@ -56,6 +56,27 @@ def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tomb
     writer.close()
 
 
+def test_several_writes_of_one_partition_land_in_store_and_changelog_in_order(settings, tmp_path):
+    table = _table(settings, tmp_path)
+    writer = KafkaWriter(settings)
+    writer.put(table, 0, b"u0", b'{"l":0}')
+    writer.put_many(table, 1, [(b"u1", b'{"l":1}'), (b"u2", b'{"l":2}'), (b"u1", b'{"l":3}')])
+    asyncio.run(asyncio.to_thread(writer.flush))
+    writer.persist_offsets()
+
+    db = table.data._db_for_partition(1)
+    assert (db.get(b"u1"), db.get(b"u2")) == (b'{"l":3}', b'{"l":2}')  # the last write of a key wins
+    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
+    try:
+        log = reader.read_range(1, 0, 3)
+    finally:
+        reader.close()
+    assert log == [(0, b"u1", b'{"l":1}'), (1, b"u2", b'{"l":2}'), (2, b"u1", b'{"l":3}')]
+    assert table.data.persisted_offset(TP(table.changelog_topic_name, 1)) == 2
+    assert writer.written == 4
+    writer.close()
+
+
 def test_a_flush_after_close_still_delivers_and_does_not_raise(settings, tmp_path):
     """The worker closes its writer before Faust's own shutdown flushes it once more (the
     writer's flush stands in for Faust's producer's): a table write in between must be
