@@ -301,10 +301,14 @@ class KafkaWriter:
         """``put`` of several keys of one partition of a table: one write of the store (a
         batch), then their changelog records in order."""
         topic = table.changelog_topic_name
+        db = table.data._db_for_partition(partition)
+        # As ``put``: the store's own writes too (Faust's changelog offset) must skip the log,
+        # or a crash keeps an offset whose records it lost, and recovery skips them.
+        db.set_write_options(_WITHOUT_WAL)
         writes = WriteBatch(raw_mode=True)
         for key, value in items:
             writes.put(key, value)
-        table.data._db_for_partition(partition).write(writes, _WITHOUT_WAL)
+        db.write(writes)
         self._tables[topic] = table
         self._changelogs_written.add((topic, partition))
         for key, value in items:
