@@ -180,6 +180,10 @@ def _cpu_s(pids: list[int]) -> float | None:
     return None if None in times else sum(times)  # type: ignore[arg-type]
 
 
+def _ms_per_event(cpu_before_s: float | None, cpu_after_s: float | None, events: int) -> float | None:
+    return None if cpu_before_s is None or cpu_after_s is None else 1000 * (cpu_after_s - cpu_before_s) / events
+
+
 def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], timeout: float = 180) -> None:
     """Until the workers own every events partition between them, each some: a worker
     joining mid-measurement would stop the group for a rebalance and count it as work."""
@@ -241,8 +245,7 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
     # from the first score to the last score or example: startup and recovery are not throughput
     end = max(stamps[-1], max(watcher.examples.values(), default=0))
     print(f"      label join done {(end - stamps[-1]) / 1000:.1f}s after the last score")
-    cpu_ms = (None if cpu_before is None or cpu_after is None
-              else 1000 * (cpu_after - cpu_before) / max(1, len(stamps) - 1))
+    cpu_ms = _ms_per_event(cpu_before, cpu_after, max(1, len(stamps) - 1))
     return Throughput((len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000), cpu_ms)
 
 
@@ -275,8 +278,8 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path)
         stop_worker(worker)
         watcher.close()
     produced = _event_timestamps(settings, sent)
-    cpu = 1000 * (cpu_ended - cpu_started) / len(sent) if cpu_started is not None and cpu_ended is not None else None
-    return Latency(sorted(seen[e] - produced[e] for e in produced if e in seen), cpu)
+    return Latency(sorted(seen[e] - produced[e] for e in produced if e in seen),
+                   _ms_per_event(cpu_started, cpu_ended, len(sent)))
 
 
 def _event_timestamps(settings: Settings, wanted: set[str]) -> dict[str, int]:

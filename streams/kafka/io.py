@@ -282,13 +282,20 @@ class KafkaWriter:
             with self._lock:
                 self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
 
-    def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
-        """Sets (or with ``value=None`` deletes) ``key`` in partition ``partition`` of a Faust table."""
-        topic = table.changelog_topic_name
+    @staticmethod
+    def _store(table: Any, partition: int) -> tuple[str, Any]:
+        """A table's changelog topic and its partition's RocksDB, set to skip RocksDB's log for
+        every write, Faust's own too: its changelog offset written with the log would survive a
+        crash that lost the records it covers, and recovery would skip them."""
         db = table.data._db_for_partition(partition)
         # Every time (~0.1 µs): a reference kept to remember it would keep a revoked
         # partition's store open, which Faust closes by dropping its own.
         db.set_write_options(_WITHOUT_WAL)
+        return table.changelog_topic_name, db
+
+    def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
+        """Sets (or with ``value=None`` deletes) ``key`` in partition ``partition`` of a Faust table."""
+        topic, db = self._store(table, partition)
         if value is None:
             db.delete(key)
         else:
@@ -300,11 +307,7 @@ class KafkaWriter:
     def put_many(self, table: Any, partition: int, items: list[tuple[bytes, bytes]]) -> None:
         """``put`` of several keys of one partition of a table: one write of the store (a
         batch), then their changelog records in order."""
-        topic = table.changelog_topic_name
-        db = table.data._db_for_partition(partition)
-        # As ``put``: the store's own writes too (Faust's changelog offset) must skip the log,
-        # or a crash keeps an offset whose records it lost, and recovery skips them.
-        db.set_write_options(_WITHOUT_WAL)
+        topic, db = self._store(table, partition)
         writes = WriteBatch(raw_mode=True)
         for key, value in items:
             writes.put(key, value)

@@ -75,7 +75,7 @@ def test_several_writes_of_one_partition_land_in_store_and_changelog_in_order(se
     assert table.data.persisted_offset(TP(table.changelog_topic_name, 1)) == 2
     # Faust's own write of that offset skipped RocksDB's log too: a crash loses the offset
     # with the records, and recovery replays them from the changelog.
-    assert [log.stat().st_size for log in table.data.partition_path(1).glob("*.log")] == [0]
+    assert [wal.stat().st_size for wal in table.data.partition_path(1).glob("*.log")] == [0]
     assert writer.written == 4
     writer.close()
 
