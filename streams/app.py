@@ -415,18 +415,30 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     @app.timer(REPLICA_POLL_S, name="housekeeping")
     async def housekeeping_when_idle() -> None:
-        keep_up()  # never raises: each step's failure is logged and retried (a raising timer stops for good)
+        if not stopping:
+            keep_up()  # never raises: each step's failure is logged and retried (a raising timer stops for good)
 
-    @app.on_before_shutdown.connect
-    async def release(app: faust.App, **kwargs: Any) -> None:
+    stopping = False
+
+    async def stop_scoring() -> None:
+        """Run by the worker before Faust stops the app: Faust closes the table stores before
+        ``on_before_shutdown``, so the records held (up to state_write_interval_s) are written,
+        and the positions of their events committed, here, and no batch starts after it."""
+        nonlocal stopping
+        stopping = True
         try:
             await commit_processed()
         except Exception:  # the next owner starts from the last commit: processed again, never counted twice
             log.exception("committing the input positions at shutdown failed")
+
+    app.stop_scoring = stop_scoring  # type: ignore[attr-defined]  # by run_worker's Worker
+
+    @app.on_before_shutdown.connect
+    async def release(app: faust.App, **kwargs: Any) -> None:
+        await stop_scoring()  # done already when run by run_worker's Worker; commits nothing new then
         for source in inputs:
             source.close()
         feed.close()  # a last checkpoint: a restart then replays nothing it already learned
-        write_held()  # none are left after the commit's flush; written all the same if one is
         writer.close()
         scores.close()
         replica.close()
@@ -528,6 +540,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.task
     async def process_inputs() -> None:
         while True:
+            if stopping:  # the worker is shutting down: the stores close next (see stop_scoring)
+                await asyncio.sleep(settings.batch_wait_s)
+                continue
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
                 record_cache.clear()
                 shard_presence.clear()
@@ -639,4 +654,10 @@ def run_worker(settings: Settings) -> None:
         log.warning("the detector runs from its Python source, ~1.4x slower than its compiled build: "
                     "install a C compiler and reinstall (`make install`)")
     app = build_app(settings)
-    Worker(app, loglevel=settings.log_level).execute_from_commandline()
+
+    class ScoringWorker(Worker):
+        async def on_stop(self) -> None:  # before the app's stop, which closes the table stores
+            await app.stop_scoring()  # type: ignore[attr-defined]
+            await super().on_stop()
+
+    ScoringWorker(app, loglevel=settings.log_level).execute_from_commandline()
