@@ -15,12 +15,16 @@ Four measurements in one run, each on its own fresh topics:
     scores and alerts, no Faust), the local upper bound; ratio = (a) / (c).
 (d) two worker processes against one on the same preload, each started and
     sharing the partitions before it (so no rebalance falls inside the measurement).
+(e) the I/O floor: (c) without the detector (consume, decode and validate, produce
+    one of (c)'s risk scores per event): what Kafka alone costs on this machine,
+    the part of (c) that no change to the detector can take away.
 
 (a) and (c) also report CPU milliseconds per event (the worker process's, all its
 threads, over the same span; the plain loop's process's): on a shared or noisy
 machine they vary far less than events/s between runs of the same code. (b')
 reports the live worker's, from its first timed event to its last score: what a
 worker pays in the small batches of moderate load (more than (a)'s preload).
+(a), (c) and (e) also report the local broker's CPU per event: it shares the machine.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class BenchResult:
     cpu_ms_per_event: float | None = None  # (a)'s worker process (None where /proc is missing)
     ceiling_cpu_ms_per_event: float | None = None  # (c)'s process
     kept_up_cpu_ms_per_event: float | None = None  # (b')'s worker: live, in the small batches of moderate load
+    broker_cpu_ms_per_event: float | None = None  # the local broker's during (a)
+    ceiling_broker_cpu_ms_per_event: float | None = None  # during (c)
+    floor: Throughput | None = None  # (e)
 
     @property
     def ratio(self) -> float:
@@ -163,7 +170,8 @@ class _ScoreWatcher:
 
 class Throughput(NamedTuple):
     events_per_s: float
-    cpu_ms_per_event: float | None  # the worker processes', summed; None where /proc is missing
+    cpu_ms_per_event: float | None  # the measured processes', summed; None where /proc is missing
+    broker_cpu_ms_per_event: float | None = None  # the local broker's over the same span
 
 
 def _process_cpu_s(pid: int) -> float | None:
@@ -178,6 +186,10 @@ def _process_cpu_s(pid: int) -> float | None:
 def _cpu_s(pids: list[int]) -> float | None:
     times = [_process_cpu_s(pid) for pid in pids]
     return None if None in times else sum(times)  # type: ignore[arg-type]
+
+
+def _broker_cpu_s(pid: int | None) -> float | None:
+    return None if pid is None else _process_cpu_s(pid)
 
 
 def _ms_per_event(cpu_before_s: float | None, cpu_after_s: float | None, events: int) -> float | None:
@@ -205,7 +217,7 @@ def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], time
 
 
 def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float,
-                       assigned_first: bool = False) -> Throughput:
+                       assigned_first: bool = False, broker_pid: int | None = None) -> Throughput:
     """Events/s from the first risk score to the moment the workers have scored every event
     *and* joined every label (a worker whose label join falls behind has not finished).
     ``assigned_first``: the workers start and share the partitions before the preload,
@@ -226,9 +238,9 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
             return all(p.poll() is None for p in procs)
 
         watcher.until(1, timeout, alive=alive)  # start-up and recovery are not the work measured
-        cpu_before = _cpu_s([p.pid for p in procs])
+        cpu_before, broker_before = _cpu_s([p.pid for p in procs]), _broker_cpu_s(broker_pid)
         seen = watcher.until(events, timeout, alive=alive, labelled=labelled)
-        cpu_after = _cpu_s([p.pid for p in procs])
+        cpu_after, broker_after = _cpu_s([p.pid for p in procs]), _broker_cpu_s(broker_pid)
         for i, p in enumerate(procs):
             if p.poll() is not None:
                 print(f"  warning: worker {i} exited with code {p.returncode}; log: {log_dir / f'{settings.app_id}-{i}.log'}")
@@ -245,8 +257,9 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
     # from the first score to the last score or example: startup and recovery are not throughput
     end = max(stamps[-1], max(watcher.examples.values(), default=0))
     print(f"      label join done {(end - stamps[-1]) / 1000:.1f}s after the last score")
-    cpu_ms = _ms_per_event(cpu_before, cpu_after, max(1, len(stamps) - 1))
-    return Throughput((len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000), cpu_ms)
+    counted = max(1, len(stamps) - 1)
+    return Throughput((len(stamps) - 1) / max(1e-3, (end - stamps[0]) / 1000),
+                      _ms_per_event(cpu_before, cpu_after, counted), _ms_per_event(broker_before, broker_after, counted))
 
 
 class Latency(NamedTuple):
@@ -309,39 +322,88 @@ def detector_build() -> str:
     return f"compiled with Cython ({len(compiled)} modules)"
 
 
-def plain_loop(settings: Settings, events: int, state_dir: Path) -> Throughput:
-    """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust.
-    Its CPU is this process's (all threads) from its first event to its last delivery."""
+# How long a plain loop's consume waits to fill a batch of 1,000: librdkafka waits the whole of
+# it for a last, partial batch, which a 1 s wait added to (c)'s clock before round 16.
+BATCH_WAIT_S = 0.05
+
+
+class _Clock:
+    """A loop's span in this process, from its first event: wall time, its CPU and the broker's."""
+
+    def __init__(self, broker_pid: int | None):
+        self.broker_pid = broker_pid
+        self.started: float | None = None
+        self.cpu_started = self.broker_started = 0.0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started, self.cpu_started = time.monotonic(), time.process_time()
+            self.broker_started = _broker_cpu_s(self.broker_pid) or 0.0
+
+    def throughput(self, events: int) -> Throughput:
+        if self.started is None or not events:
+            return Throughput(0.0, None)
+        broker = _broker_cpu_s(self.broker_pid)
+        return Throughput(events / max(time.monotonic() - self.started, 1e-3),
+                          _ms_per_event(self.cpu_started, time.process_time(), events),
+                          None if broker is None else _ms_per_event(self.broker_started, broker, events))
+
+
+def _event_batches(settings: Settings, events: int, clock: _Clock) -> Iterator[list[tuple[Any, dict[str, Any]]]]:
+    """Batches of (message, decoded event) from the start of every events partition until
+    ``events`` are read (or none came for 30 s); starts ``clock`` with the first batch."""
     consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"plain-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.max.bytes": 4 * 1024 * 1024})
     partitions = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic].partitions
     consumer.assign([TopicPartition(settings.events_topic, p, 0) for p in partitions])
+    read = 0
+    idle = time.monotonic()
+    try:
+        while read < events and time.monotonic() - idle < 30:
+            messages = consumer.consume(1000, timeout=BATCH_WAIT_S)
+            if not messages:
+                continue
+            idle = time.monotonic()
+            clock.start()
+            batch = []
+            for msg in messages:
+                if msg.error():
+                    continue
+                try:
+                    batch.append((msg, decode_event(msg.value(), settings.max_event_bytes)))
+                except ContractViolation:
+                    continue
+            read += len(batch)
+            yield batch
+    finally:
+        consumer.close()
+
+
+FLOOR_OUTPUTS = 2_000  # (c)'s first risk scores, which (e) writes in turn: compressed as the real ones are
+
+
+class PlainLoop(NamedTuple):
+    throughput: Throughput
+    scores: list[bytes]  # the first FLOOR_OUTPUTS it wrote
+
+
+def plain_loop(settings: Settings, events: int, state_dir: Path, broker_pid: int | None = None) -> PlainLoop:
+    """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust.
+    Its CPU is this process's (all threads) from its first event to its last delivery."""
     producer = make_producer(settings)
     db = Rdict(str(state_dir / PLAIN_LOOP_STATE))
     detector = Detector(ModelSet.new(settings.min_labels_per_class))
     gc.freeze()  # as the worker does once warm (here it also keeps the preloaded records out of full scans)
+    clock = _Clock(broker_pid)
     done = 0
-    started: float | None = None
-    cpu_started = 0.0
-    idle = time.monotonic()
-    while done < events and time.monotonic() - idle < 30:
-        batch = consumer.consume(1000, timeout=1.0)
-        if batch:
-            idle = time.monotonic()
+    scores: list[bytes] = []
+    for batch in _event_batches(settings, events, clock):
         # Like the worker: features per event over the batch's records (kept decoded), models
         # per batch, each entity's record encoded and stored once per batch.
         records: dict[bytes, Record] = {}
         extracted = []
-        for msg in batch:
-            if msg.error():
-                continue
-            if started is None:
-                started, cpu_started = time.monotonic(), time.process_time()
-            try:
-                event = decode_event(msg.value(), settings.max_event_bytes)
-            except ContractViolation:
-                continue
+        for msg, event in batch:
             state_keys = {name: f"{name}|{key}".encode() for name, key in entity_keys(event).items()}
             states = {name: EntityState(record=records[k]) if k in records else EntityState(db.get(k))
                       for name, k in state_keys.items()}
@@ -352,7 +414,10 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> Throughput:
         for (event, _, _), scored in zip(extracted, detector.score_many(extracted, int(time.time() * 1000))):
             for name, record in scored.records.items():
                 records[f"{name}|{scored.keys[name]}".encode()] = record
-            producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=orjson.dumps(scored.risk_score))
+            score = orjson.dumps(scored.risk_score)
+            producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=score)
+            if len(scores) < FLOOR_OUTPUTS:
+                scores.append(score)
             if scored.alert is not None:
                 producer.produce(settings.alerts_topic, key=event["user_id"].encode(), value=orjson.dumps(scored.alert))
             producer.poll(0)
@@ -360,11 +425,24 @@ def plain_loop(settings: Settings, events: int, state_dir: Path) -> Throughput:
         for key, record in records.items():
             db[key] = encode_record(record)
     producer.flush(60)
-    elapsed = time.monotonic() - (started or time.monotonic())
-    cpu_ms = 1000 * (time.process_time() - cpu_started) / done if started is not None and done else None
-    consumer.close()
     db.close()
-    return Throughput(done / max(elapsed, 1e-3), cpu_ms)
+    return PlainLoop(clock.throughput(done), scores)
+
+
+def io_floor(settings: Settings, events: int, outputs: list[bytes], broker_pid: int | None = None) -> Throughput:
+    """(e) The plain loop without the detector: consume, decode and validate each event, produce one
+    of ``outputs`` (real risk scores, in turn) for it. What Kafka alone costs on this machine: the
+    part of (c), and of any worker, that no change to the detector can take away."""
+    producer = make_producer(settings)
+    clock = _Clock(broker_pid)
+    done = 0
+    for batch in _event_batches(settings, events, clock):
+        for _, event in batch:
+            producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=outputs[done % len(outputs)])
+            producer.poll(0)
+            done += 1
+    producer.flush(60)
+    return clock.throughput(done)
 
 
 KEPT_UP_SHARE = 0.6
@@ -374,13 +452,18 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _print_throughput(measured: Throughput) -> None:
+    print(f"      {measured.events_per_s:,.0f} events/s, {_ms(measured.cpu_ms_per_event)} ms CPU per event "
+          f"(the broker: {_ms(measured.broker_cpu_ms_per_event)})")
+
+
 def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, latency_seconds: float = 10.0,
               seed: int = 11) -> BenchResult:
     home = settings.home_path / "bench" / time.strftime("%Y%m%d-%H%M%S")
     home.mkdir(parents=True, exist_ok=True)
     kafka = LocalKafka(settings.home_path, settings.kafka_port, settings.kafka_controller_port)
     we_started = not kafka.status().running
-    kafka.up()
+    broker_pid = kafka.up().pid
     settings = settings.replace(bootstrap_servers=kafka.bootstrap)
     try:
         days = events / 40_000
@@ -398,13 +481,22 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
 
         with _measurement(settings, "one", home) as one:
             print("  (a) one worker, full pipeline ...", flush=True)
-            worker = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50))
-            print(f"      {worker.events_per_s:,.0f} events/s, {_ms(worker.cpu_ms_per_event)} ms CPU per event")
+            worker = _worker_throughput(one, records, 1, home, timeout=max(600.0, n_events / 50),
+                                        broker_pid=broker_pid)
+            _print_throughput(worker)
 
             print("  (c) plain confluent-kafka loop, same detector, no Faust ...", flush=True)
-            ceiling = plain_loop(one, n_events, home)
+            plain = plain_loop(one, n_events, home, broker_pid)
+            ceiling = plain.throughput
             shutil.rmtree(home / PLAIN_LOOP_STATE, ignore_errors=True)
-            print(f"      {ceiling.events_per_s:,.0f} events/s, {_ms(ceiling.cpu_ms_per_event)} ms CPU per event")
+            _print_throughput(ceiling)
+
+            mean_bytes = sum(map(len, plain.scores)) / max(1, len(plain.scores))
+            print(f"  (e) I/O floor: (c) without the detector, writing (c)'s scores ({mean_bytes:,.0f} bytes on "
+                  "average) ...", flush=True)
+            floor = io_floor(one, n_events, plain.scores, broker_pid) if plain.scores else None
+            if floor is not None:
+                _print_throughput(floor)
             throughput = worker.events_per_s
 
         # Both started and sharing the partitions before the preload, against one worker started
@@ -437,7 +529,8 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
         result = BenchResult(n_events, throughput, ceiling.events_per_s, pct(latencies, 0.5), pct(latencies, 0.95),
                              pct(latencies, 0.99), rate, len(latencies), two_workers, one_worker,
                              kept_up_rate, (pct(kept_up.ms, 0.5), pct(kept_up.ms, 0.95), pct(kept_up.ms, 0.99)),
-                             worker.cpu_ms_per_event, ceiling.cpu_ms_per_event, kept_up.cpu_ms_per_event)
+                             worker.cpu_ms_per_event, ceiling.cpu_ms_per_event, kept_up.cpu_ms_per_event,
+                             worker.broker_cpu_ms_per_event, ceiling.broker_cpu_ms_per_event, floor)
     finally:
         if we_started:
             kafka.down()
@@ -451,6 +544,12 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
     cpu_ratio = (result.ceiling_cpu_ms_per_event / result.cpu_ms_per_event
                  if result.cpu_ms_per_event and result.ceiling_cpu_ms_per_event else None)
     print(f"  {'    CPU ratio (c)/(a)':44s}{'n/a' if cpu_ratio is None else f'{cpu_ratio:.2f}':>14s}")
+    print(f"  {'(a) broker CPU per event, ms':44s}{_ms(result.broker_cpu_ms_per_event):>14s}")
+    print(f"  {'(c) broker CPU per event, ms':44s}{_ms(result.ceiling_broker_cpu_ms_per_event):>14s}")
+    if result.floor is not None:
+        print(f"  {'(e) I/O floor, no detector, events/s':44s}{result.floor.events_per_s:>14,.0f}")
+        print(f"  {'    loop CPU per event, ms':44s}{_ms(result.floor.cpu_ms_per_event):>14s}")
+        print(f"  {'    broker CPU per event, ms':44s}{_ms(result.floor.broker_cpu_ms_per_event):>14s}")
     print(f"  {'(d) two workers, events/s':44s}{result.two_worker_events_per_s:>14,.0f}")
     print(f"  {'    one worker started the same way':44s}{result.one_worker_assigned_first_per_s:>14,.0f}")
     print(f"  {'    speedup':44s}{result.two_worker_speedup:>14.2f}")
