@@ -208,6 +208,34 @@ def test_compiled_text_inputs_count_like_the_counter_reference():
 
 
 @pure_python_run
+def test_compiled_anomaly_rows_score_and_learn_like_the_vector_reference():
+    import copy
+
+    import numpy as np
+
+    from detectors.anomaly import AnomalyModel
+    from detectors.catalog import FEATURE_NAMES
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = np.random.default_rng(3)
+    compiled = AnomalyModel(seed=7, window_size=50)
+    reference = copy.deepcopy(compiled)
+    scored = 0
+    # batches across window ends, of one row, of _paths_of_few's and of the vector path's sizes
+    for size in [1, 3, 8, 9, 50, 120, 1, 400, 2, 49] * 4:
+        rows = rng.exponential(2.0, size=(size, len(FEATURE_NAMES)))
+        for odd in (float("nan"), -3.0, 0.0, 1e300, float("inf")):  # log_feature_matrix leaves all of these
+            rows[rng.random(rows.shape) < 0.04] = odd
+        got, expected = compiled.score_then_learn_many(rows), reference._score_then_learn_vectors(rows)
+        assert got.tobytes() == expected.tobytes()
+        scored += int((got > 0).sum())
+    assert scored > 1000  # past the first two windows, most rows score
+    for name in ("_reference", "_latest"):
+        assert getattr(compiled, name).tobytes() == getattr(reference, name).tobytes()
+    assert (compiled.seen, compiled._in_window) == (reference.seen, reference._in_window)
+
+
+@pure_python_run
 def test_compiled_feature_matrix_converts_like_numpy():
     from collections import OrderedDict
 
