@@ -26,6 +26,7 @@ from typing import Mapping
 import cython
 from river import linear_model, optim
 
+from detectors.model import HELD_WEIGHTS, held_weights, logistic_proba
 from detectors.sketches import normalize_text
 
 BUCKETS = 1 << 18
@@ -128,8 +129,16 @@ class ContentModel:
     def ready(self) -> bool:
         return min(self.positives, self.negatives) >= self.min_labels_per_class
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop(HELD_WEIGHTS, None)  # a reference into the classifier, made again after loading
+        return state
+
     def predict_proba_one(self, inputs: Mapping[str, float]) -> float:
-        return float(self.classifier.predict_proba_one(dict(inputs)).get(True, 0.0))
+        weights = held_weights(self, self.classifier) if cython.compiled and type(inputs) is dict else None
+        if weights is None:
+            return float(self.classifier.predict_proba_one(dict(inputs)).get(True, 0.0))
+        return logistic_proba(weights, self.classifier.intercept, inputs)
 
     def learn_one(self, inputs: Mapping[str, float], is_abuse: bool) -> None:
         if is_abuse:

@@ -301,6 +301,44 @@ def _learn_logistic_adam(classifier, held: tuple, names: tuple, row: np.ndarray,
     return True
 
 
+HELD_WEIGHTS = "_held_weights"  # where ``held_weights`` keeps its dict on the model owning the classifier
+
+
+def held_weights(owner: object, classifier: object) -> dict | None:
+    """The weights of ``classifier`` (River's ``LogisticRegression`` with its log loss) as a
+    dict that C code can read: its ``VectorDict`` is replaced once by one wrapping a dict
+    ``owner`` holds (``VectorDict(d)`` keeps ``d`` itself, so River's own updates reach it),
+    and again whenever River replaces it. None for any other classifier. The owner's
+    ``__getstate__`` must drop ``HELD_WEIGHTS``."""
+    if not (type(classifier) is linear_model.LogisticRegression and type(classifier.loss) is optim.losses.Log):
+        return None
+    held = owner.__dict__.get(HELD_WEIGHTS)
+    if held is None or held[0] is not classifier._weights:
+        weights = classifier._weights.to_dict()
+        classifier._weights = utils.VectorDict(weights)
+        held = owner.__dict__[HELD_WEIGHTS] = (classifier._weights, weights)
+    return held[1]
+
+
+@cython.cdivision(True)  # IEEE division, as Python's floats (1 + exp(-z) is never 0)
+@cython.locals(weights=dict, x=dict, total=cython.double, weight=cython.double, value=cython.double, z=cython.double)
+def logistic_proba(weights: dict, intercept: float, x: dict) -> float:
+    """River's ``LogisticRegression.predict_proba_one(x)[True]`` with the log loss, from
+    ``held_weights``: the same operations in the same order (``VectorDict.dot`` goes through
+    ``x`` in its order, a weight it lacks counting as 0; then the intercept; then
+    ``utils.math.sigmoid``), in C when compiled (tests/unit/test_compiled.py compares them)."""
+    total = 0.0
+    for name, value in x.items():
+        weight = weights.get(name, 0.0)
+        total += weight * value
+    z = total + intercept
+    if z < -30:
+        return 0.0
+    if z > 30:
+        return 1.0
+    return 1.0 / (1.0 + exp(-z))
+
+
 class OnlineRiskModel:
     """``observe`` every scored event, ``learn_one`` every label, ``predict_proba_one`` to score."""
 

@@ -281,6 +281,54 @@ def test_compiled_state_and_extraction_are_read_only_extension_types():
 
 
 @pure_python_run
+def test_compiled_content_and_fusion_scores_are_rivers_predictions():
+    import pickle
+    import random
+
+    from detectors.content import ContentModel, text_inputs
+    from detectors.fusion import FusionModel, fusion_inputs
+    from detectors.model import HELD_WEIGHTS
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = random.Random(8)
+    content, fusion = ContentModel(min_labels_per_class=1), FusionModel(min_labels_per_class=1)
+
+    def river(model: object, x: dict) -> str:
+        return float(model.classifier.predict_proba_one(dict(x)).get(True, 0.0)).hex()  # type: ignore[attr-defined]
+
+    texts = _texts(9, 400)
+    for is_abuse in (True, False):  # the stacker scores once it has labels of both classes
+        fusion.learn_one({"model": 0.5, "anomaly": 0.0, "rules": 0.0, "content": 0.5}, False, is_abuse)
+    for step, text in enumerate(texts):
+        is_abuse = rng.random() < 0.4
+        scores = {"model": rng.random(), "anomaly": rng.random(), "rules": rng.choice([0.0, 0.6, 0.9]),
+                  "content": rng.choice([0.0, 1.0, rng.random()])}  # logits clamped at both ends
+        has_text = rng.random() < 0.5
+        for _ in range(1 + 40 * (step % 97 == 5)):  # now and then far past the sigmoid's cut-offs
+            content.learn_one(text_inputs(text), is_abuse)
+            fusion.learn_one(scores, has_text, is_abuse)
+        inputs = text_inputs(texts[step - 1])
+        assert content.predict_proba_one(inputs).hex() == river(content, inputs), step
+        assert fusion.fuse(scores, True, True, has_text).hex() == river(fusion, fusion_inputs(scores, has_text)), step
+        if step == 200:  # a checkpoint, restored: the held dicts are made again
+            content, fusion = pickle.loads(pickle.dumps(content)), pickle.loads(pickle.dumps(fusion))
+            assert HELD_WEIGHTS not in content.__dict__ and HELD_WEIGHTS not in fusion.__dict__
+        if step == 300:  # River's weights replaced (a warm start): held again
+            fusion.warm_start({"rules": 2.0, "model": 1.5}, -1.0, 60, 60)
+    # logits on both sides of the sigmoid's cut-offs at ±30, and between them
+    fusion.warm_start({"rules": 50.0, "model": 4.0, "has_text": -3.0}, -25.0, 60, 60)
+    for intercept in (-60.0, -31.0, -29.0, -20.0, 0.0, 20.0, 29.0, 31.0, 60.0):
+        content.classifier.intercept = intercept
+        for text in texts[:30]:
+            inputs = text_inputs(text)
+            assert content.predict_proba_one(inputs).hex() == river(content, inputs), (intercept, text)
+        for rules in (0.0, 0.1, 0.5, 0.9, 1.0):
+            scores = {"model": rng.random(), "anomaly": rng.random(), "rules": rules, "content": rng.random()}
+            assert fusion.fuse(scores, True, True, True).hex() == river(fusion, fusion_inputs(scores, True)), rules
+    assert HELD_WEIGHTS in content.__dict__ and HELD_WEIGHTS in fusion.__dict__  # the C path ran
+
+
+@pure_python_run
 def test_compiled_learning_updates_the_model_as_rivers_learn_one(monkeypatch):
     import pickle
 
