@@ -310,14 +310,15 @@ def held_weights(owner: object, classifier: object) -> dict | None:
     ``owner`` holds (``VectorDict(d)`` keeps ``d`` itself, so River's own updates reach it),
     and again whenever River replaces it. None for any other classifier. The owner's
     ``__getstate__`` must drop ``HELD_WEIGHTS``."""
+    held = owner.__dict__.get(HELD_WEIGHTS)
+    if held is not None and held[0] is classifier._weights and held[2] is classifier.loss:
+        return held[1]  # checked when held, and River replaces neither in place
     if not (type(classifier) is linear_model.LogisticRegression and type(classifier.loss) is optim.losses.Log):
         return None
-    held = owner.__dict__.get(HELD_WEIGHTS)
-    if held is None or held[0] is not classifier._weights:
-        weights = classifier._weights.to_dict()
-        classifier._weights = utils.VectorDict(weights)
-        held = owner.__dict__[HELD_WEIGHTS] = (classifier._weights, weights)
-    return held[1]
+    weights = classifier._weights.to_dict()
+    classifier._weights = utils.VectorDict(weights)
+    owner.__dict__[HELD_WEIGHTS] = (classifier._weights, weights, classifier.loss)
+    return weights
 
 
 @cython.cdivision(True)  # IEEE division, as Python's floats (1 + exp(-z) is never 0)
