@@ -301,6 +301,66 @@ def _learn_logistic_adam(classifier, held: tuple, names: tuple, row: np.ndarray,
     return True
 
 
+def _top_contributions_of_products(products: np.ndarray, names: tuple, top: int) -> list[list[tuple[float, str]]]:
+    """The reference: per row of ``products`` (inputs times weights), its ``top`` positive
+    (contribution, name) pairs, largest first as a full sort of the pairs would rank them."""
+    # the candidates without a full sort: at least the row's top-th largest
+    if len(names) > top:
+        cutoffs = np.partition(products, -top, axis=1)[:, -top]
+    else:
+        cutoffs = np.full(len(products), -np.inf)
+    rows, columns = np.nonzero((products >= cutoffs[:, None]) & (products > 0))
+    candidates: list[list[tuple[float, str]]] = [[] for _ in range(len(products))]
+    for row, column, contribution in zip(rows.tolist(), columns.tolist(), products[rows, columns].tolist()):
+        candidates[row].append((contribution, names[column]))
+    return [sorted(contributions, reverse=True)[:top] for contributions in candidates]
+
+
+_MOST_REASONS = 8  # the C path's room; more are asked for nowhere but would go to the reference
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(x=cython.double[:, ::1], w=cython.double[::1], rows=cython.Py_ssize_t, n=cython.Py_ssize_t,
+               r=cython.Py_ssize_t, j=cython.Py_ssize_t, k=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               found=cython.Py_ssize_t, limit=cython.Py_ssize_t, p=cython.double, chosen=list)
+def _top_contributions(inputs: np.ndarray, weights: np.ndarray, names: tuple, top: int) -> list | None:
+    """``_top_contributions_of_products(inputs * weights, names, top)`` one row at a time in C, only
+    called when compiled (tests/unit/test_compiled.py compares the two): the same products, each
+    row's positive ones kept in (contribution, name) order as they come, no numpy call per batch.
+    None (the reference's business) if a product is NaN, which numpy's partition ranks its own way."""
+    x, w = inputs, weights
+    rows, n, limit = x.shape[0], x.shape[1], top
+    if w.shape[0] != n or len(names) != n:
+        return None
+    best_p = cython.declare(cython.double[8])  # _MOST_REASONS
+    best_j = cython.declare(cython.Py_ssize_t[8])
+    chosen = []
+    for r in range(rows):
+        found = 0
+        for j in range(n):
+            p = x[r, j] * w[j]
+            if p != p:
+                return None
+            if not p > 0.0:
+                continue
+            at = found
+            # behind every kept pair that ranks above it: a larger product, or an equal one with a larger name
+            while at > 0 and (p > best_p[at - 1] or (p == best_p[at - 1] and names[j] > names[best_j[at - 1]])):
+                at -= 1
+            if at >= limit:
+                continue
+            if found < limit:
+                found += 1
+            k = found - 1
+            while k > at:
+                best_p[k], best_j[k] = best_p[k - 1], best_j[k - 1]
+                k -= 1
+            best_p[at], best_j[at] = p, j
+        chosen.append([(best_p[k], names[best_j[k]]) for k in range(found)])
+    return chosen
+
+
 HELD_WEIGHTS = "_held_weights"  # where ``held_weights`` keeps its dict on the model owning the classifier
 
 
@@ -469,22 +529,16 @@ class OnlineRiskModel:
     def explain_many(self, features: Sequence[Mapping[str, float]], inputs: np.ndarray,
                      top: int = 3) -> list[list[dict]]:
         """``explain_one`` of each row of ``inputs`` (already through the scaler)."""
-        names = self.scaler.names
-        products = inputs * self._weight_vector()
-        # the top few by (contribution, name), as a full sort would rank them, without one;
-        # only what contributed positively can be a reason
-        if len(names) > top:
-            cutoffs = np.partition(products, -top, axis=1)[:, -top]
-        else:
-            cutoffs = np.full(len(products), -np.inf)
-        rows, columns = np.nonzero((products >= cutoffs[:, None]) & (products > 0))
-        candidates: list[list[tuple[float, str]]] = [[] for _ in range(len(products))]
-        for row, column, contribution in zip(rows.tolist(), columns.tolist(), products[rows, columns].tolist()):
-            candidates[row].append((contribution, names[column]))
+        names, weights = self.scaler.names, self._weight_vector()
+        chosen = None
+        if cython.compiled and top <= _MOST_REASONS:
+            chosen = _top_contributions(np.ascontiguousarray(inputs, dtype=float), weights, names, top)
+        if chosen is None:
+            chosen = _top_contributions_of_products(inputs * weights, names, top)
         explained = []
-        for contributions, values in zip(candidates, features):
+        for contributions, values in zip(chosen, features):
             reasons = []
-            for contribution, name in sorted(contributions, reverse=True)[:top]:
+            for contribution, name in contributions:
                 value = values.get(name, 0.0)
                 reasons.append({
                     "code": name,

@@ -329,6 +329,34 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
 
 
 @pure_python_run
+def test_compiled_reasons_pick_the_contributions_the_reference_picks():
+    import numpy as np
+
+    from detectors import model
+
+    assert detectors.compiled_modules(), NOT_COMPILED
+    rng = np.random.default_rng(4)
+    names = tuple(f"feature_{i:03d}" for i in rng.permutation(40))  # names in no particular order
+    compared = 0
+    for case in range(300):
+        rows, n = int(rng.integers(0, 30)), 40 if case % 10 else int(rng.integers(1, 6))
+        # few distinct values, so equal contributions (ranked by name) are common, and zeros and negatives
+        inputs = rng.choice([0.0, -0.0, 1.0, 2.0, -1.0, 0.5, 3.0, np.inf if case % 3 == 0 else 4.0], size=(rows, n))
+        weights = rng.choice([0.0, 1.0, 2.0, -1.0, 0.25], size=n)
+        with np.errstate(invalid="ignore"):
+            products = inputs * weights  # inf times 0 is NaN: left to the reference
+        for top in (0, 1, 3, 5, 8):
+            expected = model._top_contributions_of_products(products, names[:n], top)
+            got = model._top_contributions(inputs, weights, names[:n], top)
+            assert got == (None if np.isnan(products).any() else expected), (case, top)
+        compared += not np.isnan(products).any()
+    assert compared > 100
+    inputs = np.ones((3, 40))
+    inputs[1, 7] = np.nan
+    assert model._top_contributions(inputs, np.ones(40), names, 3) is None  # left to the reference
+
+
+@pure_python_run
 def test_compiled_learning_updates_the_model_as_rivers_learn_one(monkeypatch):
     import pickle
 
