@@ -333,20 +333,20 @@ class _Clock:
     def __init__(self, broker_pid: int | None):
         self.broker_pid = broker_pid
         self.started: float | None = None
-        self.cpu_started = self.broker_started = 0.0
+        self.cpu_started = 0.0
+        self.broker_started: float | None = None
 
     def start(self) -> None:
         if self.started is None:
             self.started, self.cpu_started = time.monotonic(), time.process_time()
-            self.broker_started = _broker_cpu_s(self.broker_pid) or 0.0
+            self.broker_started = _broker_cpu_s(self.broker_pid)
 
     def throughput(self, events: int) -> Throughput:
         if self.started is None or not events:
             return Throughput(0.0, None)
-        broker = _broker_cpu_s(self.broker_pid)
         return Throughput(events / max(time.monotonic() - self.started, 1e-3),
                           _ms_per_event(self.cpu_started, time.process_time(), events),
-                          None if broker is None else _ms_per_event(self.broker_started, broker, events))
+                          _ms_per_event(self.broker_started, _broker_cpu_s(self.broker_pid), events))
 
 
 def _event_batches(settings: Settings, events: int, clock: _Clock) -> Iterator[list[tuple[Any, dict[str, Any]]]]:
