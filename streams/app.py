@@ -36,7 +36,7 @@ from detectors.catalog import ENTITIES
 from detectors.entities import Record, entity_features, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, encode_record, entity_keys, extract, stored_is_idle
-from detectors.labels import on_label, on_score
+from detectors.labels import Example, on_label
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
@@ -45,6 +45,7 @@ from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import KafkaWriter
+from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.state import ExpirySweeper, RecordCache, ShardPresence, ShardReplica, shard_key
@@ -64,19 +65,6 @@ def _now_ms() -> int:
 
 def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
     return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-
-
-# A label-join value starting with this byte is a risk score as produced, no label seen
-# yet; any other value is the join's pending record (JSON, see detectors/labels.py).
-UNLABELLED_SCORE = b"s"
-
-
-def _pending(raw: bytes | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    if raw[:1] == UNLABELLED_SCORE:
-        return on_score(None, orjson.loads(raw[1:]))[0]
-    return orjson.loads(raw)
 
 
 def _applied(raw: bytes | None) -> int:
@@ -345,22 +333,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         """The label-join store of a partition (scores and labels are co-partitioned)."""
         return label_join.data._db_for_partition(partition)
 
-    def join(partition: int, key: bytes, pending: dict[str, Any], example: dict[str, Any] | None) -> None:
-        writer.put(label_join, partition, key, orjson.dumps(pending))
-        if example is not None:
-            # every worker learns it, in the same order (see streams/learning.py)
-            writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
-
-    def join_score(origin: Origin) -> None:
-        # the worker keys scores by event id; a score written by anyone else may not be
-        key = origin.key or orjson.loads(origin.value)["event_id"].encode()
-        stored = pending_db(origin.partition).get(key)
-        if stored is None:
-            # The usual case, a score before its label: kept as produced, parsed only
-            # if a label comes (most events never get one).
-            writer.put(label_join, origin.partition, key, UNLABELLED_SCORE + origin.value)
-        else:
-            join(origin.partition, key, *on_score(_pending(stored), orjson.loads(origin.value)))
+    def send_example(key: bytes, example: Example) -> None:
+        # every worker learns it, in the same order (see streams/learning.py)
+        writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
 
     def join_label(origin: Origin) -> None:
         try:
@@ -369,7 +344,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, violation)
             return
         key = label["event_id"].encode()
-        join(origin.partition, key, *on_label(_pending(pending_db(origin.partition).get(key)), label))
+        pending, example = on_label(pending_of(pending_db(origin.partition).get(key)), label)
+        writer.put(label_join, origin.partition, key, orjson.dumps(pending))
+        if example is not None:
+            send_example(key, example)
 
     def follow_scores() -> None:
         """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""
@@ -381,17 +359,24 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return None if stored is None else int(stored)
 
         scores.follow(labels.owned, position)
+        joined = ScoreJoin(lambda partition, key: pending_db(partition).get(key))
         read_up_to: dict[int, int] = {}
         for msg in scores.poll():
             origin = Origin.of(msg)
             try:
-                join_score(origin)
+                # the worker keys scores by event id; a score written by anyone else may not be
+                joined.add(origin.partition, origin.key or orjson.loads(origin.value)["event_id"].encode(),
+                           origin.value)
             except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
                 log.exception("joining risk score %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
                 reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             read_up_to[origin.partition] = origin.offset + 1
         for partition, offset in read_up_to.items():
-            writer.put(label_join, partition, POSITION_KEY, b"%d" % offset)
+            rows = joined.rows.setdefault(partition, {})
+            rows[POSITION_KEY] = b"%d" % offset  # the last row: the changelog has the rows it covers before it
+            writer.put_many(label_join, partition, list(rows.items()))
+        for key, example in joined.examples:
+            send_example(key, example)
         writer.poll()
 
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),

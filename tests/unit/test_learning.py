@@ -20,6 +20,7 @@ from detectors.model import OnlineRiskModel, Standardiser
 from detectors.pipeline import Detector, LocalStore, StaticRules
 from detectors.reputation import add_label, reputation_features
 from detectors.rules import RulesError, RulesWatcher, parse_rules
+from streams.label_join import UNLABELLED_SCORE, ScoreJoin, pending_of
 
 BAD = {"user_login_failures_1h": 8.0, "ip_new_for_user": 1.0, "login_failed": 1.0}
 GOOD = {"user_login_failures_1h": 0.0, "ip_new_for_user": 0.0, "login_failed": 0.0}
@@ -54,6 +55,53 @@ def test_appeal_is_a_correction_example():
     pending, _ = on_label(pending, _label("e", "abuse"))
     _, correction = on_label(pending, _label("e", "benign", source="appeal"))
     assert (correction["label"], correction["previous_label"], correction["source"]) == ("benign", "abuse", "appeal")
+
+
+def _join_one_score_at_a_time(store: dict, partition: int, key: bytes, score: bytes) -> list:
+    """The worker's label join before round 17: each score's row written before the next is read."""
+    stored = store.get((partition, key))
+    if stored is None:
+        store[partition, key] = UNLABELLED_SCORE + score
+        return []
+    pending, example = on_score(pending_of(stored), orjson.loads(score))
+    store[partition, key] = orjson.dumps(pending)
+    return [(key, example)] if example else []
+
+
+def test_a_read_of_scores_joins_as_one_score_after_the_other():
+    store = {
+        (0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0]),
+        (1, b"learned"): orjson.dumps(on_score(on_label(None, _label("learned", "benign"))[0],
+                                               _score("learned", GOOD))[0]),
+        (0, b"seen"): UNLABELLED_SCORE + orjson.dumps(_score("seen", GOOD)),
+    }
+    reads = [(0, b"new"), (1, b"new"), (0, b"labelled"), (0, b"new"), (0, b"labelled"), (1, b"learned"),
+             (0, b"seen"), (1, b"other"), (0, b"new")]
+    scores = [(p, key, orjson.dumps(_score(key.decode(), dict(BAD, n=float(i))))) for i, (p, key) in enumerate(reads)]
+
+    one_at_a_time, expected_examples = dict(store), []
+    for partition, key, score in scores:
+        expected_examples += _join_one_score_at_a_time(one_at_a_time, partition, key, score)
+    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    for partition, key, score in scores:
+        joined.add(partition, key, score)
+    batched = dict(store)
+    for partition, rows in joined.rows.items():
+        batched.update({(partition, key): row for key, row in rows.items()})
+
+    assert batched == one_at_a_time
+    assert joined.examples == expected_examples
+    assert [key for key, _ in joined.examples] == [b"labelled"]  # once, for the first of its two scores
+    assert list(joined.rows[0]) == [b"new", b"labelled", b"seen"]  # each key once, in first-write order
+
+
+def test_a_score_that_cannot_be_joined_raises_and_changes_no_row():
+    store = {(0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0])}
+    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    joined.add(0, b"new", orjson.dumps(_score("new", BAD)))
+    with pytest.raises(orjson.JSONDecodeError):
+        joined.add(0, b"labelled", b"{not json")
+    assert list(joined.rows[0]) == [b"new"] and joined.examples == []
 
 
 def test_model_needs_labels_of_both_classes_before_it_is_ready():
