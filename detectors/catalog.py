@@ -333,13 +333,15 @@ ENTITIES: dict[str, Entity] = {e.name: e for e in (USER, IP, DEVICE, MERCHANT, C
 
 @dataclass(frozen=True)
 class EventFeature:
-    """A feature of the event itself (no state)."""
+    """A feature of the event itself (no state). ``of_type`` marks the one-hot of an event
+    type (1.0 for events of that type, as ``compute`` says): ``extract`` sets it by the type."""
     name: str
     description: str
     compute: Callable[[Event], float]
     entity: str = "event"
     window: str | None = None
     aggregation: str = "event"
+    of_type: str | None = None
 
     def describe(self) -> str:
         return self.description
@@ -350,7 +352,8 @@ def _text(e: Event) -> str:
 
 
 EVENT_FEATURES: tuple[EventFeature, ...] = tuple(
-    [EventFeature(f"is_{kind}", f"event is a {kind}", lambda e, k=kind: float(e["type"] == k)) for kind in sorted(ALL_TYPES)]
+    [EventFeature(f"is_{kind}", f"event is a {kind}", lambda e, k=kind: float(e["type"] == k), of_type=kind)
+     for kind in sorted(ALL_TYPES)]
     + [
         EventFeature("login_failed", "this login failed", lambda e: float(e["type"] == "login" and not e["success"])),
         EventFeature("payment_amount", "amount of this payment", lambda e: float(e["amount"]) if e["type"] == "payment" else 0.0),

@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import cython
+from cython.cimports.libc.math import copysign
 
 from detectors.catalog import (
     ALL_TYPES, CHANNELS, ENTITIES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean,
@@ -360,14 +361,17 @@ def entity_features(
                oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
                first=cython.longlong, amount=cython.double,
                value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
-               bucket=list, record=dict, rings=dict, out=dict, plan=_Plan, counted=dict, counts=list, novelty=dict)
+               bucket=list, record=dict, rings=dict, out=dict, plan=_Plan, counted=dict, counts=list, novelty=dict,
+               zeroed=cython.bint)
 def shard_features(
     entity: Entity, shards: list[Record], event: Event, previous_last: int | None,
     novelty: dict[str, bool | None] | None = None, fingerprint: int | None = None,
-    out: dict[str, float] | None = None,
+    out: dict[str, float] | None = None, zeroed: bool = False,
 ) -> dict[str, float]:
     """``entity_features`` of ``merge_records(entity, shards)``, read from the shards as they
     are: no merged record is built and thrown away per event (docs/performance.md, round 14).
+    ``zeroed`` says ``out`` holds 0.0 for each of the entity's features already (``extract``'s
+    dict does): only the others are set then, as most of an event's features are 0 (round 17).
 
     Window sums add every shard's buckets in the window (the merged buckets' sums, but for
     the rounding to cents that merging does per bucket: equal within a double's precision);
@@ -380,7 +384,8 @@ def shard_features(
         out = {}
     present = [r for r in shards if r]
     if not present:
-        out.update(plan.zeros)
+        if not zeroed:
+            out.update(plan.zeros)
         return out
     record = present[0]
     watermark, first = record["l"], record["f"]
@@ -446,8 +451,10 @@ def shard_features(
         else:
             elapsed = event["ts"] - previous_last
             value = min(86_400.0, max(0, elapsed) / 1000.0)
-        # a float (a count is an int when run from source), and 0 for inf/nan (x - x is 0 only for finite x)
-        out[step[1]] = float(value) if value - value == 0 else 0.0
+        if value - value != 0:  # inf or nan: 0 (x - x is 0 only for finite x)
+            value = 0.0
+        if value != 0.0 or not zeroed or copysign(1.0, value) < 0:  # -0.0 is set: it prints as -0.0
+            out[step[1]] = float(value)  # a float: a count is an int when run from source
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import cython
 import orjson
+from cython.cimports.libc.math import copysign
 
 from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, FEATURE_NAMES, Entity, Event
 from detectors.entities import Record, apply_event, channel_amounts, is_idle, shard_features
@@ -128,8 +129,13 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     crash or rebalance) is scored again but never counted twice.
     """
     features = dict(_NO_FEATURES)  # in catalogue order; an entity absent from the event keeps its zeros
+    type_feature = _TYPE_FEATURES.get(event["type"])
+    if type_feature is not None:
+        features[type_feature] = 1.0
     for name, compute in _EVENT_FEATURES:
-        features[name] = compute(event)
+        value = compute(event)
+        if value != 0.0 or copysign(1.0, value) < 0:  # most are 0.0, as set (-0.0 prints as -0.0: set)
+            features[name] = value
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     records: dict[str, dict] = {}
     keys = entity_keys(event)
@@ -148,7 +154,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
             if source is not None:
                 own["o"] = list(source)
             records[name] = own
-        shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features)
+        shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features, True)
         state_reputation = state.reputation
         if state_reputation:  # most entities never had a label: their counts stay 0
             features.update(reputation_features(name, orjson.loads(state_reputation), event["ts"]))
@@ -156,7 +162,8 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
 
 
 _NO_FEATURES = dict.fromkeys(FEATURE_NAMES, 0.0)
-_EVENT_FEATURES = tuple((f.name, f.compute) for f in EVENT_FEATURES)
+_EVENT_FEATURES = tuple((f.name, f.compute) for f in EVENT_FEATURES if f.of_type is None)
+_TYPE_FEATURES = {f.of_type: f.name for f in EVENT_FEATURES if f.of_type is not None}
 _NO_STATE = EntityState()
 
 

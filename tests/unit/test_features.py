@@ -210,13 +210,30 @@ def test_features_read_from_shards_equal_the_merged_view(seed):
             others = [shards[(q, name, key)] for q in range(4) if q != own_partition and (q, name, key) in shards]
             want = entity_features(entity, merge_records(entity, [own, *others]), event, ts - 1, novelty, fp)
             got = shard_features(entity, [own, *others], event, ts - 1, novelty, fp)
+            into_zeros = shard_features(entity, [own, *others], event, ts - 1, novelty, fp,
+                                        out=dict.fromkeys(want, 0.0), zeroed=True)  # as extract calls it
             assert list(got) == list(want)
+            assert list(map(repr, into_zeros.values())) == list(map(repr, got.values()))
             assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (name, i)
             for sketch in entity.sketches:
                 parts = [r["d"][sketch.name] for r in [own, *others] if sketch.name in r["d"]]
                 if len(parts) > 1:
                     compared["exact" if "x" in distinct_union(parts) else "hll"] += 1
     assert compared["exact"] > 100 and compared["hll"] > 100, compared
+
+
+def test_features_set_into_zeros_keep_a_negative_zero():
+    """``zeroed`` leaves a 0.0 unset, never a -0.0 (it prints as -0.0): a ratio of 0 over a
+    negative count, from a record whose bucket was written negative, is set."""
+    user = ENTITIES["user"]
+    login = {"type": "login", "ts": 60_000, "user_id": "u", "ip": "1.2.3.4", "success": True}
+    record, _ = apply_event(user, None, login)
+    five_minutes = user.ring_layout[300_000]  # the buckets of the 1h window
+    record["r"]["300000"][0][1 + five_minutes.index("logins")] = -1
+    plain = shard_features(user, [record], login, None)
+    into_zeros = shard_features(user, [record], login, None, out=dict.fromkeys(plain, 0.0), zeroed=True)
+    assert repr(plain["user_login_fail_ratio_1h"]) == "-0.0"
+    assert list(map(repr, into_zeros.values())) == list(map(repr, plain.values()))
 
 
 def test_new_ip_for_user_is_remembered_for_thirty_days():
@@ -279,6 +296,23 @@ def test_extract_emits_the_catalogue_in_order_with_all_entities():
     assert all(name is catalogued for name, catalogued in zip(result.features, FEATURE_NAMES))
     only_a_user = extract({"event_id": "g", "type": "signup", "ts": 7, "user_id": "v"}, {}).features
     assert tuple(only_a_user) == FEATURE_NAMES and only_a_user["ip_events_1m"] == 0.0  # absent entities: zeros
+
+
+def test_extract_sets_each_event_feature_as_the_catalogue_computes_it():
+    """``extract`` sets a type's one-hot by the event's type and the other event features only
+    where they are not 0.0: the values are still each feature's ``compute``, sign of zero included."""
+    rng = random.Random(5)
+    events = [random_event(rng, 1_767_225_600_000 + i) for i in range(300)]
+    events += [{"event_id": "z", "type": "payment", "ts": 1, "user_id": "u", "amount": -0.0, "currency": "USD"},
+               {"event_id": "t", "type": "a type the catalogue does not know", "ts": 2, "user_id": "u"}]
+    kinds_seen = set()
+    for event in events:
+        features = extract(event, {}).features
+        want = {f.name: repr(f.compute(event)) for f in EVENT_FEATURES}
+        assert {name: repr(features[name]) for name in want} == want, event
+        kinds_seen.add(event["type"])
+    assert repr(extract(events[-2], {}).features["payment_amount"]) == "-0.0"
+    assert {f.of_type for f in EVENT_FEATURES if f.of_type} <= kinds_seen
 
 
 # -- sketches ------------------------------------------------------------------------
