@@ -26,7 +26,7 @@ from typing import Mapping
 import cython
 from river import linear_model, optim
 
-from detectors.model import HELD_WEIGHTS, held_weights, logistic_proba
+from detectors.model import HoldsWeights, held_weights, logistic_proba
 from detectors.sketches import normalize_text
 
 BUCKETS = 1 << 18
@@ -112,7 +112,7 @@ def _counts_compiled(normalized: bytes) -> dict[str, float]:
 LEARNING_RATE = 0.1
 
 
-class ContentModel:
+class ContentModel(HoldsWeights):
     version = "text-logreg/2"
 
     def __init__(self, min_labels_per_class: int = 20, learning_rate: float = LEARNING_RATE):
@@ -128,11 +128,6 @@ class ContentModel:
     @property
     def ready(self) -> bool:
         return min(self.positives, self.negatives) >= self.min_labels_per_class
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop(HELD_WEIGHTS, None)  # a reference into the classifier, made again after loading
-        return state
 
     def predict_proba_one(self, inputs: Mapping[str, float]) -> float:
         weights = held_weights(self, self.classifier) if cython.compiled and type(inputs) is dict else None

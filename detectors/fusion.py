@@ -29,7 +29,7 @@ from typing import Mapping
 import cython
 from river import linear_model, optim, utils
 
-from detectors.model import HELD_WEIGHTS, held_weights, logistic_proba
+from detectors.model import HoldsWeights, held_weights, logistic_proba
 
 DETECTORS = ("model", "anomaly", "rules", "content")
 UNTRUSTED_CAP = 0.5
@@ -51,7 +51,7 @@ def fusion_inputs(scores: Mapping[str, float], has_text: bool) -> dict[str, floa
     }
 
 
-class FusionModel:
+class FusionModel(HoldsWeights):
     version = "stack-logreg/1"
 
     def __init__(self, min_labels_per_class: int = 50):
@@ -63,17 +63,13 @@ class FusionModel:
     def ready(self) -> bool:
         return min(self.positives, self.negatives) >= self.min_labels_per_class
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop(HELD_WEIGHTS, None)  # a reference into the classifier, made again after loading
-        return state
-
     def fuse(self, scores: Mapping[str, float], model_ready: bool, content_ready: bool, has_text: bool = False) -> float:
         if self.ready:
+            inputs = fusion_inputs(scores, has_text)
             weights = held_weights(self, self.classifier) if cython.compiled else None
             if weights is None:
-                return float(self.classifier.predict_proba_one(fusion_inputs(scores, has_text)).get(True, 0.0))
-            return logistic_proba(weights, self.classifier.intercept, fusion_inputs(scores, has_text))
+                return float(self.classifier.predict_proba_one(inputs).get(True, 0.0))
+            return logistic_proba(weights, self.classifier.intercept, inputs)
         trusted = [scores.get("rules", 0.0), UNTRUSTED_CAP * scores.get("anomaly", 0.0)]
         if model_ready:
             trusted.append(scores.get("model", 0.0))

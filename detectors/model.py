@@ -364,12 +364,22 @@ def _top_contributions(inputs: np.ndarray, weights: np.ndarray, names: tuple, to
 HELD_WEIGHTS = "_held_weights"  # where ``held_weights`` keeps its dict on the model owning the classifier
 
 
+class HoldsWeights:
+    """A model whose classifier's weights ``held_weights`` may hold: its pickle leaves them
+    out (a reference into the classifier, held again after loading)."""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop(HELD_WEIGHTS, None)
+        return state
+
+
 def held_weights(owner: object, classifier: object) -> dict | None:
     """The weights of ``classifier`` (River's ``LogisticRegression`` with its log loss) as a
     dict that C code can read: its ``VectorDict`` is replaced once by one wrapping a dict
     ``owner`` holds (``VectorDict(d)`` keeps ``d`` itself, so River's own updates reach it),
-    and again whenever River replaces it. None for any other classifier. The owner's
-    ``__getstate__`` must drop ``HELD_WEIGHTS``."""
+    and again whenever River replaces it. None for any other classifier. The owner's class
+    derives from ``HoldsWeights``, whose pickle drops the held dict."""
     held = owner.__dict__.get(HELD_WEIGHTS)
     if held is not None and held[0] is classifier._weights and held[2] is classifier.loss:
         return held[1]  # checked when held, and River replaces neither in place
