@@ -472,13 +472,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
         results = score_isolating_failures(detector, [item for _, item in extracted], _now_ms())
-        for (origin, (record, _, _)), result in zip(extracted, results):
+        for (origin, (record, _, extraction)), result in zip(extracted, results):
             if isinstance(result, Exception):  # its entity records already count it (see extract_one)
                 reject(origin, ContractViolation("processing_error", f"{type(result).__name__}: {result}"))
                 continue
             partition = origin.partition
             for name, entity_record in result.records.items():
-                hold(name, partition, result.keys[name], entity_record)
+                # extract_one held the records extraction changed, the very objects the alert
+                # policy updates; a redelivered event's user record is new to the hold here
+                if name not in extraction.records:
+                    hold(name, partition, result.keys[name], entity_record)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))

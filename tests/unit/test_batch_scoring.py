@@ -72,9 +72,12 @@ def _score_keeping_records_decoded(detector: Detector, store: LocalStore, events
             kept[(name, keys[name])] = record
         batch.append((event, states, extraction))
     scored = detector.score_many(batch, now_ms=None)
-    for result in scored:
+    for (_, _, extraction), result in zip(batch, scored):
         for name, record in result.records.items():
-            kept[(name, result.keys[name])] = record
+            if name in extraction.records:  # the worker keeps these once, at extraction: the same objects
+                assert record is extraction.records[name]
+            else:
+                kept[(name, result.keys[name])] = record
     for key, record in kept.items():
         store.records[key] = encode_record(record)
     return scored
