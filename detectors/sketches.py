@@ -43,7 +43,9 @@ REGISTER_BITS = 7
 REGISTERS = 1 << REGISTER_BITS  # 128
 HLL_RELATIVE_ERROR = 1.04 / math.sqrt(REGISTERS)
 _ALPHA = 0.7213 / (1 + 1.079 / REGISTERS)
-_INVERSE_POWERS = tuple(2.0 ** -rank for rank in range(33))  # 2 ** -rank for every rank a 25-bit rest can have
+# 2 ** -rank for every rank a 25-bit rest can have; a C array when compiled, so the estimate's
+# sum over registers adds C doubles (indexing a Python tuple made it float objects: round 17)
+_INVERSE_POWERS = cython.declare(cython.double[33], [2.0 ** -rank for rank in range(33)])
 _REGISTER_INDEX = {str(register): register for register in range(REGISTERS)}
 
 # {"x": {hash: ts}} exact, or {"h": {register: [[rank, ts], ...]}}; {"u": [parts]} only as
