@@ -359,7 +359,7 @@ def entity_features(
 @cython.locals(code=cython.int, slot=cython.Py_ssize_t, channel=cython.Py_ssize_t, channels=cython.Py_ssize_t,
                base=cython.Py_ssize_t, i=cython.Py_ssize_t, watermark=cython.longlong, width=cython.longlong,
                oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
-               first=cython.longlong, amount=cython.double,
+               first=cython.longlong, kept=cython.longlong, amount=cython.double,
                value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
                bucket=list, record=dict, rings=dict, out=dict, plan=_Plan, counted=dict, counts=list, novelty=dict,
                zeroed=cython.bint)
@@ -398,10 +398,10 @@ def shard_features(
     sums = cython.declare(cython.double[128])  # _MAX_WINDOWS * _MAX_CHANNELS (C needs the number)
     for slot in range(len(plan.windows)):
         window = plan.windows[slot]
-        width, channels, base = window[0], window[3], slot * _MAX_CHANNELS
+        width, kept, channels, base = window[0], window[1], window[3], slot * _MAX_CHANNELS
         for channel in range(channels):
             sums[base + channel] = 0.0
-        oldest = watermark // width - window[1]
+        oldest = watermark // width - kept  # C integers: no int objects per window
         for record in present:
             rings = record["r"]  # a C dict lookup below, not a call of the method ``get``
             for bucket in rings.get(window[2]) or ():
