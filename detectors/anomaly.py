@@ -176,8 +176,8 @@ _MOST_INPUTS = 32  # the size of the C arrays below (C needs the number)
 if len(ANOMALY_FEATURES) > _MOST_INPUTS:
     raise ValueError(f"the anomaly model reads at most {_MOST_INPUTS} features, ANOMALY_FEATURES has "
                      f"{len(ANOMALY_FEATURES)}: raise _MOST_INPUTS and the arrays' size with it")
-_C_COLUMNS = cython.declare(cython.Py_ssize_t[32], [int(c) for c in _COLUMNS] + [0] * (32 - len(_COLUMNS)))
-_C_LOG_CAPS = cython.declare(cython.double[32], [float(c) for c in _LOG_CAPS] + [1.0] * (32 - len(_LOG_CAPS)))
+_C_COLUMNS = cython.declare(cython.Py_ssize_t[32], [int(c) for c in _COLUMNS] + [0] * (_MOST_INPUTS - len(_COLUMNS)))
+_C_LOG_CAPS = cython.declare(cython.double[32], [float(c) for c in _LOG_CAPS] + [1.0] * (_MOST_INPUTS - len(_LOG_CAPS)))
 _C_INPUTS = cython.declare(cython.Py_ssize_t, len(ANOMALY_FEATURES))
 
 

@@ -61,18 +61,14 @@ class ScoreJoin:
     def add(self, partition: int, key: bytes, score: bytes) -> None:
         """Joins one risk score (its bytes as produced) kept under ``key``. Raises on a score
         that is not a risk score's JSON only if its key already had a row; nothing is kept then."""
-        rows = self.rows.get(partition)
-        before = rows.get(key) if rows is not None else None
+        rows = self.rows.setdefault(partition, {})
+        before = rows.get(key)
         if before is None:
             before = self._stored(partition, key)
         if before is None:
-            row = UNLABELLED_SCORE + score
-            example = None
-        else:
-            pending, example = on_score(pending_of(before), orjson.loads(score))
-            row = orjson.dumps(pending)
-        if rows is None:
-            rows = self.rows[partition] = {}
-        rows[key] = row
+            rows[key] = UNLABELLED_SCORE + score
+            return
+        pending, example = on_score(pending_of(before), orjson.loads(score))
+        rows[key] = orjson.dumps(pending)
         if example is not None:
             self.examples.append((key, example))
