@@ -39,7 +39,7 @@ from detectors.catalog import (
     NearDuplicates, RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
-    MAX_WINDOWS_PER_SKETCH, NEAR_DUPLICATE_BITS, distinct_counts, distinct_expire, distinct_insert, distinct_merge,
+    MAX_WINDOWS_PER_SKETCH, NEAR_DUPLICATE_BITS, distinct_counts_back, distinct_expire, distinct_insert, distinct_merge,
     distinct_union, hashed, new_distinct,
 )
 
@@ -98,39 +98,44 @@ def apply_event(
 
 @cython.ccall
 @cython.locals(width=cython.longlong, length=cython.longlong, newest=cython.longlong, idx=cython.longlong,
-               i=cython.Py_ssize_t, ring=list, bucket=list, added=list, any_added=cython.bint)
+               i=cython.Py_ssize_t, n=cython.Py_ssize_t, channels=tuple, kept=list, ring=list, bucket=list)
 def _apply_to_rings(rings: dict, plan_rings: tuple, ts: cython.longlong, watermark: cython.longlong,
                     amounts: dict) -> None:
     for key, width, length, channels in plan_rings:
         newest = watermark // width
-        ring = rings.get(key) or []
-        ring = _prune_ring(ring, newest, length)
+        kept = rings.get(key)
+        ring = _prune_ring(kept, newest, length) if kept else []
         idx = ts // width
-        added = [amounts[ch] for ch in channels] if idx > newest - length else []
-        any_added = False
-        for amount in added:
-            if amount:
-                any_added = True
-                break
-        if any_added:
-            if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
-                bucket = ring[-1]
-            else:
-                for bucket in ring:
-                    if bucket[0] == idx:
-                        break
-                else:
-                    bucket = [idx] + [0] * len(channels)
-                    ring.append(bucket)
-                    if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
-                        ring.sort(key=_bucket_order)
-            for i, amount in enumerate(added):
+        bucket = None
+        if idx > newest - length:
+            n = len(channels)
+            for i in range(n):  # no list of the amounts: most are 0 and add nothing
+                amount = amounts[channels[i]]
                 if amount:
+                    if bucket is None:
+                        bucket = _bucket_of(ring, idx, n)
                     bucket[1 + i] = _add(bucket[1 + i], amount)
         if ring:
-            rings[key] = ring
-        else:
-            rings.pop(key, None)
+            if ring is not kept:
+                rings[key] = ring
+        elif kept is not None:
+            del rings[key]
+
+
+@cython.cfunc
+@cython.locals(idx=cython.longlong, channels=cython.Py_ssize_t, bucket=list)
+def _bucket_of(ring: list, idx, channels) -> list:
+    """The bucket ``idx`` of ``ring``, added (in bucket order) if the ring has none."""
+    if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
+        return ring[-1]
+    for bucket in ring:
+        if bucket[0] == idx:
+            return bucket
+    bucket = [idx] + [0] * channels
+    ring.append(bucket)
+    if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
+        ring.sort(key=_bucket_order)
+    return bucket
 
 
 @cython.ccall
@@ -141,8 +146,13 @@ def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cy
     ts_s = ts // 1000
     for name, memory_ms, field in plan_sketches:
         current = sketches.get(name)
-        current = distinct_expire(current, (watermark - memory_ms) // 1000) if current else new_distinct()
         value = field(event)
+        if current:
+            current = distinct_expire(current, (watermark - memory_ms) // 1000)
+        elif value:
+            current = new_distinct()
+        else:  # no sketch and nothing to count: none is made and dropped
+            continue
         if value:
             h, key = hashed(value)
             current, known = distinct_insert(current, h, ts_s, key)
@@ -422,10 +432,8 @@ def shard_features(
         elif code == _DISTINCT:
             counts = counted.get(step[2])
             if counts is None:  # the sketch's first window: all its windows are counted at once
-                parts = [r["d"][step[2]] for r in present if step[2] in r["d"]]
-                counts = counted[step[2]] = distinct_counts(
-                    distinct_union(parts), tuple([watermark // 1000 - s for s in plan.distinct_windows[step[2]]])
-                ) if parts else _NO_COUNTS
+                counts = counted[step[2]] = _sketch_counts(present, step[2], watermark // 1000,
+                                                           plan.distinct_windows[step[2]])
             value = counts[step[3]]
         elif code == _RATE_OF_CHANGE:
             newest, i = watermark // HOUR, step[3]
@@ -461,6 +469,23 @@ def shard_features(
 _NO_COUNTS = [0] * MAX_WINDOWS_PER_SKETCH
 _HOUR_MS = float(HOUR)
 _HOUR_KEY = str(HOUR)
+
+
+@cython.cfunc
+@cython.locals(present=list, record=dict, sketches=dict, now_s=cython.longlong)
+def _sketch_counts(present, name: str, now_s, seconds: tuple) -> list:
+    """The counts of sketch ``name`` over the shards in ``present``, in the windows of
+    ``seconds`` back from ``now_s`` (a shard alone is its own union: no list of parts)."""
+    if len(present) == 1:
+        sketches = present[0]["d"]
+        sketch = sketches.get(name)
+        return _NO_COUNTS if sketch is None else distinct_counts_back(sketch, now_s, seconds)
+    parts = []
+    for record in present:
+        sketches = record["d"]
+        if name in sketches:
+            parts.append(sketches[name])
+    return distinct_counts_back(distinct_union(parts), now_s, seconds) if parts else _NO_COUNTS
 
 
 @cython.locals(count=cython.int, own_ts=cython.longlong, since=cython.longlong, t=cython.longlong,

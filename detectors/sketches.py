@@ -58,11 +58,21 @@ def hash32(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big")
 
 
-@lru_cache(maxsize=65_536)
+# A dict, not an lru_cache: the sketches ask it ~3 times per event, and an lru_cache call
+# builds an argument tuple and a key and relinks its list on every hit.
+_HASHED = cython.declare(dict, {})  # value -> hashed(value); a C dict lookup when compiled
+_HASHED_MAX = 65_536
+
+
 def hashed(value: str) -> tuple[int, str]:
     """``hash32(value)`` and its decimal string, an exact sketch's key for it."""
-    h = hash32(value)
-    return h, str(h)
+    found = _HASHED.get(value)
+    if found is None:
+        if len(_HASHED) >= _HASHED_MAX:  # emptied when full: values recur, so it refills with them
+            _HASHED.clear()
+        h = hash32(value)
+        found = _HASHED[value] = (h, str(h))
+    return found
 
 
 def new_distinct() -> Distinct:
@@ -135,18 +145,37 @@ _C_REGISTERS = cython.declare(cython.Py_ssize_t, REGISTERS)
 _C_REGISTER_BITS = cython.declare(cython.int, REGISTER_BITS)
 
 
-@cython.locals(n=cython.Py_ssize_t, w=cython.Py_ssize_t, register=cython.Py_ssize_t, at=cython.Py_ssize_t,
-               rank=cython.int, ts=cython.longlong, h=cython.ulonglong, rest=cython.ulonglong, empty=cython.int,
-               total=cython.double, counts=list, part=dict)
 def distinct_counts(sketch: Distinct, since_s: tuple) -> list[int]:
     """``distinct_count`` at each of ``since_s`` (at most ``MAX_WINDOWS_PER_SKETCH``), in one
     pass over the sketch: an entity's windows on one sketch are counted together."""
-    n = len(since_s)
+    return _counts(sketch, since_s, 0, False)
+
+
+def distinct_counts_back(sketch: Distinct, now_s: int, seconds: tuple) -> list[int]:
+    """``distinct_counts`` since ``now_s - s`` for each of ``seconds``: the windows of an entity
+    end at its watermark, and no tuple of their start times is made per event.
+
+    >>> s = distinct_add(distinct_add(new_distinct(), "a", ts_s=10), "b", ts_s=50)
+    >>> distinct_counts_back(s, 60, (30, 60)) == distinct_counts(s, (30, 0)) == [1, 2]
+    True
+    """
+    return _counts(sketch, seconds, now_s, True)
+
+
+@cython.cfunc
+@cython.locals(n=cython.Py_ssize_t, w=cython.Py_ssize_t, register=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               rank=cython.int, ts=cython.longlong, h=cython.ulonglong, rest=cython.ulonglong, empty=cython.int,
+               total=cython.double, counts=list, part=dict, now_s=cython.longlong, back=cython.bint)
+def _counts(sketch: dict, times: tuple, now_s, back) -> list:
+    """The counts since each of ``times``, or, if ``back``, since ``now_s`` minus each."""
+    n = len(times)
     if n > MAX_WINDOWS_PER_SKETCH:
         raise ValueError(f"at most {MAX_WINDOWS_PER_SKETCH} windows per sketch, got {n}")
     since = cython.declare(cython.longlong[4])  # MAX_WINDOWS_PER_SKETCH
     for w in range(n):
-        since[w] = since_s[w]
+        since[w] = times[w]
+        if back:  # in C: no int object per window
+            since[w] = now_s - since[w]
     if "x" in sketch:
         exact_counts = cython.declare(cython.int[4])
         for w in range(n):

@@ -162,6 +162,22 @@ def test_bucket_values_stay_whole_numbers_or_cents():
     assert _add(1e308, 1e308) == math.inf and math.isnan(_add(math.inf, -math.inf))
 
 
+def test_a_late_events_bucket_joins_its_ring_in_bucket_order_and_is_pruned_with_it():
+    """Rings are kept in bucket order (pruning looks at the oldest bucket only): a late event
+    that opens a bucket between two others is placed between them."""
+    ip = ENTITIES["ip"]
+    login = {"type": "login", "user_id": "u1", "ip": "1.2.3.4", "success": False}
+    record = None
+    for ts in (600_000, 720_000, 660_000):  # the last is late: its minute lies between the others
+        record, _ = apply_event(ip, record, dict(login, ts=ts))
+    minute = record["r"]["60000"]
+    assert [bucket[0] for bucket in minute] == [10, 11, 12]
+    assert all([b[0] for b in ring] == sorted(b[0] for b in ring) for ring in record["r"].values())
+    later = 720_000 + ip.ring_lengths[60_000] * 60_000  # a minute past the oldest bucket's ring
+    record, _ = apply_event(ip, record, dict(login, ts=later))
+    assert [bucket[0] for bucket in record["r"]["60000"]][0] > 10
+
+
 def test_shards_merge_to_the_single_record_answer():
     """Any split of an entity's events over partitions merges to the unsplit features."""
     rng = random.Random(99)
@@ -387,8 +403,9 @@ def _hyperloglog_of(hashes: list[int]) -> int:
 @pytest.mark.parametrize("seed", range(6))
 def test_counts_of_a_union_of_sketches_in_several_windows(seed):
     """distinct_counts over distinct_union: exact while the parts are and their union is within
-    the limit, else the HyperLogLog of every value seen in each window, in one pass."""
-    from detectors.sketches import distinct_counts, distinct_union, hash32
+    the limit, else the HyperLogLog of every value seen in each window, in one pass; counted
+    back from a time (as an entity's windows are), the same."""
+    from detectors.sketches import distinct_counts, distinct_counts_back, distinct_union, hash32
 
     rng = random.Random(seed)
     parts, seen = [], {}  # value hash -> last time seen, over all parts
@@ -405,8 +422,12 @@ def test_counts_of_a_union_of_sketches_in_several_windows(seed):
         in_window = [h for h, ts in seen.items() if ts >= window]
         exact = all("x" in part for part in parts) and len(seen) <= EXACT_LIMIT
         assert count == (len(in_window) if exact else _hyperloglog_of(in_window)), (window, exact)
+    now = rng.randrange(1000, 2000)
+    assert distinct_counts_back(distinct_union(parts), now, tuple(now - s for s in since)) == counts
     with pytest.raises(ValueError, match="at most 4 windows"):
         distinct_counts(parts[0], (0, 1, 2, 3, 4))
+    with pytest.raises(ValueError, match="at most 4 windows"):
+        distinct_counts_back(parts[0], now, (0, 1, 2, 3, 4))
 
 
 def test_simhash_separates_near_duplicates_from_unrelated_texts():
