@@ -28,6 +28,7 @@ from cython.cimports.libc.math import exp, pow, sqrt
 from river import linear_model, optim, utils
 
 from detectors.catalog import FEATURE_NAMES, describe
+from detectors.rounding import rounded
 
 MODEL_NAME = "online-logreg"
 MODEL_GENERATION = 1
@@ -553,7 +554,7 @@ class OnlineRiskModel:
                 reasons.append({
                     "code": name,
                     "text": f"{describe(name)}: {value:g}",
-                    "weight": round(contribution, 4),
+                    "weight": rounded(contribution, 4),
                     "value": value,
                 })
             explained.append(reasons)

@@ -267,8 +267,9 @@ def test_compiled_feature_matrix_converts_like_numpy():
 
 
 @pure_python_run
-def test_compiled_state_and_extraction_are_read_only_extension_types():
+def test_compiled_state_extraction_and_score_are_read_only_extension_types():
     from detectors.features import EntityState, Extraction, extract
+    from detectors.pipeline import Scored
 
     assert detectors.compiled_modules(), NOT_COMPILED
     state = EntityState(b"{}", (b"{}",), None, None)
@@ -278,6 +279,11 @@ def test_compiled_state_and_extraction_are_read_only_extension_types():
     assert isinstance(result, Extraction) and result.updates is result.updates  # encoded once
     with pytest.raises(AttributeError):
         result.features = {}  # type: ignore[misc]
+    scored = Scored({"user": {"l": 1}}, {"user": "u"}, {"score": 0.5}, None)
+    assert type(scored).__module__ == "detectors.pipeline" and not hasattr(scored, "__dict__")
+    assert scored.updates == {"user": b'{"l":1}'} and scored.updates is scored.updates
+    with pytest.raises(AttributeError):
+        scored.alert = {}  # type: ignore[misc]
 
 
 @pure_python_run
@@ -436,3 +442,31 @@ def test_compiled_standardiser_learns_the_same_doubles_as_numpy():
         assert z.tobytes() == expected.tobytes()
         for name in ("counts", "means", "variances"):
             assert getattr(compiled, name).tobytes() == getattr(reference, name).tobytes(), name
+
+
+@pure_python_run
+def test_compiled_rounding_gives_the_double_pythons_round_gives():
+    """``rounded`` against ``round``, bit for bit: random doubles of every magnitude, numbers
+    one ulp either side of a decimal halfway point (whose product may round onto it), exact
+    ties (half to even), signed zeros, and what has no decimals to round."""
+    import math
+    import random
+    import struct
+
+    from detectors.rounding import rounded
+
+    assert "rounding" in detectors.compiled_modules(), NOT_COMPILED
+    rng = random.Random(18)
+    cases = [(x, d) for x in (0.0, -0.0, 0.5, 1.5, 2.5, -3.5, 0.125, 0.375, 2.675, 1e-300, -1e-9, 5e-324, 2.0 ** 52,
+                              2.0 ** 53 + 2, 1e300, math.inf, -math.inf, math.nan) for d in (0, 2, 3, 4, 6, 15)]
+    for _ in range(100_000):
+        digits = rng.choice((0, 2, 4, 6, 9, 15))
+        halfway = (rng.randrange(10 ** 7) + 0.5) / 10 ** digits
+        cases += [(math.nextafter(halfway, -math.inf), digits), (halfway, digits),
+                  (math.nextafter(halfway, math.inf), digits), (-halfway, digits),
+                  (struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0], digits),
+                  (rng.random(), digits)]
+    differ = [(x, d) for x, d in cases if struct.pack("d", rounded(x, d)) != struct.pack("d", round(x, d))
+              and not (math.isnan(x))]
+    assert not differ, differ[:5]
+    assert math.isnan(rounded(math.nan, 6)) and rounded(7.123456789, 20) == round(7.123456789, 20)
