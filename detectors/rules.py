@@ -48,12 +48,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import cython
+
 from detectors.catalog import ALL_TYPES, FEATURE_NAMES
 
 SEVERITY_SCORE = {"low": 0.5, "medium": 0.7, "high": 0.85, "critical": 0.95}
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
 }
+# OPERATORS as the ints _matching switches on (the same comparisons, of the same objects)
+_OPERATOR_CODES = {">": 0, ">=": 1, "<": 2, "<=": 3, "==": 4, "!=": 5}
+assert _OPERATOR_CODES.keys() == OPERATORS.keys(), "give each operator a code in _matching"
 KNOWN_FEATURES = frozenset(FEATURE_NAMES)
 
 
@@ -106,8 +111,47 @@ class RuleSet:
     policy: Policy
     version: str
 
+    def __post_init__(self) -> None:
+        # Per event type, its rules' conditions as (feature, operator code, value): matching an
+        # event is then a loop of comparisons, not a method call per rule and per condition.
+        checks = {kind: tuple((rule, tuple((c.feature, _OPERATOR_CODES[c.op], c.value) for c in rule.conditions))
+                              for rule in self.rules if kind in rule.event_types)
+                  for kind in ALL_TYPES}
+        object.__setattr__(self, "_checks", checks)
+
     def matches(self, features: dict[str, float], event_type: str) -> list[Rule]:
-        return [r for r in self.rules if r.matches(features, event_type)]
+        """The rules whose conditions all hold for an event of ``event_type`` (``Rule.matches``)."""
+        checks = self._checks.get(event_type)  # type: ignore[attr-defined]
+        if checks is None:  # a type outside the catalogue: no rule names it
+            return [r for r in self.rules if r.matches(features, event_type)]
+        return _matching(checks, features)
+
+
+@cython.locals(code=cython.int, holds=cython.bint, matched=list, conditions=tuple)
+def _matching(checks: tuple, features: dict) -> list:
+    """The rules of ``checks`` (see ``RuleSet.__post_init__``) whose conditions all hold."""
+    matched = []
+    for rule, conditions in checks:
+        holds = True
+        for feature, code, value in conditions:
+            actual = features.get(feature, 0.0)
+            if code == 0:
+                holds = actual > value
+            elif code == 1:
+                holds = actual >= value
+            elif code == 2:
+                holds = actual < value
+            elif code == 3:
+                holds = actual <= value
+            elif code == 4:
+                holds = actual == value
+            else:
+                holds = actual != value
+            if not holds:
+                break
+        if holds:
+            matched.append(rule)
+    return matched
 
 
 def _number(value: Any) -> bool:

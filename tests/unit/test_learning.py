@@ -191,6 +191,31 @@ def test_rules_are_validated_with_every_problem_named():
         parse_rules(RULES.replace("value = 3", 'value = "__import__(\'os\')"'))
 
 
+def test_a_rule_set_matches_what_each_rule_matches():
+    """RuleSet.matches (its conditions compiled per event type) against Rule.matches, for every
+    operator, rules on one type or all, one to three conditions, values at, around and
+    beyond each threshold (an int one included), a feature absent, and a type no rule names."""
+    import random
+
+    from detectors.catalog import ALL_TYPES
+    from detectors.rules import OPERATORS
+
+    rng = random.Random(18)
+    features = ["user_login_failures_1h", "ip_events_1m", "payment_amount"]
+    lines = ['version = "t"']
+    for i in range(12):
+        conditions = ", ".join(
+            f'{{feature = "{rng.choice(features)}", op = "{rng.choice(list(OPERATORS))}", '
+            f'value = {rng.choice(["3", "2.5", "0", "-1.0"])}}}' for _ in range(rng.choice((1, 2, 3))))
+        types = f'event_types = ["{rng.choice(sorted(ALL_TYPES))}"]\n' if i % 3 == 0 else ""
+        lines.append(f'[[rule]]\nname = "r{i}"\ndescription = "d"\nseverity = "low"\n{types}when = [{conditions}]')
+    rules = parse_rules("\n".join(lines))
+    for _ in range(2000):
+        values = {f: rng.choice([0.0, -1.0, 2.5, 3.0, 3.5, 2.0, float("nan")]) for f in features if rng.random() < 0.8}
+        kind = rng.choice(sorted(ALL_TYPES) + ["no_such_type"])
+        assert rules.matches(values, kind) == [r for r in rules.rules if r.matches(values, kind)], (values, kind)
+
+
 def test_rules_file_is_reloaded_and_a_broken_edit_keeps_the_last_good_rules(tmp_path):
     path = tmp_path / "rules.toml"
     path.write_text(RULES)
