@@ -123,15 +123,16 @@ def _apply_to_rings(rings: dict, plan_rings: tuple, ts: cython.longlong, waterma
 
 
 @cython.cfunc
-@cython.locals(idx=cython.longlong, channels=cython.Py_ssize_t, bucket=list)
-def _bucket_of(ring: list, idx, channels) -> list:
-    """The bucket ``idx`` of ``ring``, added (in bucket order) if the ring has none."""
+@cython.locals(idx=cython.longlong, n_channels=cython.Py_ssize_t, bucket=list)
+def _bucket_of(ring: list, idx, n_channels) -> list:
+    """The bucket ``idx`` of ``ring`` (of ``n_channels`` values), added in bucket order if the
+    ring has none."""
     if ring and ring[-1][0] == idx:  # most events fall in the newest bucket
         return ring[-1]
     for bucket in ring:
         if bucket[0] == idx:
             return bucket
-    bucket = [idx] + [0] * channels
+    bucket = [idx] + [0] * n_channels
     ring.append(bucket)
     if len(ring) > 1 and ring[-2][0] > idx:  # a late event's bucket
         ring.sort(key=_bucket_order)
