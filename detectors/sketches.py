@@ -53,11 +53,11 @@ _REGISTER_INDEX = {str(register): register for register in range(REGISTERS)}
 Distinct = dict[str, Any]
 
 
-@lru_cache(maxsize=65_536)  # the same users, IPs and devices recur event after event
 def hash32(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=4).digest(), "big")
 
 
+# The one cache of value hashes (the same users, IPs and devices recur event after event).
 # A dict, not an lru_cache: the sketches ask it ~3 times per event, and an lru_cache call
 # builds an argument tuple and a key and relinks its list on every hit.
 _HASHED = cython.declare(dict, {})  # value -> hashed(value); a C dict lookup when compiled
@@ -105,7 +105,8 @@ def _to_hll(exact: dict[str, int]) -> dict[str, list[list[int]]]:
 
 
 def distinct_add(sketch: Distinct, value: str, ts_s: int) -> Distinct:
-    return distinct_insert(sketch, hash32(value), ts_s)[0]
+    h, key = hashed(value)
+    return distinct_insert(sketch, h, ts_s, key)[0]
 
 
 @cython.locals(exact=dict)
