@@ -44,7 +44,7 @@ from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
-from streams.kafka.io import KafkaWriter
+from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
@@ -184,7 +184,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     events = AssignedSource(app, settings, settings.events_topic)
     labels = AssignedSource(app, settings, settings.labels_topic)
     inputs = (events, labels)
-    scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic)
+    scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)
 
     async def commit(positions: list[tuple[AssignedSource, dict[int, int]]]) -> None:
         """Commits input positions once every write of the records before them is in the log."""

@@ -66,7 +66,7 @@ class PartitionFollower:
     """
 
     def __init__(self, bootstrap: str, topic: str, max_buffer_kb: int = 16_384,
-                 partition_fetch_bytes: int = 1_048_576):
+                 partition_fetch_bytes: int = 1_048_576, fetch: dict[str, int] | None = None):
         self.topic = topic
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
@@ -77,6 +77,7 @@ class PartitionFollower:
             "max.partition.fetch.bytes": partition_fetch_bytes,
             "queued.max.messages.kbytes": max_buffer_kb,
             "log_level": 3,
+            **(fetch or {}),  # e.g. BACKGROUND_FETCH
         })
         self.following: set[int] = set()
         self.read = 0

@@ -31,7 +31,7 @@ from rocksdict import AccessType, Options, Rdict
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
 from detectors.reputation import add_label_stored
-from streams.kafka.io import CHECKPOINT_MAX_BYTES
+from streams.kafka.io import BACKGROUND_FETCH, CHECKPOINT_MAX_BYTES
 from streams.state import KeptPerEntity
 
 log = logging.getLogger("abuse_detector.learning")
@@ -99,7 +99,7 @@ class LearningFeed:
         reputation_offset = int(stored) if stored is not None else -1
         start = min(models_offset, reputation_offset) + 1
         self.consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "training-feed",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 20, "log_level": 3})
+                                  "enable.auto.commit": False, "log_level": 3, **BACKGROUND_FETCH})
         self.consumer.assign([TopicPartition(self.examples_topic, 0, start)])
         self.reputation_offset = reputation_offset
 

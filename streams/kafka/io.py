@@ -84,6 +84,15 @@ def _wait_for_topics(admin: AdminClient, names: list[str], present: bool, timeou
     raise TimeoutError(f"topics {names} did not become {'available' if present else 'deleted'} in {timeout}s")
 
 
+# For the worker's consumers whose records nobody waits for by the millisecond (the label
+# join's risk scores, the shard replica's changelogs, the training examples), each polled
+# every 50 ms or so: the broker may hold a fetch that long to fill it. Answered as soon as
+# one byte was there (librdkafka's default), each fetched a few records at a time, back to
+# back: at 5,000 events/s offered the broker then took ~10% more CPU per event
+# (docs/performance.md, round 19).
+BACKGROUND_FETCH = {"fetch.min.bytes": 262_144, "fetch.wait.max.ms": 50}
+
+
 def make_producer(settings: Settings, **extra: object) -> Producer:
     # murmur2 is what Java clients, aiokafka and therefore Faust use: keyed
     # records must land on the partition whose worker holds that key's state.

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from dataclasses import fields
+from pathlib import Path
 
 import orjson
 import pytest
 
-from streams.config import load_settings
+from streams.cli import _parser
+from streams.config import ENV_PREFIX, Settings, load_settings
 from streams.simulator import SimulationConfig, run_simulation, simulate
 
 CONFIG = SimulationConfig(seed=11, users=200, days=0.5, stuffing_per_day=6, fake_signup_bursts_per_day=6,
@@ -69,3 +73,12 @@ def test_settings_come_from_env_and_flags_win():
 def test_bad_setting_value_says_which_variable():
     with pytest.raises(SystemExit, match="ABUSE_PARTITIONS"):
         load_settings({"ABUSE_PARTITIONS": "four"})
+
+
+def test_the_readme_lists_every_setting_with_a_flag_the_cli_takes():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(ABUSE_[A-Z_]+)` \| `(--[a-z-]+)` \|", readme, re.MULTILINE))
+    assert set(rows) == {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    commands = _parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+    taken = {flag for command in commands for flag in command._option_string_actions}
+    assert sorted(flag for flag in rows.values() if flag not in taken) == []
