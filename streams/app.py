@@ -48,7 +48,7 @@ from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, RecordCache, ShardPresence, ShardReplica, shard_key
+from streams.state import ExpirySweeper, ShardPresence, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -202,12 +202,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # committed before the group moves on, so the next owner starts where this one stopped
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
-        record_cache.clear()
         shard_presence.clear()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        record_cache.clear()
         shard_presence.clear()
         for source in inputs:
             await source.on_assigned()
@@ -226,16 +224,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     held_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
     held_since = 0.0  # monotonic time of the oldest held record
 
-    # And between batches, the records of recently seen entities, decoded (cleared whenever
-    # ownership may change: only this worker writes its owned partitions).
-    record_cache = RecordCache(settings.record_cache_entries)
-    app.record_cache = record_cache  # type: ignore[attr-defined]
-
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
-        pending = held_records.get((name, table_key))
-        if pending is not None:
-            return pending[0]
-        return record_cache.read((name, table_key), read)
+        """A record as an event must see it: held, else ``read(table_key)``'s bytes decoded.
+        Not kept decoded once written: kept until its entity came back, a record's objects
+        were cold by then, and decoding its bytes again cost as little or less CPU per event
+        (docs/performance.md, round 19)."""
+        held = held_records.get((name, table_key))
+        if held is not None:
+            return held[0]
+        raw = read(table_key)
+        return None if raw is None else orjson.loads(raw)
 
     def write_held() -> None:
         if not held_records:
@@ -245,7 +243,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             by_store.setdefault((name, partition), []).append((key, encode_record(record)))
         for (name, partition), items in by_store.items():
             writer.put_many(tables[name], partition, items)
-        record_cache.keep(held_records)
         held_records.clear()
 
     def write_held_if_due() -> None:
@@ -272,7 +269,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     shard_presence = ShardPresence()
 
     def shard_exists(name: str, partition: int, key: str) -> bool:
-        return stored(name, shard_key(partition, key), store_get(name, partition)) is not None
+        shard = shard_key(partition, key)
+        return (name, shard) in held_records or store_get(name, partition)(shard) is not None
 
     def hold(name: str, partition: int, key: str, record: Record) -> None:
         """A record an event changed: read by the next events, written by write_held."""
@@ -314,7 +312,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     continue
                 if stored_is_idle(ENTITIES[name], raw, watermark):
                     writer.put(table, partition, key, None)
-                    record_cache.discard((name, key))
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
@@ -453,16 +450,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         """An event's features and entity records; the records join the batch's at once,
         as the batch's next events of the same entities read them."""
         partition = origin.partition
-        keys: dict[str, str] = {}
         try:
             keys = entity_keys(record)
             states = states_for(keys, partition)
             extraction = extract(record, states, (partition, origin.offset))
         except Exception as exc:  # a detector bug must not stop the partition
-            # A record kept from an earlier batch is read again from the store; one this batch
-            # wrote keeps what the event changed in it before the error.
-            for name, key in keys.items():
-                record_cache.discard((name, table_key(name, partition, key)))
+            # A held record (changed by an earlier event) keeps what this event changed in it
+            # before the error; any other is read from the store again.
             log.exception("feature extraction failed for event %s", record.get("event_id"))
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
@@ -532,7 +526,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
-                record_cache.clear()
                 shard_presence.clear()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
@@ -625,8 +618,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
-            "records_kept_decoded": {"entries": len(record_cache), "capacity": record_cache.capacity,
-                                     "hits": record_cache.hits, "misses": record_cache.misses},
             "events_partitions": events.view(),
             "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view()},
         })

@@ -41,7 +41,6 @@ class Settings:
     batch_wait_s: float = field(default=0.005, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
-    record_cache_entries: int = field(default=20_000, metadata={"help": "entity records the worker keeps decoded between batches (~3 KB each; more lengthens the collector's rare full scan; 0: none)"})
     state_write_interval_s: float = field(default=0.1, metadata={"help": "longest a changed entity record waits, decoded in memory, for its store and changelog write (longer coalesces more writes of busy entities; other workers read shards this much later)"})
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})

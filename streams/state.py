@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -191,69 +191,6 @@ class ShardReplica:
     def close(self) -> None:
         self.consumer.close()
         self.db.close()
-
-
-class RecordCache:
-    """A read-through cache of the worker's owned partitions' entity records, decoded, kept
-    between batches (least recently used out first): an entity seen again is neither read
-    from RocksDB nor JSON decoded (a shard of another owned partition was decoded for every
-    event that read it). Only this worker writes its owned partitions, so a record kept is
-    the stored one; the caller clears the cache whenever ownership may change, discards
-    what the expiry sweep deletes, and stores what it writes through ``keep``. An absent
-    record is not kept: the worker writes it next, or ``ShardPresence`` stops asking.
-
-    >>> store = {b"a": b'{"l": 1}'}
-    >>> cache = RecordCache(capacity=2)
-    >>> cache.read(("user", b"a"), store.get), cache.read(("user", b"b"), store.get)
-    ({'l': 1}, None)
-    >>> cache.read(("user", b"a"), store.get), (cache.hits, cache.misses)
-    ({'l': 1}, (1, 2))
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._records: OrderedDict[tuple[str, bytes], Record] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def read(self, key: tuple[str, bytes], read: Callable[[bytes], bytes | None]) -> Record | None:
-        """The record of ``key`` (entity name, table key), None if there is none; on a miss
-        ``read(table key)`` gives the stored bytes, and the record they hold is kept."""
-        records = self._records
-        record = records.get(key)
-        if record is not None:
-            self.hits += 1
-            records.move_to_end(key)
-            return record
-        self.misses += 1
-        raw = read(key[1])
-        if raw is None:
-            return None
-        record = orjson.loads(raw)
-        if self.capacity > 0:
-            records[key] = record
-            if len(records) > self.capacity:
-                records.popitem(last=False)
-        return record
-
-    def keep(self, written: dict[tuple[str, bytes], tuple[Record, int]]) -> None:
-        """The records a batch wrote (as ``{key: (record, partition)}``), now the stored ones."""
-        if self.capacity <= 0:
-            return
-        records = self._records
-        for key, (record, _) in written.items():
-            records[key] = record
-            records.move_to_end(key)
-        while len(records) > self.capacity:
-            records.popitem(last=False)
-
-    def discard(self, key: tuple[str, bytes]) -> None:
-        self._records.pop(key, None)
-
-    def clear(self) -> None:
-        self._records.clear()
 
 
 class KeptPerEntity:
