@@ -141,10 +141,10 @@ class AssignedSource:
     (streams/ordering.py), so shards merged across partitions describe the same moment.
     """
 
-    def __init__(self, app: Any, settings: Settings, topic: str):
+    def __init__(self, app: Any, settings: Settings, topic: str, fetch: dict[str, int] | None = None):
         self.app, self.topic = app, topic
         self.follower = PartitionFollower(settings.bootstrap_servers, self.topic,
-                                          partition_fetch_bytes=settings.fetch_bytes)
+                                          partition_fetch_bytes=settings.fetch_bytes, fetch=fetch)
         self.group = PartitionReader(settings, self.topic, group_id=settings.app_id)  # committed offsets
         self.owned: set[int] = set()
         self.next_offset: dict[int, int] = {}  # per owned partition: the next offset to process
