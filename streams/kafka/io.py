@@ -88,8 +88,8 @@ def _wait_for_topics(admin: AdminClient, names: list[str], present: bool, timeou
 # join's risk scores, the shard replica's changelogs, the training examples), each polled
 # every 50 ms or so: the broker may hold a fetch that long to fill it. Answered as soon as
 # one byte was there (librdkafka's default), each fetched a few records at a time, back to
-# back: at 5,000 events/s offered the broker then took ~10% more CPU per event
-# (docs/performance.md, round 19).
+# back: the broker then took 4% more CPU per event at 5,000 events/s offered and 16% more
+# at 1,500 (docs/performance.md, round 19).
 BACKGROUND_FETCH = {"fetch.min.bytes": 262_144, "fetch.wait.max.ms": 50}
 
 
