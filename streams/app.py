@@ -48,7 +48,7 @@ from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, ShardPresence, ShardReplica, shard_key
+from streams.state import ExpirySweeper, HeldKey, HeldRecords, ShardPresence, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -224,12 +224,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
-    # The records batches changed, kept decoded and written once per entity at most every
-    # state_write_interval_s (and before every flush): a hot IP costs one JSON encoding, one
-    # store write and one changelog record per interval, not one per event or per small
-    # batch. Events read (and update) them first. {(entity, table key): (record, partition)}
-    held_records: dict[tuple[str, bytes], tuple[Record, int]] = {}
-    held_since = 0.0  # monotonic time of the oldest held record
+    # The records batches changed, each written once it has been held state_write_interval_s
+    # (and before every flush): a hot IP costs one JSON encoding, one store write and one
+    # changelog record per interval, not one per event or per small batch.
+    held_records = HeldRecords(settings.state_write_interval_s)
 
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
         """A record as an event must see it: held, else ``read(table_key)``'s bytes decoded.
@@ -238,23 +236,22 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         (docs/performance.md, round 19)."""
         held = held_records.get((name, table_key))
         if held is not None:
-            return held[0]
+            return held
         raw = read(table_key)
         return None if raw is None else orjson.loads(raw)
 
-    def write_held() -> None:
-        if not held_records:
-            return
+    def write_records(records: list[tuple[HeldKey, Record, int]]) -> None:
         by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for (name, key), (record, partition) in held_records.items():
+        for (name, key), record, partition in records:
             by_store.setdefault((name, partition), []).append((key, encode_record(record)))
         for (name, partition), items in by_store.items():
             writer.put_many(tables[name], partition, items)
-        held_records.clear()
+
+    def write_held() -> None:
+        write_records(held_records.take_all())
 
     def write_held_if_due() -> None:
-        if held_records and time.monotonic() - held_since >= settings.state_write_interval_s:
-            write_held()
+        write_records(held_records.take_due())
         writer.poll()
 
     # Per batch (ownership cannot change within one: agent bodies never await), for each
@@ -280,11 +277,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         return (name, shard) in held_records or store_get(name, partition)(shard) is not None
 
     def hold(name: str, partition: int, key: str, record: Record) -> None:
-        """A record an event changed: read by the next events, written by write_held."""
-        nonlocal held_since
-        if not held_records:
-            held_since = time.monotonic()
-        held_records[(name, table_key(name, partition, key))] = (record, partition)
+        """A record an event changed: read by the next events, written once due (write_held_if_due)."""
+        held_records.hold((name, table_key(name, partition, key)), record, partition)
         shard_presence.add(name, key, partition)
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:

@@ -241,6 +241,81 @@ class KeptPerEntity:
         self._count = 0
 
 
+HeldKey = tuple[str, bytes]  # (entity, table key)
+WRITE_ROUND_S = 0.1
+
+
+class HeldRecords:
+    """The entity records events changed, kept decoded until written: the batch's next events,
+    and the next batches', read (and change) them here, not from the store.
+
+    Each record is written once it has been held ``interval_s`` less one write round, by the
+    round that finds it due (a round every ``round_s``, at most ``interval_s``): a record waits
+    at most ``interval_s``, a busy entity costs one write per interval, and each round writes
+    about one round's worth of records. Before round 20 every held record was written once the
+    oldest was due: with a longer interval, a worker stopped for the whole interval's writes
+    at once. Changing a held record again keeps its first time.
+
+    >>> now = [0.0]
+    >>> held = HeldRecords(interval_s=0.5, round_s=0.1, clock=lambda: now[0])
+    >>> held.hold(("user", b"u1"), {"l": 1}, 0)
+    >>> now[0] = 0.3
+    >>> held.hold(("user", b"u2"), {"l": 2}, 1)
+    >>> held.hold(("user", b"u1"), {"l": 3}, 0)  # changed again: still held since 0.0
+    >>> [key for key, _, _ in held.take_due()]  # a round: u1 is not due before 0.4
+    []
+    >>> now[0] = 0.45
+    >>> [(key, record) for key, record, _ in held.take_due()]
+    [(('user', b'u1'), {'l': 3})]
+    >>> ("user", b"u2") in held, [key for key, _, _ in held.take_all()]
+    (True, [('user', b'u2')])
+    """
+
+    def __init__(self, interval_s: float, round_s: float = WRITE_ROUND_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.round_s = min(interval_s, round_s)
+        self._due_after_s = interval_s - self.round_s
+        self._clock = clock
+        self._records: dict[HeldKey, tuple[Record, int]] = {}  # -> (record, partition)
+        self._order: deque[tuple[float, HeldKey]] = deque()  # (first held, key), oldest first
+        self._last_round = clock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: HeldKey) -> bool:
+        return key in self._records
+
+    def get(self, key: HeldKey) -> Record | None:
+        held = self._records.get(key)
+        return None if held is None else held[0]
+
+    def hold(self, key: HeldKey, record: Record, partition: int) -> None:
+        if key not in self._records:
+            self._order.append((self._clock(), key))
+        self._records[key] = (record, partition)
+
+    def take_due(self) -> list[tuple[HeldKey, Record, int]]:
+        """If a write round is due, the records due in it, no longer held; else none."""
+        now = self._clock()
+        if now - self._last_round < self.round_s:
+            return []
+        self._last_round = now
+        held_before = now - self._due_after_s
+        due = []
+        while self._order and self._order[0][0] <= held_before:
+            key = self._order.popleft()[1]
+            due.append((key, *self._records.pop(key)))
+        return due
+
+    def take_all(self) -> list[tuple[HeldKey, Record, int]]:
+        """Every held record (before a commit, a rebalance or a shutdown), no longer held."""
+        taken = [(key, record, partition) for key, (record, partition) in self._records.items()]
+        self._records.clear()
+        self._order.clear()
+        return taken
+
+
 SHARD_PRESENCE_ENTITIES = 100_000  # ~100 bytes each
 
 

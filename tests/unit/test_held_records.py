@@ -1,0 +1,68 @@
+"""When the worker writes the entity records events changed (streams/state.py HeldRecords).
+
+Times are multiples of 1/16 s, exact as floats."""
+
+from __future__ import annotations
+
+from streams.state import HeldRecords
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def written(held: HeldRecords) -> list[bytes]:
+    return [key for (_, key), _, _ in held.take_due()]
+
+
+def test_a_record_changed_by_every_event_is_written_once_per_interval_and_never_later():
+    clock = Clock()
+    held = HeldRecords(interval_s=0.5, round_s=0.125, clock=clock)
+    writes: list[float] = []
+    for step in range(1, 33):  # an event every 1/16 s for 2 s, a write round looked for after each
+        clock.now = step / 16
+        if ("ip", b"hot") not in held:
+            first_held = clock.now
+        held.hold(("ip", b"hot"), {"events": step}, 0)
+        for (_, key), record, _ in held.take_due():
+            writes.append(clock.now)
+            assert clock.now - first_held <= 0.5  # never held longer than the interval
+            assert record == {"events": step}  # the record as the last event left it
+    assert writes == [0.5, 1.0, 1.5, 2.0]  # one write per interval, not one per event or per round
+
+
+def test_a_round_writes_the_records_due_and_keeps_the_ones_changed_since():
+    clock = Clock()
+    held = HeldRecords(interval_s=0.5, round_s=0.125, clock=clock)
+    for i in range(10):  # one new entity every 1/8 s
+        clock.now = i / 8
+        held.hold(("user", b"u%d" % i), {}, i % 4)
+    held.hold(("user", b"u0"), {"changed": True}, 0)  # changed again: still held since 0
+    clock.now = 1.25  # u0..u7 were held at least 0.375 s ago (0 .. 0.875)
+    assert written(held) == [b"u0", b"u1", b"u2", b"u3", b"u4", b"u5", b"u6", b"u7"]
+    assert len(held) == 2 and ("user", b"u7") not in held and ("user", b"u8") in held
+    clock.now = 1.3125
+    assert written(held) == []  # the next round comes 1/8 s after this one
+    clock.now = 1.375
+    assert written(held) == [b"u8"]
+    assert [key for (_, key), _, _ in held.take_all()] == [b"u9"]
+    assert len(held) == 0 and written(held) == []
+
+
+def test_an_interval_no_longer_than_a_round_writes_everything_held_every_interval():
+    clock = Clock()
+    held = HeldRecords(interval_s=0.0625, round_s=0.125, clock=clock)
+    clock.now = 0.0625
+    held.hold(("user", b"a"), {}, 0)
+    assert written(held) == [b"a"]  # held for no time at all: the round writes it
+    held.hold(("user", b"b"), {}, 0)
+    clock.now = 0.0625 + 0.03125
+    assert written(held) == []
+    assert held.get(("user", b"b")) == {}
+    clock.now = 0.125
+    assert written(held) == [b"b"]
+    assert held.get(("user", b"b")) is None
