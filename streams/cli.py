@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput, latency, plain-loop ceiling and two workers on the local broker")
     bench.add_argument("--events", type=int, default=40_000, help="simulated records preloaded per measurement")
     bench.add_argument("--rate", type=float, default=5000.0, help="offered load for the latency measurement")
-    bench.add_argument("--latency-seconds", type=float, default=10.0)
+    bench.add_argument("--latency-seconds", type=float, default=None,
+                       help="how long (b) and (b') each offer their load (default: 30)")
     add_settings_arguments(bench, KAFKA_FLAGS + ["partitions"])
 
     replay = sub.add_parser("replay", help="re-run a topic range in isolation; compare it with live; clean it up",
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from streams.bench import run_bench
 
-        run_bench(settings, events=args.events, rate=args.rate, latency_seconds=args.latency_seconds)
+        timing = {} if args.latency_seconds is None else {"latency_seconds": args.latency_seconds}
+        run_bench(settings, events=args.events, rate=args.rate, **timing)
         return 0
 
     if args.command == "replay":
