@@ -140,7 +140,7 @@ def bootstrap(
 
     def collect(score: dict[str, Any], is_abuse: bool | None, alerted: bool) -> None:
         if is_abuse is not None:
-            rows.append(LabelledRow(score["ts"], [score["features"][n] for n in FEATURE_NAMES],
+            rows.append(LabelledRow(score["ts"], [score["features"].get(n, 0.0) for n in FEATURE_NAMES],
                                     dict(score["detectors"]), "inputs" in score, is_abuse))
 
     passed = evaluate(events, dict(labels), label_delay_ms=None, detector=detector, on_score_record=collect)

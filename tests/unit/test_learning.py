@@ -14,6 +14,7 @@ from river import optim
 from detectors.catalog import FEATURE_NAMES
 from detectors.content import ContentModel, text_inputs
 from detectors.decisions import alert_id, score_id, severity
+from detectors.features import extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.model import OnlineRiskModel, Standardiser
@@ -163,7 +164,7 @@ def test_a_label_reaches_the_entities_of_its_event_through_the_store():
     later = store.score(detector, dict(event, event_id="e2", user_id="u2", ts=T0 + 120_000), now_ms=0)
     assert later.risk_score["features"]["ip_abuse_labels_1d"] == 1
     assert later.risk_score["features"]["device_abuse_labels_1d"] == 1
-    assert later.risk_score["features"]["user_abuse_labels_1d"] == 0  # a different account
+    assert "user_abuse_labels_1d" not in later.risk_score["features"]  # 0: a different account
 
 
 # -- rules -----------------------------------------------------------------
@@ -267,7 +268,10 @@ def test_risk_score_carries_every_detector_and_the_shadow():
     score = LocalStore().score(detector, event, now_ms=0).risk_score
     assert set(score["detectors"]) == {"model", "anomaly", "rules", "content"}
     assert score["shadow"]["model_version"] != score["model_version"]
-    assert score["inputs"]["text"] and tuple(score["features"]) == FEATURE_NAMES
+    assert score["inputs"]["text"] and score["features"]["text_links"] == 1.0
+    # only the features that are not 0, in catalogue order
+    assert list(score["features"]) == [name for name in FEATURE_NAMES if name in score["features"]]
+    assert score["features"] == {name: value for name, value in extract(event, {}).features.items() if value}
     assert score["score_id"] == score_id("p1")
 
 
