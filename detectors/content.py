@@ -33,18 +33,42 @@ BUCKETS = 1 << 18
 NGRAM = 4
 
 
-def text_inputs(text: str) -> dict[str, float]:
-    """Hashed character n-gram counts: the content model's input, stored with each score."""
+def ngram_counts(text: str) -> dict[str, int]:
+    """Hashed character n-gram counts of ``text``: what a risk score keeps of it (``inputs.text``),
+    as whole numbers a third the size of their shares in JSON (docs/performance.md, round 21)."""
     normalized = f" {normalize_text(text)} ".encode()  # ASCII: bytes and characters are one
     return _counts_compiled(normalized) if cython.compiled else _counts_of_ngrams(normalized)
 
 
-def _counts_of_ngrams(normalized: bytes) -> dict[str, float]:
-    """The reference: each n-gram's CRC-32 names its bucket; a bucket's share of the n-grams."""
+def text_inputs(text: str) -> dict[str, float]:
+    """The content model's input: each n-gram bucket's share of the text's n-grams."""
+    return shares_of(ngram_counts(text))
+
+
+@cython.locals(total=cython.double, count=cython.double, shares=dict)
+def shares_of(counts: Mapping[str, float]) -> dict[str, float]:
+    """Each count's share of their sum: the content model's input from a text's ``ngram_counts``
+    (their sum is the number of n-grams, so these are the doubles dividing by it gives). Shares
+    given as counts come back as they were, to within a rounding of their sum.
+
+    >>> shares_of({"7": 2, "9": 1}) == {"7": 2 / 3, "9": 1 / 3}
+    True
+    """
+    total = 0.0
+    for count in counts.values():
+        total += count
+    shares = {}
+    for bucket, number in counts.items():
+        count = number
+        shares[bucket] = count / total
+    return shares
+
+
+def _counts_of_ngrams(normalized: bytes) -> dict[str, int]:
+    """The reference: each n-gram's CRC-32 names its bucket; the n-grams each bucket counts."""
     crc32, mask = zlib.crc32, BUCKETS - 1
     counts = Counter([crc32(normalized[i:i + NGRAM]) & mask for i in range(max(1, len(normalized) - NGRAM + 1))])
-    total = counts.total()
-    return {str(bucket): n / total for bucket, n in counts.items()}
+    return {str(bucket): n for bucket, n in counts.items()}
 
 
 def _crc32_table() -> list[int]:
@@ -67,9 +91,9 @@ _BUCKET_NAMES: list[str | None] = [None] * BUCKETS if cython.compiled else []
 @cython.locals(data=cython.p_uchar, length=cython.Py_ssize_t, grams=cython.Py_ssize_t, start=cython.Py_ssize_t,
                end=cython.Py_ssize_t, k=cython.Py_ssize_t, crc=cython.uint, bucket=cython.uint, size=cython.Py_ssize_t,
                slot=cython.Py_ssize_t, distinct=cython.Py_ssize_t, at=cython.Py_ssize_t, scratch_words=cython.p_uint,
-               slots=cython.p_uint, buckets=cython.p_uint, counts=cython.p_uint, total=cython.double,
+               slots=cython.p_uint, buckets=cython.p_uint, counts=cython.p_uint,
                ngram=cython.Py_ssize_t, mask=cython.uint, all_ones=cython.uint)
-def _counts_compiled(normalized: bytes) -> dict[str, float]:
+def _counts_compiled(normalized: bytes) -> dict[str, int]:
     """``_counts_of_ngrams`` as a C loop, only called when compiled (tests/unit/test_compiled.py
     compares the two): CRC-32s from a table, buckets counted in a small open-addressing table in
     the order they first appear (as ``Counter`` keeps them), no Python object per n-gram."""
@@ -98,15 +122,14 @@ def _counts_compiled(normalized: bytes) -> dict[str, float]:
             counts[distinct] = 1
             distinct += 1
             slots[slot] = distinct
-    total = grams  # every n-gram counted once
-    shares = {}
+    found = {}
     names = _BUCKET_NAMES
     for at in range(distinct):
         name = names[buckets[at]]
         if name is None:
             name = names[buckets[at]] = str(buckets[at])
-        shares[name] = counts[at] / total
-    return shares
+        found[name] = counts[at]
+    return found
 
 
 LEARNING_RATE = 0.1

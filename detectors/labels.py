@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from detectors.content import shares_of
+
 Example = dict[str, Any]
 
 
@@ -34,9 +36,15 @@ def on_score(pending: dict[str, Any] | None, risk_score: dict[str, Any]) -> tupl
     pending = dict(pending or {})
     pending.update(
         id=risk_score["event_id"], f=risk_score["features"], d=risk_score["detectors"], ts=risk_score["ts"],
-        e=risk_score.get("entities", {}), x=(risk_score.get("inputs") or {}).get("text"),
+        e=risk_score.get("entities", {}), x=_text_shares((risk_score.get("inputs") or {}).get("text")),
     )
     return _example_if_due(pending)
+
+
+def _text_shares(counts: dict[str, float] | None) -> dict[str, float] | None:
+    """A score's text n-gram counts as the content model learns them (a score written before
+    round 21 carries the shares already: they come back as they were, within a rounding)."""
+    return shares_of(counts) if counts else counts
 
 
 def on_label(pending: dict[str, Any] | None, label: dict[str, Any]) -> tuple[dict[str, Any], Example | None]:

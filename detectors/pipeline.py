@@ -23,7 +23,7 @@ import cython
 
 from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
-from detectors.content import text_inputs
+from detectors.content import ngram_counts, shares_of
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract, score_features
 from detectors.lifecycle import ModelSet
@@ -121,7 +121,8 @@ class Detector:
         scored = []
         for i, (event, states, extraction) in enumerate(batch):
             has_text = event["type"] in CONTENT_TYPES
-            text = text_inputs(event["text"]) if has_text else None
+            counts = ngram_counts(event["text"]) if has_text else None
+            text = shares_of(counts) if counts is not None else None
             matched = rules.matches(extraction.features, event["type"])
             scores = {
                 "model": rounded(model_scores[i], 6),
@@ -151,8 +152,8 @@ class Detector:
                 "entities": extraction.keys,
                 "features": score_features(extraction.features),
             }
-            if text is not None:
-                risk_score["inputs"] = {"text": text}
+            if counts is not None:
+                risk_score["inputs"] = {"text": counts}  # the label join learns from their shares
             records = dict(extraction.records)
             alert = self._decide(event, risk_score, rules, states, records, risk_score["scored_at"], alert_states)
             scored.append(Scored(records, extraction.keys, risk_score, alert))

@@ -202,7 +202,7 @@ def test_compiled_text_inputs_count_like_the_counter_reference():
     assert detectors.compiled_modules(), NOT_COMPILED
     for text in _texts(6, 3000):
         normalized = f" {normalize_text(text)} ".encode()
-        # same buckets, same shares, same order (the order the stored scores and River see)
+        # same buckets, same counts, same order (the order the stored scores and River see)
         assert list(content._counts_compiled(normalized).items()) == list(content._counts_of_ngrams(normalized).items())
     assert content._crc32_table()[:4] == [0, 0x77073096, 0xEE0E612C, 0x990951BA]  # zlib's
 

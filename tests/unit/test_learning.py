@@ -12,7 +12,7 @@ import pytest
 from river import optim
 
 from detectors.catalog import FEATURE_NAMES
-from detectors.content import ContentModel, text_inputs
+from detectors.content import ContentModel, ngram_counts, text_inputs
 from detectors.decisions import alert_id, score_id, severity
 from detectors.features import extract
 from detectors.labels import on_label, on_score
@@ -273,6 +273,22 @@ def test_risk_score_carries_every_detector_and_the_shadow():
     assert list(score["features"]) == [name for name in FEATURE_NAMES if name in score["features"]]
     assert score["features"] == {name: value for name, value in extract(event, {}).features.items() if value}
     assert score["score_id"] == score_id("p1")
+
+
+def test_a_score_keeps_its_text_as_counts_and_its_example_learns_their_shares():
+    detector = Detector(ModelSet.new(min_labels_per_class=1))
+    text = "Get a FREE phone now!!! free phone, free phone: visit http://x.example"
+    event = {"event_id": "p1", "type": "post", "ts": T0, "user_id": "u", "text": text}
+    score = orjson.loads(orjson.dumps(LocalStore().score(detector, event, now_ms=0).risk_score))  # as the join reads it
+    counts = score["inputs"]["text"]
+    assert counts == ngram_counts(text) and max(counts.values()) > 1 and all(type(n) is int for n in counts.values())
+    pending, _ = on_score(None, score)
+    _, example = on_label(pending, {"event_id": "p1", "label": "abuse", "ts": T0 + 1, "source": "moderator"})
+    assert example["text"] == text_inputs(text)  # the very doubles the content model scored
+    assert list(example["text"]) == list(counts)
+    # a score written when scores carried the shares themselves learns the same shares
+    shares = dict(score, inputs={"text": text_inputs(text)})
+    assert on_score(None, shares)[0]["x"] == pytest.approx(text_inputs(text), rel=1e-15)
 
 
 def test_fusion_learns_to_beat_its_inputs_when_they_disagree():
