@@ -100,6 +100,9 @@ class BenchResult:
     broker_cpu_ms_per_event: float | None = None  # the local broker's during (a)
     ceiling_broker_cpu_ms_per_event: float | None = None  # during (c)
     floor: Throughput | None = None  # (e)
+    latency_cpu_ms_per_event: float | None = None  # (b)'s worker
+    latency_thread_busy: float | None = None  # (b)'s scoring thread (``Latency.scoring_thread_busy``)
+    kept_up_thread_busy: float | None = None  # (b')'s
 
     @property
     def ratio(self) -> float:
@@ -191,10 +194,12 @@ class Throughput(NamedTuple):
     broker_cpu_ms_per_event: float | None = None  # the local broker's over the same span
 
 
-def _process_cpu_s(pid: int) -> float | None:
-    """User plus system CPU seconds of a process and all its threads so far (Linux)."""
+def _process_cpu_s(pid: int, thread: int | None = None) -> float | None:
+    """User plus system CPU seconds of a process and all its threads so far, or of one of
+    its threads (Linux)."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -282,6 +287,9 @@ def _worker_throughput(settings: Settings, records: list[Any], workers: int, log
 class Latency(NamedTuple):
     ms: list[float]  # per event, sorted
     cpu_ms_per_event: float | None  # the live worker's, from the first timed event to the last score
+    # the worker's main thread (which scores every event): its CPU time over the same span's wall
+    # time. Near 1 the events queue behind one another, and the tail grows with it.
+    scoring_thread_busy: float | None
 
 
 def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path) -> Latency:
@@ -294,6 +302,7 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path)
         _preload(settings, warmup, producer)  # the measuring producer: connected when timing starts
         watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
         started, cpu_started = time.monotonic(), _process_cpu_s(worker.pid)
+        thread_started = _process_cpu_s(worker.pid, thread=worker.pid)
         for n, r in enumerate(records[200:], 1):
             producer.produce(settings.events_topic, key=r.key, value=r.value)
             sent.add(r.event_id)
@@ -303,13 +312,15 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path)
                 time.sleep(ahead)
         producer.flush(60)
         seen = watcher.until(len(watcher.seen) + len(sent), 180, alive=lambda: worker.poll() is None)
-        cpu_ended = _process_cpu_s(worker.pid)
+        cpu_ended, thread_ended = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
+        elapsed = time.monotonic() - started
     finally:
         stop_worker(worker)
         watcher.close()
     produced = _event_timestamps(settings, sent)
+    busy = None if thread_started is None or thread_ended is None else (thread_ended - thread_started) / elapsed
     return Latency(sorted(seen[e] - produced[e] for e in produced if e in seen),
-                   _ms_per_event(cpu_started, cpu_ended, len(sent)))
+                   _ms_per_event(cpu_started, cpu_ended, len(sent)), busy)
 
 
 def _event_timestamps(settings: Settings, wanted: set[str]) -> dict[str, int]:
@@ -469,6 +480,10 @@ def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _print_throughput(measured: Throughput) -> None:
     print(f"      {measured.events_per_s:,.0f} events/s, {_ms(measured.cpu_ms_per_event)} ms CPU per event "
           f"(the broker: {_ms(measured.broker_cpu_ms_per_event)})")
@@ -536,7 +551,8 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
         live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * latency_seconds / 37_000))
                 if r.kind == "event"]
         with _measurement(settings, "latency", home) as fresh:
-            latencies = _latency(fresh, live, rate, home).ms
+            latency = _latency(fresh, live, rate, home)
+            latencies = latency.ms
 
         kept_up_rate = max(100.0, round(KEPT_UP_SHARE * throughput, -2))
         print(f"  (b') latency at {kept_up_rate:,.0f} events/s offered ({KEPT_UP_SHARE:.0%} of (a)) "
@@ -552,7 +568,10 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
                              pct(latencies, 0.99), rate, len(latencies), two_workers, one_worker,
                              kept_up_rate, (pct(kept_up.ms, 0.5), pct(kept_up.ms, 0.95), pct(kept_up.ms, 0.99)),
                              worker.cpu_ms_per_event, ceiling.cpu_ms_per_event, kept_up.cpu_ms_per_event,
-                             worker.broker_cpu_ms_per_event, ceiling.broker_cpu_ms_per_event, floor)
+                             worker.broker_cpu_ms_per_event, ceiling.broker_cpu_ms_per_event, floor,
+                             latency_cpu_ms_per_event=latency.cpu_ms_per_event,
+                             latency_thread_busy=latency.scoring_thread_busy,
+                             kept_up_thread_busy=kept_up.scoring_thread_busy)
     finally:
         if we_started:
             kafka.down()
@@ -579,11 +598,14 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
     print(f"  {'    p95 ms':44s}{result.p95_ms:>14,.0f}")
     print(f"  {'    p99 ms':44s}{result.p99_ms:>14,.0f}")
     print(f"  {'    events measured':44s}{result.latency_events:>14,d}")
+    print(f"  {'    worker CPU per event, ms':44s}{_ms(result.latency_cpu_ms_per_event):>14s}")
+    print(f"  {'    scoring thread busy, share of time':44s}{_share(result.latency_thread_busy):>14s}")
     kept_up_label = f"(b') latency at {result.kept_up_rate:,.0f}/s offered, p50 ms"
     print(f"  {kept_up_label:44s}{result.kept_up_ms[0]:>14,.0f}")
     print(f"  {'    p95 ms':44s}{result.kept_up_ms[1]:>14,.0f}")
     print(f"  {'    p99 ms':44s}{result.kept_up_ms[2]:>14,.0f}")
     print(f"  {'    worker CPU per event, ms':44s}{_ms(result.kept_up_cpu_ms_per_event):>14s}")
+    print(f"  {'    scoring thread busy, share of time':44s}{_share(result.kept_up_thread_busy):>14s}")
     print(result.line())
     return result
 
