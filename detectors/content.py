@@ -48,8 +48,9 @@ def text_inputs(text: str) -> dict[str, float]:
 @cython.locals(total=cython.double, count=cython.double, shares=dict)
 def shares_of(counts: Mapping[str, float]) -> dict[str, float]:
     """Each count's share of their sum: the content model's input from a text's ``ngram_counts``
-    (their sum is the number of n-grams, so these are the doubles dividing by it gives). Shares
-    given as counts come back as they were, to within a rounding of their sum.
+    (their sum is the number of n-grams, so these are the doubles dividing by it gives). Given
+    shares instead (a score stored before round 21), it returns them as they were, to within
+    the rounding of their sum.
 
     >>> shares_of({"7": 2, "9": 1}) == {"7": 2 / 3, "9": 1 / 3}
     True

@@ -167,8 +167,9 @@ def score_features(features: dict[str, float]) -> dict[str, float]:
 
     Most of an event's features are 0 (70 of 101 on a typical event), and every reader of a
     risk score's features (the label join, the models learning its example, ``bootstrap``)
-    reads an absent catalogue feature as 0: a score 1.8 KB smaller on average, encoded, sent, read back
-    and stored until its label (docs/performance.md, round 21). -0.0 is kept, as it prints.
+    reads an absent catalogue feature as 0: a score 1.8 KB smaller on average, encoded, sent,
+    read back and stored until its label (docs/performance.md, round 21). -0.0 is kept, as it
+    prints.
 
     >>> score_features({"a": 0.0, "b": 2.5, "c": -0.0, "d": 0.0})
     {'b': 2.5, 'c': -0.0}
