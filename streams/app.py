@@ -48,7 +48,7 @@ from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
-from streams.state import ExpirySweeper, HeldKey, HeldRecords, ShardPresence, ShardReplica, shard_key
+from streams.state import ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica, shard_key
 
 log = logging.getLogger("abuse_detector.worker")
 
@@ -58,6 +58,8 @@ RULES_POLL_S = 1.0
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is full in ~30 ms
 GC_THRESHOLDS = (50_000, 20, 20)  # the young generation's (Python's default: 700, 10, 10)
+STORED_BYTES_ENTRIES = 100_000  # entity records kept as stored bytes (~0.5 KB each)
+_UNREAD = object()
 
 
 def _now_ms() -> int:
@@ -210,10 +212,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
         shard_presence.clear()
+        stored_bytes.clear()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         shard_presence.clear()
+        stored_bytes.clear()
         for source in inputs:
             await source.on_assigned()
 
@@ -228,6 +232,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # (and before every flush): a hot IP costs one JSON encoding, one store write and one
     # changelog record per interval, not one per event or per small batch.
     held_records = HeldRecords(settings.state_write_interval_s)
+    # What the owned partitions' stores hold for the entity records read or written lately, as
+    # bytes: only this worker writes them, so a kept value is the stored one until ownership
+    # changes (cleared then: Faust restores newly assigned partitions from their changelogs).
+    stored_bytes = KeptPerEntity(STORED_BYTES_ENTRIES)
 
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
         """A record as an event must see it: held, else ``read(table_key)``'s bytes decoded.
@@ -237,13 +245,18 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         held = held_records.get((name, table_key))
         if held is not None:
             return held
-        raw = read(table_key)
+        raw = stored_bytes.get(name, table_key, _UNREAD)
+        if raw is _UNREAD:
+            raw = read(table_key)
+            stored_bytes.put(name, table_key, raw)
         return None if raw is None else orjson.loads(raw)
 
     def write_records(records: list[tuple[HeldKey, Record, int]]) -> None:
         by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         for (name, key), record, partition in records:
-            by_store.setdefault((name, partition), []).append((key, encode_record(record)))
+            raw = encode_record(record)
+            by_store.setdefault((name, partition), []).append((key, raw))
+            stored_bytes.put(name, key, raw)
         for (name, partition), items in by_store.items():
             writer.put_many(tables[name], partition, items)
 
@@ -313,6 +326,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                     continue
                 if stored_is_idle(ENTITIES[name], raw, watermark):
                     writer.put(table, partition, key, None)
+                    stored_bytes.forget(name, key)
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
@@ -528,6 +542,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 continue
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
                 shard_presence.clear()
+                stored_bytes.clear()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             new_labels = labels.poll(settings.batch_max_events)

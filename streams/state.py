@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
@@ -209,17 +209,17 @@ class KeptPerEntity:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._kept: dict[str, dict[str, Any]] = {}
+        self._kept: dict[str, dict[Hashable, Any]] = {}
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def get(self, entity: str, key: str, default: Any = None) -> Any:
+    def get(self, entity: str, key: Hashable, default: Any = None) -> Any:
         kept = self._kept.get(entity)
         return default if kept is None else kept.get(key, default)
 
-    def put(self, entity: str, key: str, value: Any) -> None:
+    def put(self, entity: str, key: Hashable, value: Any) -> None:
         kept = self._kept.get(entity)
         if kept is None:
             kept = self._kept[entity] = {}
@@ -230,7 +230,7 @@ class KeptPerEntity:
             self._count += 1
         kept[key] = value
 
-    def forget(self, entity: str, key: str) -> None:
+    def forget(self, entity: str, key: Hashable) -> None:
         kept = self._kept.get(entity)
         if kept is not None and key in kept:
             del kept[key]

@@ -199,11 +199,12 @@ def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, p
     scores = reader(settings.scores_topic)
     try:
         old = [event(f"old-{i}", "login", T0 + i, f"sleeper-{i}", ip="198.51.100.77", success=True) for i in range(3)]
+        old.append(event("old-b", "login", T0 + 3, "sleeper-b", ip="198.51.100.78", success=True))
         produce(settings.events_topic, [as_record(e) for e in old])
-        scores.wait_for(lambda r: len(r) >= 3, worker=worker)
+        scores.wait_for(lambda r: len(r) >= 4, worker=worker)
 
-        def ip_state() -> int:
-            url = f"http://127.0.0.1:{settings.web_port}/entities/ip/198.51.100.77/"
+        def ip_state(ip: str = "198.51.100.77") -> int:
+            url = f"http://127.0.0.1:{settings.web_port}/entities/ip/{ip}/"
             try:
                 return json.loads(urllib.request.urlopen(url, timeout=10).read())["shards"]
             except urllib.error.HTTPError as exc:
@@ -215,11 +216,20 @@ def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, p
         later = T0 + 9 * 86_400_000
         fresh = [event(f"new-{i}", "post", later + i, f"active-{i}", ip=f"100.64.9.{i}", text="hello") for i in range(60)]
         produce(settings.events_topic, [as_record(e) for e in fresh])
-        scores.wait_for(lambda r: len(r) >= 63, worker=worker)
+        scores.wait_for(lambda r: len(r) >= 64, worker=worker)
         deadline = time.monotonic() + 10
-        while ip_state() and time.monotonic() < deadline:
+        while (ip_state() or ip_state("198.51.100.78")) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert ip_state() == 0, "the idle IP was not expired"
+        assert ip_state() == 0 and ip_state("198.51.100.78") == 0, "the idle IPs were not expired"
+
+        # An expired IP that comes back starts afresh: nothing the worker kept of its record
+        # (the stored bytes it read or wrote) outlives the deletion.
+        produce(settings.events_topic, [as_record(event("back", "login", later + 50, "sleeper-b",
+                                                         ip="198.51.100.78", success=True))])
+        back = scores.wait_for(lambda r: any(x[1]["event_id"] == "back" for x in r), worker=worker)
+        features = next(x[1] for x in back if x[1]["event_id"] == "back")["features"]
+        assert features.get("ip_age_h", 0.0) == 0.0, "the returning IP was read as it was before its expiry"
+        assert ip_state("198.51.100.78") >= 1
 
         worker.stop()  # deleted means deleted, also after a restart that restores from the changelog
         shutil.rmtree(settings.data_dir)
