@@ -23,7 +23,7 @@ import cython
 
 from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
-from detectors.content import ngram_counts, shares_of
+from detectors.content import ngram_counts
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract, score_features
 from detectors.lifecycle import ModelSet
@@ -122,13 +122,12 @@ class Detector:
         for i, (event, states, extraction) in enumerate(batch):
             has_text = event["type"] in CONTENT_TYPES
             counts = ngram_counts(event["text"]) if has_text else None
-            text = shares_of(counts) if counts is not None else None
             matched = rules.matches(extraction.features, event["type"])
             scores = {
                 "model": rounded(model_scores[i], 6),
                 "anomaly": rounded(anomaly_scores[i], 6),
                 "rules": max((r.score for r in matched), default=0.0),
-                "content": rounded(models.content.predict_proba_one(text), 6) if text else 0.0,
+                "content": rounded(models.content.predict_proba_counts(counts), 6) if counts else 0.0,
             }
             fused = models.fusion.fuse(scores, model_ready, content_ready, has_text)
             risk_score = {

@@ -291,7 +291,7 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
     import pickle
     import random
 
-    from detectors.content import ContentModel, text_inputs
+    from detectors.content import ContentModel, ngram_counts, text_inputs
     from detectors.fusion import FusionModel, fusion_inputs
     from detectors.model import HELD_WEIGHTS
 
@@ -315,6 +315,7 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
             fusion.learn_one(scores, has_text, is_abuse)
         inputs = text_inputs(texts[step - 1])
         assert content.predict_proba_one(inputs).hex() == river(content, inputs), step
+        assert content.predict_proba_counts(ngram_counts(texts[step - 1])).hex() == river(content, inputs), step
         assert fusion.fuse(scores, True, True, has_text).hex() == river(fusion, fusion_inputs(scores, has_text)), step
         if step == 200:  # a checkpoint, restored: the held dicts are made again
             content, fusion = pickle.loads(pickle.dumps(content)), pickle.loads(pickle.dumps(fusion))
@@ -328,6 +329,7 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
         for text in texts[:30]:
             inputs = text_inputs(text)
             assert content.predict_proba_one(inputs).hex() == river(content, inputs), (intercept, text)
+            assert content.predict_proba_counts(ngram_counts(text)).hex() == river(content, inputs), (intercept, text)
         for rules in (0.0, 0.1, 0.5, 0.9, 1.0):
             scores = {"model": rng.random(), "anomaly": rng.random(), "rules": rules, "content": rng.random()}
             assert fusion.fuse(scores, True, True, True).hex() == river(fusion, fusion_inputs(scores, True)), rules
