@@ -24,10 +24,9 @@ from collections import Counter
 from typing import Mapping
 
 import cython
-from cython.cimports.libc.math import exp
 from river import linear_model, optim
 
-from detectors.model import HoldsWeights, held_weights, logistic_proba
+from detectors.model import HoldsWeights, held_weights, logistic_of, logistic_proba
 from detectors.sketches import normalize_text
 
 BUCKETS = 1 << 18
@@ -199,9 +198,4 @@ def _logistic_proba_of_counts(weights: dict, intercept: float, counts: dict) -> 
         count = number
         weight = weights.get(name, 0.0)
         z += weight * (count / total)
-    z = z + intercept
-    if z < -30:
-        return 0.0
-    if z > 30:
-        return 1.0
-    return 1.0 / (1.0 + exp(-z))
+    return logistic_of(z + intercept)

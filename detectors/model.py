@@ -392,7 +392,6 @@ def held_weights(owner: object, classifier: object) -> dict | None:
     return weights
 
 
-@cython.cdivision(True)  # IEEE division, as Python's floats (1 + exp(-z) is never 0)
 @cython.locals(weights=dict, x=dict, total=cython.double, weight=cython.double, value=cython.double, z=cython.double)
 def logistic_proba(weights: dict, intercept: float, x: dict) -> float:
     """River's ``LogisticRegression.predict_proba_one(x)[True]`` with the log loss, from
@@ -404,6 +403,13 @@ def logistic_proba(weights: dict, intercept: float, x: dict) -> float:
         weight = weights.get(name, 0.0)
         total += weight * value
     z = total + intercept
+    return logistic_of(z)
+
+
+@cython.ccall  # a C call within this module, a Python one from detectors/content.py
+@cython.cdivision(True)  # IEEE division, as Python's floats (1 + exp(-z) is never 0)
+def logistic_of(z: cython.double) -> cython.double:
+    """River's ``utils.math.sigmoid``: 0 and 1 beyond ±30, else 1 / (1 + e^-z)."""
     if z < -30:
         return 0.0
     if z > 30:
