@@ -238,10 +238,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     stored_bytes = KeptPerEntity(STORED_BYTES_ENTRIES)
 
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
-        """A record as an event must see it: held, else ``read(table_key)``'s bytes decoded.
-        Not kept decoded once written: kept until its entity came back, a record's objects
-        were cold by then, and decoding its bytes again cost as little or less CPU per event
-        (docs/performance.md, round 19)."""
+        """A record as an event must see it: held, else its stored bytes decoded, as kept in
+        ``stored_bytes`` or read with ``read(table_key)``. Not kept decoded once written: kept
+        until its entity came back, a record's objects were cold by then, and decoding its
+        bytes again cost as little or less CPU per event (docs/performance.md, round 19); the
+        bytes spare the RocksDB read (round 22)."""
         held = held_records.get((name, table_key))
         if held is not None:
             return held
