@@ -211,13 +211,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # committed before the group moves on, so the next owner starts where this one stopped
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
-        shard_presence.clear()
-        stored_bytes.clear()
+        forget_owned_stores()
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        shard_presence.clear()
-        stored_bytes.clear()
+        forget_owned_stores()
         for source in inputs:
             await source.on_assigned()
 
@@ -233,8 +231,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # changelog record per interval, not one per event or per small batch.
     held_records = HeldRecords(settings.state_write_interval_s)
     # What the owned partitions' stores hold for the entity records read or written lately, as
-    # bytes: only this worker writes them, so a kept value is the stored one until ownership
-    # changes (cleared then: Faust restores newly assigned partitions from their changelogs).
+    # bytes (see forget_owned_stores).
     stored_bytes = KeptPerEntity(STORED_BYTES_ENTRIES)
 
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
@@ -285,6 +282,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     # Which owned partitions hold a shard of each sharded entity: most hold none.
     shard_presence = ShardPresence()
+
+    def forget_owned_stores() -> None:
+        """What is kept of the owned partitions' stores (their shards' presence, their records'
+        bytes) holds while only this worker writes them: forgotten whenever ownership may
+        change (Faust then restores newly assigned partitions from their changelogs)."""
+        shard_presence.clear()
+        stored_bytes.clear()
 
     def shard_exists(name: str, partition: int, key: str) -> bool:
         shard = shard_key(partition, key)
@@ -542,8 +546,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
-                shard_presence.clear()
-                stored_bytes.clear()
+                forget_owned_stores()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             new_labels = labels.poll(settings.batch_max_events)
