@@ -4,13 +4,14 @@ Path of an event::
 
     events (key user_id) --process-inputs--> risk-scores (key event_id) --PartitionFollower--+
        |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)             |
-       |   shard replica (all changelog partitions)          labels (key event_id) --process-inputs
+       |   shard replica (other workers' partitions)         labels (key event_id) --process-inputs
        +-> dead-letters (anything that breaks its contract)
 
 ``process-inputs`` reads the events and labels of the partitions Faust assigned with
 librdkafka (``AssignedSource``, ``streams/follower.py``). For an event it reads the
 user's record and, for IP/device/merchant/card, its own partition's shard from the
-tables plus the other shards from the replica (see ``streams/state.py``), scores, and
+tables (the shards of the worker's other partitions too) plus the other workers' shards
+from the replica (see ``streams/state.py``), scores, and
 writes back one record per entity. The label join keeps the scoring-time features per
 event id in the label-join table (bounded lifetime) and trains the model when both a
 score and a label are present; the risk scores of the labels' partitions
@@ -25,11 +26,12 @@ import gc
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import faust
 import orjson
 from faust.exceptions import SameNode
+from faust.types import TP
 
 import detectors
 from detectors.catalog import ENTITIES
@@ -218,6 +220,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         forget_owned_stores()
         for source in inputs:
             await source.on_assigned()
+        replica.own(events.owned, local_partition)
+
+    def local_partition(entity: str, partition: int) -> tuple[Iterable[tuple[bytes, bytes]], int | None]:
+        """The records of this worker's store of one partition of an entity's table (it wrote
+        all of them while it owned the partition), and the changelog offset the store holds
+        everything up to (records after it may be in the store too: replicated again, the same)."""
+        store = tables[entity].data
+        offset = store.persisted_offset(TP(tables[entity].changelog_topic_name, partition))
+        db = store._db_for_partition(partition)
+        return ((key, value) for key, value in db.items() if key != store.offset_key), offset
 
     @app.timer(COMMIT_INTERVAL_S, name="commit-inputs")
     async def commit_inputs() -> None:
@@ -634,6 +646,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         return web.json({
             "applied": stats.applied,
             "polls": stats.polls,
+            "partitions_followed": replica.followed,
             "caught_up": stats.caught_up,
             "newest_replicated_write_ms": stats.newest_record_ms,
             "replication_lag": stats.lag_summary(),

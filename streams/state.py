@@ -8,9 +8,10 @@ IPs, devices, merchants and cards show up on every partition. Each partition
 ``p`` keeps its own *shard* of such an entity in the entity's table under the
 key ``b"<p>|<entity key>"`` (written while processing partition ``p``, so it
 lands in changelog partition ``p`` like any Faust table write). Every worker
-tails all partitions of those changelogs into a local RocksDB replica. An
-event on partition ``p`` reads its own shard from the table (exact) and the
-other shards from the replica (at most one replication delay old), and the
+tails the partitions of those changelogs it does not own into a local RocksDB
+replica. An event on partition ``p`` reads its own shard from the table
+(exact), the shards of the worker's other partitions from their tables too,
+and the rest from the replica (at most one replication delay old), and the
 detector merges them. No event ever crosses a topic to reach its IP's owner;
 the cost is at most one changelog write per entity per event plus the replication
 reads. See docs/partitioning.md for the path, the costs and the staleness bound.
@@ -35,6 +36,12 @@ from streams.kafka.io import BACKGROUND_FETCH
 log = logging.getLogger("abuse_detector.state")
 
 _OFFSET_PREFIX = b"\x01offset\x00"
+_SKIPPED_KEY = b"\x01skipped"  # the partitions not followed (owned by this worker), as JSON
+_COPY_CHUNK_ROWS = 10_000
+
+# An entity's store of one partition as this worker wrote it: its (key, record) rows, and the
+# offset of the changelog record the store holds everything up to (None: none).
+LocalPartition = Callable[[str, int], tuple[Iterable[tuple[bytes, bytes]], "int | None"]]
 
 
 def shard_key(partition: int, key: str) -> bytes:
@@ -64,11 +71,19 @@ class ReplicaStats:
 
 
 class ShardReplica:
-    """A local, read-only copy of every partition of the sharded entity changelogs.
+    """A local, read-only copy of the sharded entity changelogs' partitions this worker does
+    not own.
 
     ``poll()`` applies what the changelogs received since the last call (it never
     blocks); replicated offsets are stored with the data, so a restart resumes
     where it stopped instead of re-reading the topics.
+
+    ``own()`` names the partitions the worker owns after each rebalance. Their shards are
+    read from the worker's own stores, so the replica does not follow them: it would copy
+    back every record the worker wrote (docs/performance.md, round 23). A partition the
+    worker owned and no longer does is copied from its store (the worker wrote every record
+    of it) and followed from the offset the store holds everything up to, instead of reading
+    the changelog written meanwhile again.
     """
 
     def __init__(self, bootstrap: str, changelogs: dict[str, str], partitions: int, path: Path):
@@ -90,6 +105,14 @@ class ShardReplica:
         self.stats = ReplicaStats()
         self._assigned = False
         self._end_offsets: dict[tuple[str, int], int] = {}
+        # Kept with the data: after a restart, a partition skipped before is copied from the
+        # store when it turns out not to be owned any more, not read from a stale offset.
+        stored = self.db.get(_SKIPPED_KEY)
+        self.skipped: set[int] = set(orjson.loads(stored)) if stored is not None else set()
+
+    @property
+    def followed(self) -> list[int]:
+        return [p for p in range(self.partitions) if p not in self.skipped]
 
     def _offset_key(self, topic: str, partition: int) -> bytes:
         return _OFFSET_PREFIX + topic.encode() + b"\x00%d" % partition
@@ -103,6 +126,8 @@ class ShardReplica:
         assignment = []
         for topic in self.changelogs.values():
             for p in metadata.topics[topic].partitions:
+                if p in self.skipped:
+                    continue
                 stored = self.db.get(self._offset_key(topic, p))
                 start = int(stored) if stored is not None else -2  # -2: from the beginning
                 assignment.append(TopicPartition(topic, p, start))
@@ -160,6 +185,45 @@ class ShardReplica:
             self.stats.caught_up = all(positions.get(tp, -1) >= end or end == 0 for tp, end in self._end_offsets.items())
         return applied
 
+    def own(self, owned: Iterable[int], local: LocalPartition) -> None:
+        """Follows every partition but ``owned``, the worker's partitions after a rebalance.
+        One owned before and not now is made current from ``local(entity, partition)``
+        first (see the class doc)."""
+        owned = set(owned) & set(range(self.partitions))
+        newly_owned, released = owned - self.skipped, self.skipped - owned
+        unfollowed = [TopicPartition(topic, p) for topic in self.changelogs.values() for p in sorted(newly_owned)]
+        for tp in unfollowed:
+            self._end_offsets.pop((tp.topic, tp.partition), None)  # no longer part of catching up
+        if unfollowed and self._assigned:
+            self.consumer.incremental_unassign(unfollowed)
+        starts = {(topic, p): self._copy(entity, topic, p, local)
+                  for p in sorted(released) for entity, topic in self.changelogs.items()}
+        self.skipped = owned
+        self.db.put(_SKIPPED_KEY, orjson.dumps(sorted(owned)))  # after the copies: a crash copies again
+        if starts:
+            log.info("shard replica following partitions %s again, from %s", sorted(released),
+                     {f"{topic}[{p}]": start for (topic, p), start in starts.items()})
+            if self._assigned:
+                self.consumer.incremental_assign([TopicPartition(t, p, start) for (t, p), start in starts.items()])
+
+    def _copy(self, entity: str, topic: str, partition: int, local: LocalPartition) -> int:
+        """Replaces the replica's rows of one entity's partition with the worker's store of it;
+        returns the offset to follow the changelog from, stored with the rows."""
+        prefix = self._key_prefixes[topic]
+        rows, last_offset = local(entity, partition)
+        start = -2 if last_offset is None else last_offset + 1  # -2: from the beginning
+        writes = WriteBatch(raw_mode=True)
+        # the partition's shards are the keys b"<p>|...": up to b"<p>}", as "}" follows "|"
+        writes.delete_range(prefix + b"%d|" % partition, prefix + b"%d}" % partition)
+        for n, (key, value) in enumerate(rows, 1):
+            writes.put(prefix + key, value)
+            if n % _COPY_CHUNK_ROWS == 0:
+                self.db.write(writes)
+                writes = WriteBatch(raw_mode=True)
+        writes.put(self._offset_key(topic, partition), b"%d" % start)
+        self.db.write(writes)
+        return start
+
     def catch_up(self, timeout_s: float = 300.0) -> bool:
         """Blocks until every changelog partition is replicated up to its end as of now.
 
@@ -179,8 +243,8 @@ class ShardReplica:
         return tuple(self._read(entity, key, list(partitions)).values())
 
     def shard_map(self, entity: str, key: str) -> dict[int, bytes]:
-        """Partition -> replicated shard of one entity."""
-        return self._read(entity, key, list(range(self.partitions)))
+        """Partition -> replicated shard of one entity, in the partitions followed."""
+        return self._read(entity, key, self.followed)
 
     def _read(self, entity: str, key: str, partitions: list[int]) -> dict[int, bytes]:
         if not partitions:
