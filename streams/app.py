@@ -133,8 +133,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     writer = KafkaWriter(settings)
     faust_flush = app.producer.flush
 
-    async def flush_writer() -> None:
-        write_held()  # every commit, rebalance and shutdown flushes: no held record is left out
+    async def flush_writer(write_all_held: bool = True) -> None:
+        if write_all_held:  # rebalances and shutdown: no held record is left out
+            write_held()
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
 
@@ -197,16 +198,28 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     inputs = (events, labels)
     scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)
 
-    async def commit(positions: list[tuple[AssignedSource, dict[int, int]]]) -> None:
-        """Commits input positions once every write of the records before them is in the log."""
+    async def commit(positions: list[tuple[AssignedSource, dict[int, int]]], write_all_held: bool = True) -> None:
+        """Commits input positions once every write of the records before them is in the log
+        (``write_all_held=False``: the positions stop before every change still held)."""
         if any(offsets for _, offsets in positions):
-            await flush_writer()
+            await flush_writer(write_all_held)
             for source, offsets in positions:
                 if offsets:
                     await source.commit(offsets)
 
-    async def commit_processed() -> None:
-        await commit([(source, source.uncommitted()) for source in inputs])
+    async def commit_processed(write_all_held: bool) -> None:
+        """Commits what was processed. Without ``write_all_held`` (the periodic commits) an
+        events partition commits only up to the oldest event whose changes are still held,
+        and the write rounds write them when due: writing every held record at each commit
+        stopped the worker for ~30 ms every second at 5,000 events/s (docs/performance.md,
+        round 24). A crash then scores again up to an interval's events more, each counted
+        once (records remember the last offset they applied)."""
+        if write_all_held:
+            await commit([(source, source.uncommitted()) for source in inputs])
+        else:
+            held_from = held_records.unwritten_from()
+            await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted())],
+                         write_all_held=False)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -234,7 +247,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.timer(COMMIT_INTERVAL_S, name="commit-inputs")
     async def commit_inputs() -> None:
         try:
-            await commit_processed()
+            await commit_processed(write_all_held=False)
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
@@ -306,9 +319,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         shard = shard_key(partition, key)
         return (name, shard) in held_records or store_get(name, partition)(shard) is not None
 
-    def hold(name: str, partition: int, key: str, record: Record) -> None:
-        """A record an event changed: read by the next events, written once due (write_held_if_due)."""
-        held_records.hold((name, table_key(name, partition, key)), record, partition)
+    def hold(name: str, partition: int, key: str, record: Record, offset: int) -> None:
+        """A record the event at ``offset`` changed: read by the next events, written once due
+        (write_held_if_due)."""
+        held_records.hold((name, table_key(name, partition, key)), record, partition, offset)
         shard_presence.add(name, key, partition)
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
@@ -441,7 +455,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         nonlocal stopping
         stopping = True
         try:
-            await commit_processed()
+            await commit_processed(write_all_held=True)
         except Exception:  # the next owner starts from the last commit: processed again, never counted twice
             log.exception("committing the input positions at shutdown failed")
 
@@ -493,7 +507,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, entity_record in extraction.records.items():
-            hold(name, partition, keys[name], entity_record)
+            hold(name, partition, keys[name], entity_record, origin.offset)
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -507,7 +521,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 # extract_one held the records extraction changed, the very objects the alert
                 # policy updates; a redelivered event's user record is new to the hold here
                 if name not in extraction.records:
-                    hold(name, partition, result.keys[name], entity_record)
+                    hold(name, partition, result.keys[name], entity_record, origin.offset)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from aiokafka.structs import TopicPartition as AIOKafkaTP
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
@@ -185,9 +185,12 @@ class AssignedSource:
         for msg in messages:
             self.next_offset[msg.partition()] = msg.offset() + 1
 
-    def uncommitted(self) -> dict[int, int]:
-        """Positions processed since the last commit. Capture them *before* flushing the writes."""
-        return {p: o for p, o in self.next_offset.items() if self.committed.get(p) != o}
+    def uncommitted(self, before: Mapping[int, int] | None = None) -> dict[int, int]:
+        """Positions processed since the last commit, each partition's at most its offset in
+        ``before`` if it has one there. Capture them *before* flushing the writes."""
+        positions = self.next_offset.items() if not before else (
+            (p, min(o, before.get(p, o))) for p, o in self.next_offset.items())
+        return {p: o for p, o in positions if self.committed.get(p) != o}
 
     async def commit(self, positions: dict[int, int]) -> None:
         """Commits ``positions`` to the worker's consumer group (through Faust's consumer, a member)."""

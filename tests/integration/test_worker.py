@@ -302,11 +302,13 @@ def test_a_record_extraction_cannot_read_dead_letters_its_events_and_the_batch_g
 @pytest.mark.parametrize("restart", ["stop", "crash"])
 def test_records_held_between_writes_are_written_before_their_positions_commit(settings, reader, produce, tmp_path,
                                                                                 restart):
-    """A worker holds changed records for up to state_write_interval_s; with that far longer
-    than the commit interval, only the flush before each commit (and at shutdown) writes
-    them. Were it to commit first, the restarted worker would resume after events whose
-    state is lost: the user would count 1 event, not 6."""
+    """A worker holds changed records for up to state_write_interval_s, here far longer than
+    the commit interval. The periodic commits do not write them (round 24): they commit each
+    partition only up to its first event whose changes are held. Only a shutdown (or a
+    rebalance) writes them all before committing. Were it to commit past them, the restarted
+    worker would resume after events whose state is lost: the user would count 1 event, not 6."""
     from streams.app import table_name
+    from streams.kafka.io import PartitionReader
     from tests.integration.conftest import Worker
 
     settings = settings.replace(state_write_interval_s=600.0)
@@ -316,7 +318,18 @@ def test_records_held_between_writes_are_written_before_their_positions_commit(s
         produce(settings.events_topic, [as_record(benign_post(i, "held-user")) for i in range(5)])
         scores.wait_for(lambda r: len(r) >= 5, worker=worker)
         if restart == "crash":
-            time.sleep(3)  # past a commit (every second): positions committed, records flushed before them
+            time.sleep(3)  # past commits (every second)
+            partitions = list(range(settings.partitions))
+            changelog = PartitionReader(settings, f"{settings.app_id}-{table_name('user')}-changelog", group_id="unused")
+            group = PartitionReader(settings, settings.events_topic, group_id=settings.app_id)
+            try:
+                assert sum(changelog.end_offsets(partitions).values()) == 0  # still held: not written
+                committed = group.start_offsets(partitions)
+            finally:
+                changelog.close()
+                group.close()
+            partition = reader(settings.events_topic).wait_for(lambda r: len(r) == 5)[0][2]
+            assert committed[partition] == 0, committed  # the first held change's offset, not past the 5
             worker.kill()
         else:
             worker.stop()  # most likely before a commit: the records are still held

@@ -1,9 +1,11 @@
-"""When the worker writes the entity records events changed (streams/state.py HeldRecords).
+"""When the worker writes the entity records events changed (streams/state.py HeldRecords), and how
+far its periodic commits go meanwhile.
 
 Times are multiples of 1/16 s, exact as floats."""
 
 from __future__ import annotations
 
+from streams.follower import AssignedSource
 from streams.state import HeldRecords
 
 
@@ -27,7 +29,7 @@ def test_a_record_changed_by_every_event_is_written_once_per_interval_and_never_
         clock.now = step / 16
         if ("ip", b"hot") not in held:
             first_held = clock.now
-        held.hold(("ip", b"hot"), {"events": step}, 0)
+        held.hold(("ip", b"hot"), {"events": step}, 0, offset=step)
         for (_, key), record, _ in held.take_due():
             writes.append(clock.now)
             assert clock.now - first_held <= 0.5  # never held longer than the interval
@@ -40,8 +42,8 @@ def test_a_round_writes_the_records_due_and_keeps_the_ones_changed_since():
     held = HeldRecords(interval_s=0.5, round_s=0.125, clock=clock)
     for i in range(10):  # one new entity every 1/8 s
         clock.now = i / 8
-        held.hold(("user", b"u%d" % i), {}, i % 4)
-    held.hold(("user", b"u0"), {"changed": True}, 0)  # changed again: still held since 0
+        held.hold(("user", b"u%d" % i), {}, i % 4, offset=i)
+    held.hold(("user", b"u0"), {"changed": True}, 0, offset=10)  # changed again: still held since 0
     clock.now = 1.25  # u0..u7 were held at least 0.375 s ago (0 .. 0.875)
     assert written(held) == [b"u0", b"u1", b"u2", b"u3", b"u4", b"u5", b"u6", b"u7"]
     assert len(held) == 2 and ("user", b"u7") not in held and ("user", b"u8") in held
@@ -57,12 +59,45 @@ def test_an_interval_no_longer_than_a_round_writes_everything_held_every_interva
     clock = Clock()
     held = HeldRecords(interval_s=0.0625, round_s=0.125, clock=clock)
     clock.now = 0.0625
-    held.hold(("user", b"a"), {}, 0)
+    held.hold(("user", b"a"), {}, 0, offset=0)
     assert written(held) == [b"a"]  # held for no time at all: the round writes it
-    held.hold(("user", b"b"), {}, 0)
+    held.hold(("user", b"b"), {}, 0, offset=1)
     clock.now = 0.0625 + 0.03125
     assert written(held) == []
     assert held.get(("user", b"b")) == {}
     clock.now = 0.125
     assert written(held) == [b"b"]
     assert held.get(("user", b"b")) is None
+
+
+def test_commits_may_go_up_to_the_oldest_change_still_held_in_each_partition():
+    """What the worker's periodic commit may commit without writing the held records first:
+    per partition, the offset of the first event that changed a record still held, however
+    often the record changed since; a partition whose records are all written has no limit."""
+    clock = Clock()
+    held = HeldRecords(interval_s=0.5, round_s=0.125, clock=clock)
+    held.hold(("user", b"a"), {"n": 1}, 0, offset=100)
+    held.hold(("ip", b"0|1.2.3.4"), {"n": 1}, 0, offset=101)
+    held.hold(("user", b"b"), {"n": 1}, 1, offset=40)
+    clock.now = 0.25
+    record = {"n": 2}
+    held.hold(("user", b"a"), record, 0, offset=150)  # a new object: replaces the record, not its first offset
+    held.hold(("user", b"a"), record, 0, offset=151)  # changed in place
+    held.hold(("user", b"c"), {"n": 1}, 2, offset=7)
+    assert held.unwritten_from() == {0: 100, 1: 40, 2: 7}
+    assert held.get(("user", b"a")) is record
+    clock.now = 0.5  # the first three are due; c (held at 0.25) is not
+    assert sorted(written(held)) == [b"0|1.2.3.4", b"a", b"b"]
+    assert held.unwritten_from() == {2: 7}
+    held.hold(("user", b"a"), {"n": 3}, 0, offset=160)  # changed after its write: held from its new change
+    assert held.unwritten_from() == {2: 7, 0: 160}
+    held.take_all()
+    assert held.unwritten_from() == {}
+
+
+def test_a_commit_stops_each_events_partition_before_its_oldest_held_change():
+    source = AssignedSource.__new__(AssignedSource)  # its positions only: no app, no broker
+    source.next_offset, source.committed = {0: 500, 1: 80, 2: 30}, {0: 100, 1: 80, 2: 10}
+    assert source.uncommitted() == {0: 500, 2: 30}
+    # partition 0's records hold changes from offset 420 on, partition 2's from 10 (committed already)
+    assert source.uncommitted({0: 420, 2: 10, 3: 5}) == {0: 420}
