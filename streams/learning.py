@@ -26,13 +26,13 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
-from rocksdict import AccessType, Options, Rdict
+from rocksdict import AccessType, Rdict
 
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
 from detectors.reputation import add_label_stored
 from streams.kafka.io import BACKGROUND_FETCH, CHECKPOINT_MAX_BYTES
-from streams.state import KeptPerEntity
+from streams.state import KeptPerEntity, store_options
 
 log = logging.getLogger("abuse_detector.learning")
 
@@ -59,9 +59,8 @@ class LearningFeed:
         self.bootstrap = bootstrap
         data_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_file = data_dir / "models.ckpt"
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        self.reputation = Rdict(str(data_dir / "reputation"), options=options, access_type=AccessType.read_write())
+        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(),
+                                access_type=AccessType.read_write())
         self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
                                   "compression.type": "zstd", "message.max.bytes": CHECKPOINT_MAX_BYTES})

@@ -80,6 +80,29 @@ def test_several_writes_of_one_partition_land_in_store_and_changelog_in_order(se
     writer.close()
 
 
+def test_writes_larger_than_one_store_batch_land_whole_and_in_order(settings, tmp_path, monkeypatch):
+    """put_many writes the store in batches of about WRITE_BATCH_BYTES: every row lands,
+    an empty value too, and a key written in two batches keeps its last value."""
+    import streams.kafka.io as io
+
+    monkeypatch.setattr(io, "WRITE_BATCH_BYTES", 16)
+    table = _table(settings, tmp_path)
+    writer = KafkaWriter(settings)
+    rows = [(b"k%d" % i, b"v" * (i % 7)) for i in range(40)] + [(b"k3", b"last")]
+    writer.put_many(table, 0, rows)
+    asyncio.run(asyncio.to_thread(writer.flush))
+    db = table.data._db_for_partition(0)
+    assert {key: db.get(key) for key, _ in rows} == dict(rows)
+    assert db.get(b"k0") == b"" and db.get(b"k3") == b"last"
+    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
+    try:
+        log = reader.read_range(0, 0, len(rows))
+    finally:
+        reader.close()
+    assert [(key, value) for _, key, value in log] == rows
+    writer.close()
+
+
 def test_a_flush_after_close_still_delivers_and_does_not_raise(settings, tmp_path):
     """The worker closes its writer before Faust's own shutdown flushes it once more (the
     writer's flush stands in for Faust's producer's): a table write in between must be

@@ -1,4 +1,5 @@
-"""Which owned partitions hold a shard of an entity (streams/state.py ShardPresence)."""
+"""Which owned partitions hold a shard of an entity (streams/state.py ShardPresence), and the
+worker's own stores' options."""
 
 from __future__ import annotations
 
@@ -41,3 +42,17 @@ def test_shard_presence_forgets_everything_when_full_or_cleared():
     presence.clear()  # partitions may move
     assert len(presence) == 0
     assert presence.partitions("ip", "c", [0, 1], exists) == 0b11 and len(reads) == 10
+
+
+def test_the_workers_own_stores_keep_bloom_filters(tmp_path):
+    """Most reads of the replica and reputation stores miss; without a filter each miss
+    searched every file (10.5 µs against 0.65 in a 1M-key store, docs/performance.md round 24)."""
+    from rocksdict import AccessType, Rdict
+
+    from streams.state import store_options
+
+    db = Rdict(str(tmp_path / "store"), options=store_options(), access_type=AccessType.read_write())
+    db[b"k"] = b"v"
+    db.close()
+    settings = "".join(path.read_text() for path in (tmp_path / "store").glob("OPTIONS-*"))
+    assert "filter_policy=bloomfilter" in settings
