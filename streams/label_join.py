@@ -7,9 +7,10 @@ yield. Most scores never get a label, so a score whose row is new is kept as pro
 (``UNLABELLED_SCORE`` and its bytes) and parsed only if a label comes.
 
 ``ScoreJoin`` collects the rows and training examples of one read of the scores topic
-(up to a few hundred scores at full load), so the worker writes each partition's rows as
-one RocksDB write batch and each key once, instead of one store write per score (a
-4 KB put cost 12-15 µs alone and ~8 in a batch, see docs/performance.md, round 17).
+(up to a few hundred scores at full load), so the worker writes each partition's rows in
+RocksDB write batches (``KafkaWriter.put_many``) and each key once, instead of one store
+write per score (a 4 KB put cost 12-15 µs alone and ~8 in a batch, see
+docs/performance.md, round 17).
 A score looks its row up in the batch first, then in the store: a score read twice in
 one read (a redelivery) joins with itself as it would have one write after the other.
 
