@@ -136,7 +136,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     faust_flush = app.producer.flush
 
     async def flush_writer(write_all_held: bool = True) -> None:
-        if write_all_held:  # rebalances and shutdown: no held record is left out
+        if write_all_held:  # every flush but the periodic commit's: no held record is left out
             write_held()
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
@@ -148,21 +148,21 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
 
     # Faust's tables keep 3 bits of bloom filter per key: the worker's stores 10 (BLOOM_BITS_PER_KEY)
-    store_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}  # copied: Faust pops keys
+    table_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}  # copied: Faust pops keys
 
     # One compact record per entity (per shard for sharded entities): at most one
     # changelog write per entity per state_write_interval_s (see held_records).
     # key_type/value_type bytes = stored raw.
     tables = {
         name: app.Table(table_name(name), default=None, key_type=bytes, value_type=bytes,
-                        partitions=settings.partitions, options=dict(store_options))
+                        partitions=settings.partitions, options=dict(table_options))
         for name in ENTITIES
     }
     # Scoring-time features per event id. RocksDB TTL and changelog retention
     # bound their lifetime, so labels that never come cost nothing forever.
     label_join = app.Table(
         "label-join", default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-        options={**store_options, "ttl": settings.label_ttl_s},
+        options={**table_options, "ttl": settings.label_ttl_s},
         extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_s * 1000)},
     )
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
@@ -219,12 +219,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         stopped the worker for ~30 ms every second at 5,000 events/s (docs/performance.md,
         round 24). A crash then scores again up to an interval's events more, each counted
         once (records remember the last offset they applied)."""
-        if write_all_held:
-            await commit([(source, source.uncommitted()) for source in inputs])
-        else:
-            held_from = held_records.unwritten_from()
-            await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted())],
-                         write_all_held=False)
+        held_from = None if write_all_held else held_records.unwritten_from()
+        await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted())], write_all_held)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:

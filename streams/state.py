@@ -410,7 +410,7 @@ class HeldRecords:
         return due
 
     def take_all(self) -> list[tuple[HeldKey, Record, int]]:
-        """Every held record (before a commit, a rebalance or a shutdown), no longer held."""
+        """Every held record (before a rebalance, a shutdown or an explain), no longer held."""
         taken = [(key, record, partition) for key, (record, partition, _) in self._records.items()]
         self._records.clear()
         self._order.clear()
