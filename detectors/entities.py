@@ -146,7 +146,7 @@ def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cy
     novelty: dict[str, bool | None] = {}
     ts_s = ts // 1000
     for name, memory_ms, field in plan_sketches:
-        current = sketches.get(name)
+        stored = current = sketches.get(name)
         value = field(event)
         if current:
             current = distinct_expire(current, (watermark - memory_ms) // 1000)
@@ -159,7 +159,8 @@ def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cy
             current, known = distinct_insert(current, h, ts_s, key)
             novelty[name] = None if known is None else not known
         if current.get("x") or current.get("h"):
-            sketches[name] = current
+            if current is not stored:  # set again, even the same sketch puts its dict back in the collector
+                sketches[name] = current
         else:
             sketches.pop(name, None)
     return novelty

@@ -152,7 +152,11 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
         if not (own and source and already_applied(own, source)):
             own, novelty = apply_event(entity, own, event, fingerprint if entity.track_texts else None, amounts)
             if source is not None:
-                own["o"] = list(source)
+                applied = own.get("o")
+                if applied is None:
+                    own["o"] = list(source)
+                else:  # in place: a new list would put a held record back in the cyclic collector (acyclic.py)
+                    applied[0], applied[1] = source[0], source[1]
             records[name] = own
         shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features, True)
         state_reputation = state.reputation

@@ -30,6 +30,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 from rocksdict import AccessType, BlockBasedOptions, Options, Rdict, WriteBatch
 
+from detectors.acyclic import untrack
 from detectors.entities import Record
 from streams.kafka.io import BACKGROUND_FETCH
 
@@ -378,12 +379,16 @@ class HeldRecords:
         return None if held is None else held[0]
 
     def hold(self, key: HeldKey, record: Record, partition: int, offset: int) -> None:
-        """``record``, as the event at ``offset`` of ``partition`` left it."""
+        """``record``, as the event at ``offset`` of ``partition`` left it. A record newly held
+        leaves the cyclic garbage collector (``detectors/acyclic.py``): the young collections
+        had scanned every held record's containers."""
         held = self._records.get(key)
         if held is None:
+            untrack(record)
             self._order.append((self._clock(), key))
             self._records[key] = (record, partition, offset)
         elif held[0] is not record:  # mostly the very object held, changed in place
+            untrack(record)
             self._records[key] = (record, partition, held[2])
 
     def unwritten_from(self) -> dict[int, int]:

@@ -5,6 +5,13 @@ Times are multiples of 1/16 s, exact as floats."""
 
 from __future__ import annotations
 
+import gc
+
+import orjson
+import pytest
+
+import detectors
+from detectors.features import EntityState, encode_record, extract
 from streams.follower import AssignedSource
 from streams.state import HeldRecords
 
@@ -101,3 +108,36 @@ def test_a_commit_stops_each_events_partition_before_its_oldest_held_change():
     assert source.uncommitted() == {0: 500, 2: 30}
     # partition 0's records hold changes from offset 420 on, partition 2's from 10 (committed already)
     assert source.uncommitted({0: 420, 2: 10, 3: 5}) == {0: 420}
+
+
+def _containers(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [value, *(c for item in value.values() for c in _containers(item))]
+    if isinstance(value, list):
+        return [value, *(c for item in value for c in _containers(item))]
+    return []
+
+
+@pytest.mark.skipif(detectors.pure_python_requested(), reason="only the compiled build can untrack")
+def test_held_records_stay_out_of_the_cyclic_collector_while_events_change_them():
+    """The young collections scanned every held record's containers (15-19 ms at 5,000 events/s,
+    docs/performance.md round 25): a record held leaves the collector, and the next events
+    counted in its buckets do not bring it back (a new bucket is a new, tracked list)."""
+    assert "acyclic" in detectors.compiled_modules(), "detectors are not compiled: run `make install`"
+    login = {"event_id": "e1", "type": "login", "ts": 1_767_000_000_000, "user_id": "u1", "ip": "10.0.0.1",
+             "device_id": "d1", "success": False}
+    stored = encode_record(extract(login, {}, (0, 1)).records["ip"])  # as the store gives it back
+    record = orjson.loads(stored)
+    assert all(gc.is_tracked(c) for c in _containers(record) if isinstance(c, list))
+    held = HeldRecords(interval_s=0.5)
+    held.hold(("ip", b"10.0.0.1"), record, 0, offset=2)
+    assert not any(gc.is_tracked(c) for c in _containers(record))
+    for offset in range(3, 30):  # the same entity and user again, within their buckets: changed in place
+        event = dict(login, event_id=f"e{offset}", ts=login["ts"] + offset * 100)
+        extraction = extract(event, {"ip": EntityState(record=held.get(("ip", b"10.0.0.1")))}, (0, offset))
+        assert extraction.records["ip"] is record and record["o"] == [0, offset]
+        held.hold(("ip", b"10.0.0.1"), extraction.records["ip"], 0, offset)
+    assert not any(gc.is_tracked(c) for c in _containers(record))
+    replaced = orjson.loads(stored)
+    held.hold(("ip", b"10.0.0.1"), replaced, 0, offset=31)  # a new object for a held key leaves it too
+    assert not any(gc.is_tracked(c) for c in _containers(replaced))
