@@ -61,7 +61,12 @@ LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is full in ~30 ms
-GC_THRESHOLDS = (50_000, 20, 20)  # the young generation's (Python's default: 700, 10, 10)
+# The young generation's (Python's default: 700, 10, 10). Python counts the tracked objects made
+# less those freed since its last collection: a batch's objects, and the records held and then
+# written, swing that count by tens of thousands at full load, so at 50,000 (rounds 10 to 24) a
+# young collection came every 0.3-4 s and found nothing to free. Above the swing, one comes when
+# objects pile up, reference cycles for it to free among them (docs/performance.md, round 25).
+GC_THRESHOLDS = (200_000, 20, 20)
 STORED_BYTES_ENTRIES = 100_000  # entity records kept as stored bytes (~0.5 KB each)
 _UNREAD = object()
 
@@ -489,8 +494,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             # What is alive now lives as long as the worker: out of the cyclic collector's full
             # scans, which the many short-lived objects of a batch trigger (+5-7% events/s).
             gc.freeze()
-            # Records kept decoded are acyclic and outlive a batch: the collector's young
-            # scans found nothing to free but cost 4-5% of extraction (docs/performance.md).
+            # A batch's objects are acyclic: the collector's young scans of them found nothing
+            # to free (docs/performance.md, rounds 10 and 25; held records leave it, acyclic.py).
             gc.set_threshold(*GC_THRESHOLDS)
 
     def extract_one(origin: Origin, record: dict[str, Any], extracted: list[tuple[Origin, Extracted]]) -> None:
