@@ -8,8 +8,8 @@ seconds holding one were the seconds of the worst latency (docs/performance.md, 
 
 ``untrack`` takes a record's containers out of the collector's lists. Reference counting
 frees them as before; a dict that later gets a container value inserted is tracked again
-by CPython itself, and a container added to a record later (a new bucket) is tracked
-until its record is untracked again. Only the compiled build can do it (the C API's
+by CPython itself, and a container added to a record later (a new bucket) stays tracked
+until its record is written and dropped. Only the compiled build can do it (the C API's
 ``PyObject_GC_UnTrack``); from source it does nothing, and records are collected as any
 other objects.
 

@@ -64,7 +64,7 @@ EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is ful
 # The young generation's (Python's default: 700, 10, 10). Python counts the tracked objects made
 # less those freed since its last collection: a batch's objects, and the records held and then
 # written, swing that count by tens of thousands at full load, so at 50,000 (rounds 10 to 24) a
-# young collection came every 0.3-4 s and found nothing to free. Above the swing, one comes when
+# young collection came every 0.35-7 s and found nothing to free. Above the swing, one comes when
 # objects pile up, reference cycles for it to free among them (docs/performance.md, round 25).
 GC_THRESHOLDS = (200_000, 20, 20)
 STORED_BYTES_ENTRIES = 100_000  # entity records kept as stored bytes (~0.5 KB each)
