@@ -51,7 +51,8 @@ from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.state import (
-    BLOOM_BITS_PER_KEY, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica, shard_key,
+    BLOOM_BITS_PER_KEY, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica, pace_background_writes,
+    shard_key,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -170,6 +171,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         options={**table_options, "ttl": settings.label_ttl_s},
         extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_s * 1000)},
     )
+    pace_background_writes(label_join, settings.label_join_write_mb_s)
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
     replica = ShardReplica(
         settings.bootstrap_servers,
@@ -573,6 +575,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # worker looks again every batch_wait_s.
     @app.task
     async def process_inputs() -> None:
+        busy = False  # the last look found inputs (when idle, the housekeeping timer keeps up)
         while True:
             if stopping:  # the worker is shutting down: the stores close next (see stop_scoring)
                 await asyncio.sleep(settings.batch_wait_s)
@@ -581,15 +584,21 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 forget_owned_stores()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
-            new_labels = labels.poll(settings.batch_max_events)
-            new_events = events.poll(settings.batch_max_events)
-            if new_labels or new_events:
-                warm_up()
+            if busy:
+                # Before the poll, not between it and the scoring: the events that come while
+                # the periodic steps run (up to ~15 ms) join this batch instead of waiting for
+                # the next one (docs/performance.md, round 26).
                 keep_up()
-                if new_labels:
-                    join_labels(new_labels)
-                if new_events:
-                    score_batch(new_events)
+            new_labels = labels.poll(settings.batch_max_events)
+            if new_labels:
+                warm_up()
+                join_labels(new_labels)
+            new_events = events.poll(settings.batch_max_events)
+            if new_events:
+                warm_up()
+                score_batch(new_events)
+            busy = bool(new_labels or new_events)
+            if busy:
                 # Lets the loop's other tasks (Faust's timers and services) run; Faust's consumer
                 # thread, which since round 8 reads only changelogs and heartbeats, gets the GIL
                 # at the interpreter's switch interval. A fixed pause here (5 ms until round 14)

@@ -56,6 +56,22 @@ def store_options() -> Options:
     options.set_block_based_table_factory(table)
     return options
 
+def pace_background_writes(table: Any, mb_per_s: int) -> None:
+    """Caps what RocksDB's flushes and compactions write per second in each partition's store
+    of a Faust table (``mb_per_s`` 0: no cap). Other stores (``memory://``) are left alone."""
+    options = getattr(table.data, "rocksdb_options", None)
+    if not mb_per_s or options is None:
+        return
+    build = options.as_options
+
+    def paced() -> Options:
+        paced_options = build()
+        paced_options.set_ratelimiter(mb_per_s << 20, 100_000, 10)
+        return paced_options
+
+    options.as_options = paced
+
+
 # An entity's store of one partition as this worker wrote it: its (key, record) rows, and the
 # offset of the changelog record the store holds everything up to (None: none).
 LocalPartition = Callable[[str, int], tuple[Iterable[tuple[bytes, bytes]], "int | None"]]
