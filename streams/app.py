@@ -51,8 +51,8 @@ from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.state import (
-    BLOOM_BITS_PER_KEY, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica, pace_background_writes,
-    shard_key,
+    BLOOM_BITS_PER_KEY, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
+    pace_background_writes, shard_key,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -586,8 +586,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 continue
             if busy:
                 # Before the poll, not between it and the scoring: the events that come while
-                # the periodic steps run (up to ~15 ms) join this batch instead of waiting for
-                # the next one (docs/performance.md, round 26).
+                # the periodic steps run join this batch instead of waiting for the next one
+                # (docs/performance.md, round 26).
                 keep_up()
             new_labels = labels.poll(settings.batch_max_events)
             if new_labels:

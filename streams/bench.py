@@ -79,10 +79,10 @@ LOAD_PACING_S = 0.002
 LATENCY_SECONDS = 30.0
 # ... after this much of the same load offered to the same worker, untimed (reported apart).
 # A worker started for (b) right after the preloads spent its first 5-8 s of load at a p99 of
-# 200-950 ms (round 26; 36 ms on a box left alone, ad hoc): the bench's worker processes exit
-# and its topics are deleted just before, and this virtual machine hands freed memory back to
-# its host, so a new process pays the host for every page it touches first. (b) measures a
-# worker that keeps up, not one that has just started.
+# 200-1,030 ms (round 26; ad hoc, on a box left alone, no worse than later seconds): the
+# bench's workers exit and its stores and topics are deleted just before, and this virtual
+# machine reports freed memory to its host, likely making a new process pay for every page it
+# touches first. (b) measures a worker that keeps up, not one that has just started.
 LATENCY_SETTLE_S = 15.0
 PLAIN_LOOP_STATE = "plain-loop"  # the ceiling's RocksDB, under the bench home
 

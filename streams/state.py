@@ -56,6 +56,7 @@ def store_options() -> Options:
     options.set_block_based_table_factory(table)
     return options
 
+
 def pace_background_writes(table: Any, mb_per_s: int) -> None:
     """Caps what RocksDB's flushes and compactions write per second in each partition's store
     of a Faust table (``mb_per_s`` 0: no cap). Other stores (``memory://``) are left alone."""
