@@ -60,6 +60,8 @@ def store_options() -> Options:
 def pace_background_writes(table: Any, mb_per_s: int) -> None:
     """Caps what RocksDB's flushes and compactions write per second in each partition's store
     of a Faust table (``mb_per_s`` 0: no cap). Other stores (``memory://``) are left alone."""
+    if mb_per_s < 0:
+        raise ValueError(f"ABUSE_LABEL_JOIN_WRITE_MB_S={mb_per_s}: give MB/s (0 for no cap)")
     options = getattr(table.data, "rocksdb_options", None)
     if not mb_per_s or options is None:
         return

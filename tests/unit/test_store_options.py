@@ -31,3 +31,9 @@ def test_a_store_without_rocksdb_options_is_left_alone():
     table = SimpleNamespace(data=SimpleNamespace())  # memory://, as the unit tests' apps use
     pace_background_writes(table, 48)
     assert vars(table.data) == {}
+
+
+def test_a_negative_rate_is_refused_with_the_setting_to_fix():
+    table = SimpleNamespace(data=SimpleNamespace(rocksdb_options=RocksDBOptions(driver="rocksdict")))
+    with pytest.raises(ValueError, match="ABUSE_LABEL_JOIN_WRITE_MB_S=-1"):
+        pace_background_writes(table, -1)
