@@ -339,7 +339,12 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         return sorted(seen[e] - produced[e] for e in ids if e in seen and e in produced)
     early = latencies(settling)
     return Latency(latencies(sent), _ms_per_event(cpu_started, cpu_ended, len(sent)), busy,
-                   early[min(len(early) - 1, int(0.99 * len(early)))] if early else None)
+                   _percentile(early, 0.99) if early else None)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (sorted), nan for none."""
+    return float(values[min(len(values) - 1, int(q * len(values)))]) if values else float("nan")
 
 
 def _event_timestamps(settings: Settings, wanted: set[str]) -> dict[str, int]:
@@ -590,11 +595,11 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
             kept_up = _latency(fresh, live, kept_up_rate, home, settle_s=LATENCY_SETTLE_S)
         _print_settling(kept_up)
 
-        def pct(values: list[float], q: float) -> float:
-            return float(values[min(len(values) - 1, int(q * len(values)))]) if values else float("nan")
-        result = BenchResult(n_events, throughput, ceiling.events_per_s, pct(latencies, 0.5), pct(latencies, 0.95),
-                             pct(latencies, 0.99), rate, len(latencies), two_workers, one_worker,
-                             kept_up_rate, (pct(kept_up.ms, 0.5), pct(kept_up.ms, 0.95), pct(kept_up.ms, 0.99)),
+        result = BenchResult(n_events, throughput, ceiling.events_per_s, _percentile(latencies, 0.5),
+                             _percentile(latencies, 0.95), _percentile(latencies, 0.99), rate, len(latencies),
+                             two_workers, one_worker, kept_up_rate,
+                             (_percentile(kept_up.ms, 0.5), _percentile(kept_up.ms, 0.95),
+                              _percentile(kept_up.ms, 0.99)),
                              worker.cpu_ms_per_event, ceiling.cpu_ms_per_event, kept_up.cpu_ms_per_event,
                              worker.broker_cpu_ms_per_event, ceiling.broker_cpu_ms_per_event, floor,
                              latency_cpu_ms_per_event=latency.cpu_ms_per_event,
