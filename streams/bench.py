@@ -1,6 +1,6 @@
 """`abuse-detector bench`: how fast one worker is, on the local real broker.
 
-Four measurements in one run, each on its own fresh topics:
+Measurements in one run, each on its own fresh topics:
 
 (a) throughput: N simulated records (events, labels and a few malformed ones)
     are preloaded, then one worker process consumes them with the full
@@ -9,7 +9,11 @@ Four measurements in one run, each on its own fresh topics:
 (b) latency: a caught-up worker gets a fixed offered load; per event, the risk
     score's Kafka timestamp (when the worker produced it) minus the event's
     (when it was produced); p50/p95/p99.
-(b') the same at 60% of (a)'s throughput: latency when the worker keeps up.
+(b'') (b)'s events with the simulator's labels among them (about 6% of events get
+    one): the label join, the training examples and every worker's learning from
+    them, and the models trained as they come, which (b)'s events alone never
+    train. The BENCH line's p99 stays (b)'s.
+(b') the same as (b) at 60% of (a)'s throughput: latency when the worker keeps up.
 (c) ceiling: the same records through a plain confluent-kafka loop in this
     process (consume, decode, the same ``Detector`` with RocksDB state, produce
     scores and alerts, no Faust), the local upper bound; ratio = (a) / (c).
@@ -110,6 +114,7 @@ class BenchResult:
     latency_cpu_ms_per_event: float | None = None  # (b)'s worker
     latency_thread_busy: float | None = None  # (b)'s scoring thread (``Latency.scoring_thread_busy``)
     kept_up_thread_busy: float | None = None  # (b')'s
+    labelled: Latency | None = None  # (b''): (b)'s events with the simulator's labels among them
 
     @property
     def ratio(self) -> float:
@@ -298,11 +303,14 @@ class Latency(NamedTuple):
     # time. Near 1 the events queue behind one another, and the tail grows with it.
     scoring_thread_busy: float | None
     settling_p99_ms: float | None = None  # the untimed first seconds of load (``settle_s``)
+    labels: int = 0  # labels offered with the events (distinct event ids)
+    examples: int = 0  # of those, joined into a training example by the end
 
 
 def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path, settle_s: float = 0.0) -> Latency:
     """The offered load's latency, timed after its first ``settle_s`` seconds (whose p99 is
-    reported apart): ``records`` (events) after the first 200, which connect the producer."""
+    reported apart): ``records`` after the first 200, which connect the producer. ``rate`` is
+    of events; labels among the records go to the labels topic, in their place between them."""
     worker = start_worker(settings, log_dir / f"{settings.app_id}.log")
     watcher = _ScoreWatcher(settings)
     producer = make_producer(settings, **{"linger.ms": LOAD_LINGER_MS})
@@ -312,10 +320,18 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         sent: set[str] = set()
         _preload(settings, warmup, producer)  # the measuring producer: connected when timing starts
         watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
+        labelled: set[str] = set()
         untimed = int(settle_s * rate)
         started = timed_from = time.monotonic()
         cpu_started, thread_started = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
-        for n, r in enumerate(records[200:], 1):
+        n = 0  # events offered
+        for r in records[200:]:
+            if r.kind == "label":
+                producer.produce(settings.labels_topic, key=r.key, value=r.value)
+                labelled.add(r.event_id)
+                producer.poll(0)
+                continue
+            n += 1
             if n == untimed + 1 and untimed:  # one schedule throughout: the timed load follows at once
                 timed_from = time.monotonic()
                 cpu_started, thread_started = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
@@ -329,6 +345,8 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         seen = watcher.until(len(watcher.seen) + len(settling) + len(sent), 180, alive=lambda: worker.poll() is None)
         cpu_ended, thread_ended = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
         elapsed = time.monotonic() - timed_from
+        if labelled:  # the join may trail the scores: their examples are counted, not timed
+            watcher.until(0, 30, alive=lambda: worker.poll() is None, labelled=len(labelled))
     finally:
         stop_worker(worker)
         watcher.close()
@@ -339,7 +357,7 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         return sorted(seen[e] - produced[e] for e in ids if e in seen and e in produced)
     early = latencies(settling)
     return Latency(latencies(sent), _ms_per_event(cpu_started, cpu_ended, len(sent)), busy,
-                   _percentile(early, 0.99) if early else None)
+                   _percentile(early, 0.99) if early else None, len(labelled), len(labelled & watcher.examples.keys()))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -586,6 +604,13 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
             latencies = latency.ms
         _print_settling(latency)
 
+        print(f"  (b'') the same events with the simulator's labels among them ...", flush=True)
+        live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * offered_s / 37_000))
+                if r.kind in ("event", "label")]
+        with _measurement(settings, "labelled", home) as fresh:
+            labelled = _latency(fresh, live, rate, home, settle_s=LATENCY_SETTLE_S)
+        _print_settling(labelled)
+
         kept_up_rate = max(100.0, round(KEPT_UP_SHARE * throughput, -2))
         print(f"  (b') latency at {kept_up_rate:,.0f} events/s offered ({KEPT_UP_SHARE:.0%} of (a)) "
               f"for {latency_seconds:.0f}s, after {LATENCY_SETTLE_S:.0f}s of it untimed ...", flush=True)
@@ -604,7 +629,7 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
                              worker.broker_cpu_ms_per_event, ceiling.broker_cpu_ms_per_event, floor,
                              latency_cpu_ms_per_event=latency.cpu_ms_per_event,
                              latency_thread_busy=latency.scoring_thread_busy,
-                             kept_up_thread_busy=kept_up.scoring_thread_busy)
+                             kept_up_thread_busy=kept_up.scoring_thread_busy, labelled=labelled)
     finally:
         if we_started:
             kafka.down()
@@ -633,6 +658,15 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
     print(f"  {'    events measured':44s}{result.latency_events:>14,d}")
     print(f"  {'    worker CPU per event, ms':44s}{_ms(result.latency_cpu_ms_per_event):>14s}")
     print(f"  {'    scoring thread busy, share of time':44s}{_share(result.latency_thread_busy):>14s}")
+    if result.labelled is not None:
+        labelled = result.labelled
+        labelled_label = f"(b'') the same with {labelled.labels:,d} labels, p50 ms"
+        print(f"  {labelled_label:44s}{_percentile(labelled.ms, 0.5):>14,.0f}")
+        print(f"  {'    p95 ms':44s}{_percentile(labelled.ms, 0.95):>14,.0f}")
+        print(f"  {'    p99 ms':44s}{_percentile(labelled.ms, 0.99):>14,.0f}")
+        print(f"  {'    labels joined into training examples':44s}{labelled.examples:>14,d}")
+        print(f"  {'    worker CPU per event, ms':44s}{_ms(labelled.cpu_ms_per_event):>14s}")
+        print(f"  {'    scoring thread busy, share of time':44s}{_share(labelled.scoring_thread_busy):>14s}")
     kept_up_label = f"(b') latency at {result.kept_up_rate:,.0f}/s offered, p50 ms"
     print(f"  {kept_up_label:44s}{result.kept_up_ms[0]:>14,.0f}")
     print(f"  {'    p95 ms':44s}{result.kept_up_ms[1]:>14,.0f}")
