@@ -181,7 +181,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     )
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
     feed = LearningFeed(detector, settings.bootstrap_servers, settings.examples_topic, settings.checkpoint_topic,
-                        checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning")
+                        checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning",
+                        checkpoint_interval_s=settings.checkpoint_interval_s)
     feed.restore()
     if not feed.restored and settings.warm_start:
         try:  # a checkpoint, once there is one, always wins: it already holds the warm start

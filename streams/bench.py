@@ -357,7 +357,8 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         return sorted(seen[e] - produced[e] for e in ids if e in seen and e in produced)
     early = latencies(settling)
     return Latency(latencies(sent), _ms_per_event(cpu_started, cpu_ended, len(sent)), busy,
-                   _percentile(early, 0.99) if early else None, len(labelled), len(labelled & watcher.examples.keys()))
+                   _percentile(early, 0.99) if early else None,
+                   labels=len(labelled), examples=len(labelled & watcher.examples.keys()))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -604,7 +605,7 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
             latencies = latency.ms
         _print_settling(latency)
 
-        print(f"  (b'') the same events with the simulator's labels among them ...", flush=True)
+        print("  (b'') the same events with the simulator's labels among them ...", flush=True)
         live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * offered_s / 37_000))
                 if r.kind in ("event", "label")]
         with _measurement(settings, "labelled", home) as fresh:

@@ -37,8 +37,6 @@ from streams.state import KeptPerEntity, store_options
 log = logging.getLogger("abuse_detector.learning")
 
 _OFFSET_KEY = b"\x01offset"
-CHECKPOINT_EVERY_EXAMPLES = 500
-CHECKPOINT_EVERY_S = 10.0
 # Reputations read per entity per event, most of them of entities that never had a label: the
 # answers (absent ones too) are kept, and the whole set is dropped when it reaches this size.
 REPUTATIONS_KEPT = 100_000
@@ -51,7 +49,7 @@ def reputation_key(entity: str, key: str) -> bytes:
 
 class LearningFeed:
     def __init__(self, detector: Detector, bootstrap: str, examples_topic: str, checkpoint_topic: str,
-                 checkpoint_key: str, data_dir: Path):
+                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float = 30.0):
         self.detector = detector
         self.examples_topic = examples_topic
         self.checkpoint_topic = checkpoint_topic
@@ -65,6 +63,10 @@ class LearningFeed:
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
                                   "compression.type": "zstd", "message.max.bytes": CHECKPOINT_MAX_BYTES})
         self.consumer: Consumer | None = None
+        # Each checkpoint pickles every model on the scoring thread, 82 ms for a text model whose
+        # n-grams fill 196,000 buckets (6.2 MB): by time, not every 500 examples as until round 27,
+        # which at 300 labels/s was every 1.7 s (docs/performance.md, round 27).
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.applied_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.restored_from: str = "nothing (new models)"
@@ -116,10 +118,7 @@ class LearningFeed:
         if applied:
             self.reputation.put(_OFFSET_KEY, b"%d" % self.reputation_offset)
         self.applied_since_checkpoint += applied
-        if self.applied_since_checkpoint and (
-            self.applied_since_checkpoint >= CHECKPOINT_EVERY_EXAMPLES
-            or time.monotonic() - self.last_checkpoint >= CHECKPOINT_EVERY_S
-        ):
+        if self.applied_since_checkpoint and time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
         return applied
 

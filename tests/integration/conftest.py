@@ -62,6 +62,7 @@ def settings(kafka: LocalKafka, tmp_path: Path, request: pytest.FixtureRequest) 
         web_port=free_port(),
         log_level="info",
         min_labels_per_class=3,
+        checkpoint_interval_s=10.0,  # the tests that restart a worker wait for one periodic checkpoint
     )
     create_topics(s)
     return s
