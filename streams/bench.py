@@ -318,9 +318,9 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         warmup = records[:200]
         settling: set[str] = set()
         sent: set[str] = set()
+        labelled: set[str] = set()
         _preload(settings, warmup, producer)  # the measuring producer: connected when timing starts
         watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
-        labelled: set[str] = set()
         untimed = int(settle_s * rate)
         started = timed_from = time.monotonic()
         cpu_started, thread_started = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
@@ -532,6 +532,17 @@ def _print_settling(measured: Latency) -> None:
         print(f"      the untimed first {LATENCY_SETTLE_S:.0f}s: p99 {measured.settling_p99_ms:,.0f} ms")
 
 
+def _print_latency(title: str, ms: tuple[float, float, float], cpu_ms_per_event: float | None,
+                   thread_busy: float | None, count: tuple[str, int] | None = None) -> None:
+    """A latency load's rows of the table: p50, p95, p99, ``count`` (a name and a number), CPU."""
+    for name, value in zip((f"{title}, p50 ms", "    p95 ms", "    p99 ms"), ms):
+        print(f"  {name:44s}{value:>14,.0f}")
+    if count is not None:
+        print(f"  {'    ' + count[0]:44s}{count[1]:>14,d}")
+    print(f"  {'    worker CPU per event, ms':44s}{_ms(cpu_ms_per_event):>14s}")
+    print(f"  {'    scoring thread busy, share of time':44s}{_share(thread_busy):>14s}")
+
+
 def _print_throughput(measured: Throughput) -> None:
     print(f"      {measured.events_per_s:,.0f} events/s, {_ms(measured.cpu_ms_per_event)} ms CPU per event "
           f"(the broker: {_ms(measured.broker_cpu_ms_per_event)})")
@@ -598,16 +609,16 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
         offered_s = LATENCY_SETTLE_S + latency_seconds
         print(f"  (b) latency at {rate:,.0f} events/s offered for {latency_seconds:.0f}s, "
               f"after {LATENCY_SETTLE_S:.0f}s of it untimed ...", flush=True)
-        live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * offered_s / 37_000))
-                if r.kind == "event"]
+        # (b'') offers the same events, with the labels among them
+        simulated = list(simulate(SimulationConfig(seed=seed + 1, days=rate * offered_s / 37_000)))
+        live = [r for r in simulated if r.kind == "event"]
         with _measurement(settings, "latency", home) as fresh:
             latency = _latency(fresh, live, rate, home, settle_s=LATENCY_SETTLE_S)
             latencies = latency.ms
         _print_settling(latency)
 
         print("  (b'') the same events with the simulator's labels among them ...", flush=True)
-        live = [r for r in simulate(SimulationConfig(seed=seed + 1, days=rate * offered_s / 37_000))
-                if r.kind in ("event", "label")]
+        live = [r for r in simulated if r.kind in ("event", "label")]
         with _measurement(settings, "labelled", home) as fresh:
             labelled = _latency(fresh, live, rate, home, settle_s=LATENCY_SETTLE_S)
         _print_settling(labelled)
@@ -653,27 +664,16 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
     print(f"  {'(d) two workers, events/s':44s}{result.two_worker_events_per_s:>14,.0f}")
     print(f"  {'    one worker started the same way':44s}{result.one_worker_assigned_first_per_s:>14,.0f}")
     print(f"  {'    speedup':44s}{result.two_worker_speedup:>14.2f}")
-    print(f"  {f'(b) latency at {rate:,.0f}/s offered, p50 ms':44s}{result.p50_ms:>14,.0f}")
-    print(f"  {'    p95 ms':44s}{result.p95_ms:>14,.0f}")
-    print(f"  {'    p99 ms':44s}{result.p99_ms:>14,.0f}")
-    print(f"  {'    events measured':44s}{result.latency_events:>14,d}")
-    print(f"  {'    worker CPU per event, ms':44s}{_ms(result.latency_cpu_ms_per_event):>14s}")
-    print(f"  {'    scoring thread busy, share of time':44s}{_share(result.latency_thread_busy):>14s}")
+    _print_latency(f"(b) latency at {rate:,.0f}/s offered", (result.p50_ms, result.p95_ms, result.p99_ms),
+                   result.latency_cpu_ms_per_event, result.latency_thread_busy,
+                   ("events measured", result.latency_events))
     if result.labelled is not None:
         labelled = result.labelled
-        labelled_label = f"(b'') the same with {labelled.labels:,d} labels, p50 ms"
-        print(f"  {labelled_label:44s}{_percentile(labelled.ms, 0.5):>14,.0f}")
-        print(f"  {'    p95 ms':44s}{_percentile(labelled.ms, 0.95):>14,.0f}")
-        print(f"  {'    p99 ms':44s}{_percentile(labelled.ms, 0.99):>14,.0f}")
-        print(f"  {'    labels joined into training examples':44s}{labelled.examples:>14,d}")
-        print(f"  {'    worker CPU per event, ms':44s}{_ms(labelled.cpu_ms_per_event):>14s}")
-        print(f"  {'    scoring thread busy, share of time':44s}{_share(labelled.scoring_thread_busy):>14s}")
-    kept_up_label = f"(b') latency at {result.kept_up_rate:,.0f}/s offered, p50 ms"
-    print(f"  {kept_up_label:44s}{result.kept_up_ms[0]:>14,.0f}")
-    print(f"  {'    p95 ms':44s}{result.kept_up_ms[1]:>14,.0f}")
-    print(f"  {'    p99 ms':44s}{result.kept_up_ms[2]:>14,.0f}")
-    print(f"  {'    worker CPU per event, ms':44s}{_ms(result.kept_up_cpu_ms_per_event):>14s}")
-    print(f"  {'    scoring thread busy, share of time':44s}{_share(result.kept_up_thread_busy):>14s}")
+        _print_latency(f"(b'') the same with {labelled.labels:,d} labels",
+                       tuple(_percentile(labelled.ms, q) for q in (0.5, 0.95, 0.99)), labelled.cpu_ms_per_event,
+                       labelled.scoring_thread_busy, ("labels joined into training examples", labelled.examples))
+    _print_latency(f"(b') latency at {result.kept_up_rate:,.0f}/s offered", result.kept_up_ms,
+                   result.kept_up_cpu_ms_per_event, result.kept_up_thread_busy)
     print(result.line())
     return result
 
