@@ -155,7 +155,7 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
                 applied = own.get("o")
                 if applied is None:
                     own["o"] = list(source)
-                else:  # in place: a new list would put a held record back in the cyclic collector (acyclic.py)
+                else:  # in place: no new list per event
                     applied[0], applied[1] = source[0], source[1]
             records[name] = own
         shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features, True)

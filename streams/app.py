@@ -37,7 +37,7 @@ import detectors
 from detectors.catalog import ENTITIES
 from detectors.entities import Record, entity_features, merge_records
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import EntityState, encode_record, entity_keys, extract, stored_is_idle
+from detectors.features import EntityState, entity_keys, extract, stored_is_idle
 from detectors.labels import Example, on_label
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -51,7 +51,7 @@ from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
 from streams.ordering import event_time_order
 from streams.state import (
-    BLOOM_BITS_PER_KEY, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
+    BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
     pace_background_writes, shard_key,
 )
 
@@ -268,25 +268,34 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # bytes (see forget_owned_stores).
     stored_bytes = KeptPerEntity(STORED_BYTES_ENTRIES)
 
+    # The records the batch's events changed, decoded (held, encoded, at the batch's end).
+    batch_changes = BatchChanges()
+
     def stored(name: str, table_key: bytes, read: Any) -> Record | None:
-        """A record as an event must see it: held, else its stored bytes decoded, as kept in
-        ``stored_bytes`` or read with ``read(table_key)``. Not kept decoded once written: kept
-        until its entity came back, a record's objects were cold by then, and decoding its
-        bytes again cost as little or less CPU per event (docs/performance.md, round 19); the
-        bytes spare the RocksDB read (round 22)."""
-        held = held_records.get((name, table_key))
-        if held is not None:
-            return held
-        raw = stored_bytes.get(name, table_key, _UNREAD)
-        if raw is _UNREAD:
-            raw = read(table_key)
-            stored_bytes.put(name, table_key, raw)
+        """A record as an event must see it: as the batch changed it, else its held bytes or
+        its stored bytes (kept in ``stored_bytes`` or read with ``read(table_key)``) decoded.
+        Not kept decoded beyond its batch: by its entity's next event its objects were cold, and
+        decoding its bytes again cost less (docs/performance.md, rounds 19 and 28); the bytes
+        spare the RocksDB read (round 22)."""
+        held_key = (name, table_key)
+        changed = batch_changes.get(held_key)
+        if changed is not None:
+            return changed
+        raw = held_records.get(held_key)
+        if raw is None:
+            raw = stored_bytes.get(name, table_key, _UNREAD)
+            if raw is _UNREAD:
+                raw = read(table_key)
+                stored_bytes.put(name, table_key, raw)
         return None if raw is None else orjson.loads(raw)
 
-    def write_records(records: list[tuple[HeldKey, Record, int]]) -> None:
+    def is_held(held_key: HeldKey) -> bool:
+        """Whether a record's latest change is not in its store yet."""
+        return held_key in batch_changes or held_key in held_records
+
+    def write_records(records: list[tuple[HeldKey, bytes, int]]) -> None:
         by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for (name, key), record, partition in records:
-            raw = encode_record(record)
+        for (name, key), raw, partition in records:
             by_store.setdefault((name, partition), []).append((key, raw))
             stored_bytes.put(name, key, raw)
         for (name, partition), items in by_store.items():
@@ -326,12 +335,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def shard_exists(name: str, partition: int, key: str) -> bool:
         shard = shard_key(partition, key)
-        return (name, shard) in held_records or store_get(name, partition)(shard) is not None
+        return is_held((name, shard)) or store_get(name, partition)(shard) is not None
 
     def hold(name: str, partition: int, key: str, record: Record, offset: int) -> None:
         """A record the event at ``offset`` changed: read by the next events, written once due
         (write_held_if_due)."""
-        held_records.hold((name, table_key(name, partition, key)), record, partition, offset)
+        batch_changes.change((name, table_key(name, partition, key)), record, partition, offset)
         shard_presence.add(name, key, partition)
 
     def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
@@ -362,7 +371,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
             for key, raw in sweeper.next_slice(name, partition, db.items(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key or (name, key) in held_records:
+                if key == store.offset_key or is_held((name, key)):
                     continue
                 if stored_is_idle(ENTITIES[name], raw, watermark):
                     writer.put(table, partition, key, None)
@@ -498,7 +507,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             # scans, which the many short-lived objects of a batch trigger (+5-7% events/s).
             gc.freeze()
             # A batch's objects are acyclic: the collector's young scans of them found nothing
-            # to free (docs/performance.md, rounds 10 and 25; held records leave it, acyclic.py).
+            # to free (docs/performance.md, rounds 10 and 25).
             gc.set_threshold(*GC_THRESHOLDS)
 
     def extract_one(origin: Origin, record: dict[str, Any], extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -510,8 +519,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             states = states_for(keys, partition)
             extraction = extract(record, states, (partition, origin.offset))
         except Exception as exc:  # a detector bug must not stop the partition
-            # A held record (changed by an earlier event) keeps what this event changed in it
-            # before the error; any other is read from the store again.
+            # A record an earlier event of the batch changed keeps what this event changed in
+            # it before the error; any other is read again (held or stored bytes).
             log.exception("feature extraction failed for event %s", record.get("event_id"))
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
@@ -553,10 +562,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             except ContractViolation as violation:
                 reject(origin, violation)
         extracted: list[tuple[Origin, Extracted]] = []
-        for origin, record in event_time_order(decoded, partition=lambda d: d[0].partition, ts=lambda d: d[1]["ts"]):
-            extract_one(origin, record, extracted)
-        if extracted:
-            score_extracted(extracted)
+        try:
+            for origin, record in event_time_order(decoded, partition=lambda d: d[0].partition,
+                                                   ts=lambda d: d[1]["ts"]):
+                extract_one(origin, record, extracted)
+            if extracted:
+                score_extracted(extracted)
+        finally:  # no change is left decoded past its batch
+            batch_changes.hold_all(held_records)
         write_held_if_due()
         events.processed(messages)
 

@@ -42,7 +42,7 @@ class Settings:
     fetch_wait_ms: int = field(default=5, metadata={"help": "longest the broker holds a fetch of events to fill 64 KB: longer makes fewer, larger fetches under load (less CPU for the broker and the worker), shorter answers sooner at low load"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
-    state_write_interval_s: float = field(default=0.5, metadata={"help": "longest a changed entity record waits, decoded in memory, for its store and changelog write (longer coalesces more writes of busy entities; other workers read shards this much later); written in rounds every 0.1 s"})
+    state_write_interval_s: float = field(default=0.5, metadata={"help": "longest a changed entity record waits, encoded in memory, for its store and changelog write (longer coalesces more writes of busy entities; other workers read shards this much later); written in rounds every 0.1 s"})
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "seconds between two checkpoints of the models, while they learn (each pickles every model on the scoring thread: ~80 ms for a text model whose n-grams fill 200,000 buckets); a restart replays the training examples since the last"})
