@@ -63,8 +63,8 @@ RULES_POLL_S = 1.0
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is full in ~30 ms
 # The young generation's (Python's default: 700, 10, 10). Python counts the tracked objects made
-# less those freed since its last collection: a batch's objects, and the records held and then
-# written, swing that count by tens of thousands at full load, so at 50,000 (rounds 10 to 24) a
+# less those freed since its last collection: a batch's objects (the records it decodes among
+# them) swing that count by tens of thousands at full load, so at 50,000 (rounds 10 to 24) a
 # young collection came every 0.35-7 s and found nothing to free. Above the swing, one comes when
 # objects pile up, reference cycles for it to free among them (docs/performance.md, round 25).
 GC_THRESHOLDS = (200_000, 20, 20)
