@@ -49,7 +49,7 @@ def reputation_key(entity: str, key: str) -> bytes:
 
 class LearningFeed:
     def __init__(self, detector: Detector, bootstrap: str, examples_topic: str, checkpoint_topic: str,
-                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float = 30.0):
+                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float):
         self.detector = detector
         self.examples_topic = examples_topic
         self.checkpoint_topic = checkpoint_topic

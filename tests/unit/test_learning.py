@@ -392,7 +392,7 @@ def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, mon
 
     monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
     feed = learning.LearningFeed(Detector(ModelSet.new(5)), "127.0.0.1:1", "examples", "checkpoints", "w",
-                                 tmp_path)
+                                 tmp_path, checkpoint_interval_s=30.0)
     store = feed.reputation = CountingStore(feed.reputation)
     feed.detector.models.offset, feed.reputation_offset = 100, -1  # only the reputation store learns
     try:
