@@ -49,7 +49,7 @@ from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFoll
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learning import LearningFeed
-from streams.ordering import event_time_order
+from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
     pace_background_writes, shard_key,
@@ -585,8 +585,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         labels.processed(messages)
 
     # Inputs are processed in batches of what has arrived: under a backlog a full batch
-    # is waiting (librdkafka fetches while the previous one is scored), and an idle
-    # worker looks again every batch_wait_s.
+    # is waiting (librdkafka fetches while the previous one is scored), a busy worker
+    # takes a batch at most every batch_interval_s, and an idle one looks again every
+    # batch_wait_s.
+    pacing = BatchPacing(settings.batch_interval_s)
+
     @app.task
     async def process_inputs() -> None:
         busy = False  # the last look found inputs (when idle, the housekeeping timer keeps up)
@@ -607,9 +610,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             if new_labels:
                 warm_up()
                 join_labels(new_labels)
+            if busy:
+                wait_s = pacing.wait_s(time.monotonic())
+                if wait_s:  # the next batch gathers what arrives meanwhile
+                    await asyncio.sleep(wait_s)
+                    if stopping or app.rebalancing:  # since the checks above: handled there
+                        continue
             new_events = events.poll(settings.batch_max_events)
             if new_events:
                 warm_up()
+                pacing.started(time.monotonic())
                 score_batch(new_events)
             busy = bool(new_labels or new_events)
             if busy:

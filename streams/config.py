@@ -39,6 +39,7 @@ class Settings:
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class a model needs before its score is trusted"})
     batch_max_events: int = field(default=1000, metadata={"help": "most events the worker scores per batch (a batch is what has arrived, scored in event-time order)"})
     batch_wait_s: float = field(default=0.005, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
+    batch_interval_s: float = field(default=0.01, metadata={"help": "while events keep coming, the shortest time from one batch's start to the next's: each batch gathers what arrives meanwhile (fewer, larger batches cost less per event; an event may wait up to this long for its batch); 0: the next batch as soon as the last ends"})
     fetch_wait_ms: int = field(default=5, metadata={"help": "longest the broker holds a fetch of events to fill 64 KB: longer makes fewer, larger fetches under load (less CPU for the broker and the worker), shorter answers sooner at low load"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
     max_event_bytes: int = field(default=65536, metadata={"help": "larger input records are dead-lettered"})
