@@ -52,7 +52,7 @@ from streams.learning import LearningFeed
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
-    pace_background_writes, shard_key,
+    amend_table_stores, filter_memtable_misses, pace_background_writes, shard_key,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -172,6 +172,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_s * 1000)},
     )
     pace_background_writes(label_join, settings.label_join_write_mb_s)
+    for table in (*tables.values(), label_join):
+        amend_table_stores(table, filter_memtable_misses)
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
     replica = ShardReplica(
         settings.bootstrap_servers,

@@ -45,6 +45,18 @@ _COPY_CHUNK_ROWS = 10_000
 # 0.6-0.7 µs with 10 bits per key (~1% false positives); Faust's tables default to 3 bits
 # (~24%): 1.9-2.5 µs against 0.5-0.8 (docs/performance.md, round 24). 1.25 bytes per key.
 BLOOM_BITS_PER_KEY = 10
+# The files' filters leave out the memtable: a read first seeks its skip list (a 64 MB
+# memtable, Faust's, holds up to ~160,000 entity records), a few cold cache lines per level,
+# hit or miss. A bloom filter of the memtable's keys answers most misses without the seek
+# (docs/performance.md, round 30). Its size is this share of the memtable's: 330 KB in Faust's
+# stores, ~16 bits per key of a full memtable of entity records.
+MEMTABLE_BLOOM_RATIO = 0.005
+
+
+def filter_memtable_misses(options: Options) -> None:
+    """A bloom filter of each memtable's keys in ``options``' stores."""
+    options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
+    options.set_memtable_whole_key_filtering(True)
 
 
 def store_options() -> Options:
@@ -54,25 +66,33 @@ def store_options() -> Options:
     table = BlockBasedOptions()
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, True)
     options.set_block_based_table_factory(table)
+    filter_memtable_misses(options)
     return options
+
+
+def amend_table_stores(table: Any, amend: Callable[[Options], None]) -> None:
+    """Has ``amend`` change the options of each partition's RocksDB store of a Faust table, after
+    Faust's own (table options cannot express them). Other stores (``memory://``) are left alone."""
+    options = getattr(table.data, "rocksdb_options", None)
+    if options is None:
+        return
+    build = options.as_options
+
+    def amended() -> Options:
+        amended_options = build()
+        amend(amended_options)
+        return amended_options
+
+    options.as_options = amended
 
 
 def pace_background_writes(table: Any, mb_per_s: int) -> None:
     """Caps what RocksDB's flushes and compactions write per second in each partition's store
-    of a Faust table (``mb_per_s`` 0: no cap). Other stores (``memory://``) are left alone."""
+    of a Faust table (``mb_per_s`` 0: no cap)."""
     if mb_per_s < 0:
         raise ValueError(f"ABUSE_LABEL_JOIN_WRITE_MB_S={mb_per_s}: give MB/s (0 for no cap)")
-    options = getattr(table.data, "rocksdb_options", None)
-    if not mb_per_s or options is None:
-        return
-    build = options.as_options
-
-    def paced() -> Options:
-        paced_options = build()
-        paced_options.set_ratelimiter(mb_per_s << 20, 100_000, 10)
-        return paced_options
-
-    options.as_options = paced
+    if mb_per_s:
+        amend_table_stores(table, lambda options: options.set_ratelimiter(mb_per_s << 20, 100_000, 10))
 
 
 # An entity's store of one partition as this worker wrote it: its (key, record) rows, and the

@@ -8,8 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 from faust.stores.rocksdb import RocksDBOptions
+from rocksdict import Rdict
 
-from streams.state import pace_background_writes
+from streams.state import (
+    MEMTABLE_BLOOM_RATIO, amend_table_stores, filter_memtable_misses, pace_background_writes, store_options,
+)
+
+
+def _logged_options(store: Path) -> dict[str, str]:
+    """The options RocksDB's own log says a store was opened with."""
+    return dict(re.findall(r"Options\.(\S+): (\S+)", (store / "LOG").read_text()))
 
 
 def _rate_limiter_of_store_opened(tmp_path: Path, mb_per_s: int) -> str:
@@ -19,7 +27,7 @@ def _rate_limiter_of_store_opened(tmp_path: Path, mb_per_s: int) -> str:
     pace_background_writes(SimpleNamespace(data=SimpleNamespace(rocksdb_options=options)), mb_per_s)
     path = tmp_path / f"label-join-{mb_per_s}.db"
     options.open(path).close()
-    return re.search(r"Options\.rate_limiter: (\S+)", (path / "LOG").read_text()).group(1)
+    return _logged_options(path)["rate_limiter"]
 
 
 @pytest.mark.parametrize("mb_per_s, limited", [(48, True), (0, False)])
@@ -37,3 +45,27 @@ def test_a_negative_rate_is_refused_with_the_setting_to_fix():
     table = SimpleNamespace(data=SimpleNamespace(rocksdb_options=RocksDBOptions(driver="rocksdict")))
     with pytest.raises(ValueError, match="ABUSE_LABEL_JOIN_WRITE_MB_S=-1"):
         pace_background_writes(table, -1)
+
+
+def _memtable_bloom(options: dict[str, str]) -> tuple[float, str]:
+    return float(options["memtable_prefix_bloom_size_ratio"]), options["memtable_whole_key_filtering"]
+
+
+def test_a_tables_stores_filter_their_memtables_misses_with_fausts_options_kept(tmp_path):
+    options = RocksDBOptions(driver="rocksdict", bloom_filter_size=10)
+    table = SimpleNamespace(data=SimpleNamespace(rocksdb_options=options))
+    pace_background_writes(table, 48)
+    amend_table_stores(table, filter_memtable_misses)
+    options.open(tmp_path / "amended.db").close()
+    logged = _logged_options(tmp_path / "amended.db")
+    assert _memtable_bloom(logged) == (MEMTABLE_BLOOM_RATIO, "1")
+    assert logged["rate_limiter"] != "(nil)"  # the earlier amendment stays
+    assert logged["write_buffer_size"] == str(options.write_buffer_size)  # and Faust's own options
+
+    RocksDBOptions(driver="rocksdict").open(tmp_path / "faust.db").close()  # what Faust alone does
+    assert _memtable_bloom(_logged_options(tmp_path / "faust.db")) == (0.0, "0")
+
+
+def test_the_workers_own_stores_filter_their_memtables_misses(tmp_path):
+    Rdict(str(tmp_path / "own.db"), options=store_options()).close()
+    assert _memtable_bloom(_logged_options(tmp_path / "own.db")) == (MEMTABLE_BLOOM_RATIO, "1")
