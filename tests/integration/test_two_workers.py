@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from typing import Callable
@@ -79,6 +80,20 @@ def _wait_ready(worker: Worker, timeout: float = 90) -> None:
     raise AssertionError(f"worker on port {worker.settings.web_port} got no partitions within {timeout}s")
 
 
+def _explain(worker: Worker, kind: str, key: str, timeout: float = 90) -> dict:
+    """The worker's whole view of an entity, once it has restored its tables (503 until then)."""
+    url = f"http://127.0.0.1:{worker.settings.web_port}/entities/{kind}/{key}/"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(urllib.request.urlopen(url, timeout=10).read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+            assert "retry" in json.loads(exc.read())["error"]
+        time.sleep(0.5)
+
+
 def _missing(sent: list[dict], workers: list[Worker]) -> Callable[[list], str]:
     def describe(records: list) -> str:
         missing = sorted({e["event_id"] for e in sent} - _scored_ids(records))
@@ -148,19 +163,19 @@ def test_entity_counts_stay_exact_while_partitions_move(settings, reader, produc
                     assert got[name] == want, (entity, name, got, expected)
 
         # Both workers give the same whole view of an IP through `features explain`, once the
-        # probes' own writes have replicated (and b, restarted above, serves again: a worker
-        # takes seconds to start on a loaded 2-core box, longer than a now needs to score).
+        # probes' own writes have replicated and b, restarted above, has restored its tables (a
+        # worker takes seconds to start on a loaded 2-core box, longer than a now needs to score:
+        # until then it answers 503).
         _wait_ready(b)
         time.sleep(STALENESS_BOUND_S)
         for worker in (a, b):
-            url = f"http://127.0.0.1:{worker.settings.web_port}/entities/ip/{IPS[0]}/"
-            answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+            answer = _explain(worker, "ip", IPS[0])
             replica = json.loads(urllib.request.urlopen(
                 f"http://127.0.0.1:{worker.settings.web_port}/replica/", timeout=10).read())
             expected = _brute_force(sent + probes)[f"ip:{IPS[0]}"]["ip_events_1h"]
             assert answer["features"]["ip_events_1h"] == expected, (worker is a, answer["shards"], replica)
             assert answer["shards"] >= 2
-            assert replica["caught_up"]
+            assert replica["caught_up"] and not replica["rebalancing"]
             print(f"replication lag on worker {worker.settings.web_port}: {replica['replication_lag']}")
             assert replica["replication_lag"]["max_ms"] < STALENESS_BOUND_S * 1000
         # More labelled events once partitions have settled: each worker now reads risk scores

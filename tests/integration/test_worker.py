@@ -343,3 +343,38 @@ def test_records_held_between_writes_are_written_before_their_positions_commit(s
         assert _score_of_sixth_post(settings, worker, scores, produce, "held-user")["features"]["user_events_1h"] == 6
     finally:
         worker.stop()
+
+
+def test_a_starting_worker_answers_entity_views_with_503_until_its_partitions_are_restored(settings, tmp_path):
+    """An entity view asked of a worker that has no partitions yet, or is restoring them, gets
+    a 503 to retry, never a partial view, and never stops the worker (before the 503, the view
+    waited for the shard replica, which has nothing to follow before the partitions come, for
+    up to 300 s with the worker stopped)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.conftest import Worker
+
+    worker = Worker(settings, tmp_path / "logs").start()
+    url = f"http://127.0.0.1:{settings.web_port}/entities/ip/192.0.2.1/"
+    answers: list[object] = []
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=10)
+                answers.append(200)
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, json.loads(exc.read())["error"]))
+                if exc.code != 503:
+                    break
+            except OSError:  # its web server is not up yet
+                if answers:
+                    answers.append("no answer")
+                    break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert answers and answers[-1] == (404, "no state for ip:192.0.2.1"), answers[-3:]
+    assert all(a[0] == 503 and "retry" in a[1] for a in answers[:-1]), answers  # type: ignore[index]
