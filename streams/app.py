@@ -239,12 +239,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         await flush_writer()
         forget_owned_stores()
 
-    assigned_once = False  # the group has given this worker its partitions (none, maybe) once
+    def restoring() -> bool:
+        """Whether the group has yet to give this worker its partitions (Faust counts rebalances
+        from its first join), is moving them, or Faust is restoring their tables."""
+        return app.rebalancing or not app.rebalancing_count
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        nonlocal assigned_once
-        assigned_once = True
         forget_owned_stores()
         for source in inputs:
             await source.on_assigned()
@@ -684,7 +685,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return web.json({"error": f"unknown entity type {kind!r}; one of {sorted(ENTITIES)}"}, status=400)
         # Before its partitions, the shard replica would wait for them with the worker stopped;
         # while they restore from their changelogs, the tables' view would be partial.
-        if app.rebalancing or not assigned_once:
+        if restoring():
             return web.json({"error": "this worker is taking over partitions and restoring their state; "
                                       "retry in a few seconds"}, status=503)
         if not ENTITIES[kind].sharded:
@@ -708,7 +709,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         keep_up()
         stats = replica.stats
         return web.json({
-            "rebalancing": app.rebalancing or not assigned_once,  # /entities/ answers 503 meanwhile
+            "rebalancing": restoring(),  # /entities/ answers 503 meanwhile
             "applied": stats.applied,
             "polls": stats.polls,
             "partitions_followed": replica.followed,
