@@ -5,7 +5,10 @@ buckets per bucket width (only the channels the catalogue needs at that
 width), sliding distinct sketches and recent text fingerprints::
 
     {"f": first_ms, "l": last_ms, "r": {"300000": [[bucket, ch1, ch2, ...], ...]},
-     "d": {"users": <sketch>}, "t": [[simhash, ts_s], ...], "o": [partition, offset]}
+     "d": {"users": "<sketch>"}, "t": [[simhash, ts_s], ...], "o": [partition, offset]}
+
+A sketch is one string (``sketches``' packed form; a record written before round 31 may
+hold one as a dict, read as well and rewritten packed when the record next changes).
 
 ``o`` is the last input record applied (see ``features.extract``).
 
@@ -40,7 +43,7 @@ from detectors.catalog import (
 )
 from detectors.sketches import (
     MAX_WINDOWS_PER_SKETCH, NEAR_DUPLICATE_BITS, distinct_counts_back, distinct_expire, distinct_insert, distinct_merge,
-    distinct_union, hashed, new_distinct,
+    hashed, is_empty, new_distinct,
 )
 
 Record = dict[str, Any]
@@ -140,7 +143,7 @@ def _bucket_of(ring: list, idx, n_channels) -> list:
 
 
 @cython.ccall
-@cython.locals(ts_s=cython.longlong, current=dict)
+@cython.locals(ts_s=cython.longlong)
 def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cython.longlong,
                        watermark: cython.longlong) -> dict:
     novelty: dict[str, bool | None] = {}
@@ -155,11 +158,10 @@ def _apply_to_sketches(sketches: dict, plan_sketches: tuple, event: dict, ts: cy
         else:  # no sketch and nothing to count: none is made and dropped
             continue
         if value:
-            h, key = hashed(value)
-            current, known = distinct_insert(current, h, ts_s, key)
+            current, known = distinct_insert(current, hashed(value), ts_s)
             novelty[name] = None if known is None else not known
-        if current.get("x") or current.get("h"):
-            if current is not stored:  # set again, even the same sketch puts its dict back in the collector
+        if not is_empty(current):
+            if current is not stored:
                 sketches[name] = current
         else:
             sketches.pop(name, None)
@@ -487,7 +489,7 @@ def _sketch_counts(present, name: str, now_s, seconds: tuple) -> list:
         sketches = record["d"]
         if name in sketches:
             parts.append(sketches[name])
-    return distinct_counts_back(distinct_union(parts), now_s, seconds) if parts else _NO_COUNTS
+    return distinct_counts_back(parts, now_s, seconds) if parts else _NO_COUNTS  # counted as their union
 
 
 @cython.locals(count=cython.int, own_ts=cython.longlong, since=cython.longlong, t=cython.longlong,

@@ -16,6 +16,14 @@ so per-partition shards of one entity can be combined on read.
 >>> distinct_count(s, since_s=0), distinct_count(s, since_s=100)
 (3, 2)
 
+A sketch is one string, in memory and in its record's JSON (see *Packed form*
+below): a record holds a few strings where it held a dict of numbers per value.
+
+>>> s[0], len(s), s[1:16]  # exact: a value is its hash and last time in 15 characters
+('x', 46, '3:8ebE00000001i')
+>>> is_exact(s), distinct_count({"x": {"1": 5, "2": 7}}, since_s=6)  # a record's sketch as written before round 31
+(True, 1)
+
 ``simhash`` gives a 64-bit fingerprint of a text's character shingles: texts
 that differ only in a few words, numbers or links have fingerprints a few bits
 apart, so a Hamming-distance test counts near-duplicates.
@@ -33,7 +41,7 @@ import hashlib
 import math
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Union
 
 import cython
 import numpy as np
@@ -46,11 +54,29 @@ _ALPHA = 0.7213 / (1 + 1.079 / REGISTERS)
 # 2 ** -rank for every rank a 25-bit rest can have; a C array when compiled, so the estimate's
 # sum over registers adds C doubles (indexing a Python tuple made it float objects: round 17)
 _INVERSE_POWERS = cython.declare(cython.double[33], [2.0 ** -rank for rank in range(33)])
-_REGISTER_INDEX = {str(register): register for register in range(REGISTERS)}
 
-# {"x": {hash: ts}} exact, or {"h": {register: [[rank, ts], ...]}}; {"u": [parts]} only as
-# distinct_union gives it to distinct_count, never stored
-Distinct = dict[str, Any]
+# -- packed form ----------------------------------------------------------------
+# A sketch is one string of printable ASCII: its form, then fixed-width entries of 6-bit digits,
+# most significant first (digit d is the character 48 + d, 49 + d from 44 on: no backslash, so
+# JSON never escapes one):
+#   "x", then 15 per value: its hash32 (6 digits) and the last time it was seen (9 digits, s)
+#   "h", then 11 per pair of a register's front: register * 32 + rank (2 digits) and the pair's
+#        time (9 digits, s), by register, each front in time order
+# One string where the dict form held a dict, a string and a number per value: a record is
+# decoded, encoded and freed as a few objects, and scanned as characters (round 31). Records
+# written before round 31 hold {"x": {"<decimal hash32>": ts}} or {"h": {"<register>": [[rank,
+# ts], ...]}}; every function here reads those as well, and returns the packed form.
+Distinct = str
+Sketch = Union[str, dict[str, Any]]  # what a record may hold: packed, or as written before round 31
+EXACT = "x"
+HLL = "h"
+_DIGIT_BITS = 6
+_KEY_DIGITS_EXACT = cython.declare(cython.Py_ssize_t, 6)
+_KEY_DIGITS_HLL = cython.declare(cython.Py_ssize_t, 2)
+_TIME_DIGITS = cython.declare(cython.Py_ssize_t, 9)
+_WIDTH_EXACT = cython.declare(cython.Py_ssize_t, 15)
+_WIDTH_HLL = cython.declare(cython.Py_ssize_t, 11)
+TIME_LIMIT_S = 1 << (6 * 9)  # a time in seconds is kept below this: any event time a C long long holds in ms
 
 
 def hash32(value: str) -> int:
@@ -60,23 +86,98 @@ def hash32(value: str) -> int:
 # The one cache of value hashes (the same users, IPs and devices recur event after event).
 # A dict, not an lru_cache: the sketches ask it ~3 times per event, and an lru_cache call
 # builds an argument tuple and a key and relinks its list on every hit.
-_HASHED = cython.declare(dict, {})  # value -> hashed(value); a C dict lookup when compiled
+_HASHED = cython.declare(dict, {})  # value -> hash32(value); a C dict lookup when compiled
 _HASHED_MAX = 65_536
 
 
-def hashed(value: str) -> tuple[int, str]:
-    """``hash32(value)`` and its decimal string, an exact sketch's key for it."""
+def hashed(value: str) -> int:
+    """``hash32(value)``, from the cache of recent values."""
     found = _HASHED.get(value)
     if found is None:
         if len(_HASHED) >= _HASHED_MAX:  # emptied when full: values recur, so it refills with them
             _HASHED.clear()
-        h = hash32(value)
-        found = _HASHED[value] = (h, str(h))
+        found = _HASHED[value] = hash32(value)
     return found
 
 
 def new_distinct() -> Distinct:
-    return {"x": {}}
+    return EXACT
+
+
+def is_exact(sketch: Sketch) -> bool:
+    """Whether ``sketch`` still holds each value (else it is a HyperLogLog)."""
+    return (sketch[0] if type(sketch) is str else next(iter(sketch))) == EXACT
+
+
+def is_empty(sketch: Distinct) -> bool:
+    return len(sketch) == 1
+
+
+@cython.cfunc
+@cython.inline
+@cython.boundscheck(False)
+@cython.wraparound(False)
+@cython.locals(k=cython.Py_ssize_t, c=cython.uint, value=cython.ulonglong)
+def _read(s: str, at: cython.Py_ssize_t, digits: cython.Py_ssize_t) -> cython.ulonglong:
+    """The number written in ``digits`` digits from ``at``."""
+    value = 0
+    for k in range(at, at + digits):
+        c = ord(s[k])
+        value = (value << 6) | (c - 48 - (c > 92))
+    return value
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(out=cython.p_uchar, k=cython.Py_ssize_t, d=cython.uint, value=cython.ulonglong)
+def _write(out, at: cython.Py_ssize_t, number: cython.ulonglong, digits: cython.Py_ssize_t) -> cython.void:
+    value = number
+    for k in range(at + digits - 1, at - 1, -1):
+        d = value & 63
+        out[k] = 48 + d + (d >= 44)
+        value >>= 6
+
+
+def _checked_time(ts_s: int) -> int:
+    if not 0 <= ts_s < TIME_LIMIT_S:
+        raise ValueError(f"a sketch keeps times from 0 to {TIME_LIMIT_S - 1} s, got {ts_s}")
+    return ts_s
+
+
+def _packed_of(form: str, entries: list) -> Distinct:
+    """The sketch of ``form`` holding ``entries``, (key, time) pairs in their order."""
+    key_digits = _KEY_DIGITS_EXACT if form == EXACT else _KEY_DIGITS_HLL
+    width = key_digits + _TIME_DIGITS
+    result = bytearray(1 + width * len(entries))
+    result[0] = ord(form)
+    at = 1
+    for key, ts in entries:
+        _write(result, at, key, key_digits)
+        _write(result, at + key_digits, _checked_time(ts), _TIME_DIGITS)
+        at += width
+    return result.decode("ascii")
+
+
+@cython.locals(s=str, width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, at=cython.Py_ssize_t)
+def _entries(s: Distinct) -> list:
+    """The (key, time) pairs of a packed sketch, in order."""
+    key_digits = _KEY_DIGITS_EXACT if s[0] == EXACT else _KEY_DIGITS_HLL
+    width = key_digits + _TIME_DIGITS
+    return [(_read(s, at, key_digits), _read(s, at + key_digits, _TIME_DIGITS)) for at in range(1, len(s), width)]
+
+
+def _packed(sketch: Sketch) -> Distinct:
+    """``sketch`` in the packed form: itself, or converted from the form written before round 31."""
+    if type(sketch) is str:
+        return sketch
+    if "x" in sketch:
+        return _packed_of(EXACT, [(int(key), ts) for key, ts in sketch["x"].items()])
+    return _packed_of(HLL, sorted(((int(register) << 5 | rank, ts) for register, front in sketch["h"].items()
+                                   for rank, ts in front), key=_by_register_then_time))
+
+
+def _by_register_then_time(entry: tuple) -> tuple:
+    return entry[0] >> 5, entry[1]
 
 
 def _rank(h: int) -> tuple[int, int]:
@@ -86,56 +187,105 @@ def _rank(h: int) -> tuple[int, int]:
     return register, rank
 
 
-def _front_add(front: list[list[int]], rank: int, ts: int) -> list[list[int]]:
-    """Keeps only pairs no other pair beats on both rank and recency."""
+def _front_add(front: list, rank: int, ts: int) -> list:
+    """Keeps only (rank, time) pairs no other pair beats on both rank and recency."""
     if any(r >= rank and t >= ts for r, t in front):
         return front
-    front = [[r, t] for r, t in front if not (r <= rank and t <= ts)]
-    front.append([rank, ts])
-    front.sort(key=lambda p: p[1])
+    front = [(r, t) for r, t in front if not (r <= rank and t <= ts)]
+    front.append((rank, ts))
+    front.sort(key=_time_of)
     return front
 
 
-def _to_hll(exact: dict[str, int]) -> dict[str, list[list[int]]]:
-    registers: dict[str, list[list[int]]] = {}
-    for key, ts in exact.items():
-        register, rank = _rank(int(key))
-        registers[str(register)] = _front_add(registers.get(str(register), []), rank, ts)
-    return registers
+def _time_of(pair: tuple) -> int:
+    return pair[1]
 
 
-def distinct_add(sketch: Distinct, value: str, ts_s: int) -> Distinct:
-    h, key = hashed(value)
-    return distinct_insert(sketch, h, ts_s, key)[0]
+def _hll_of(fronts: dict) -> Distinct:
+    """The packed HyperLogLog of ``fronts``, register -> its (rank, time) pairs."""
+    return _packed_of(HLL, [(register << 5 | rank, ts) for register in sorted(fronts) for rank, ts in fronts[register]])
 
 
-@cython.locals(exact=dict)
-def distinct_insert(sketch: Distinct, h: int, ts_s: int, key: str | None = None) -> tuple[Distinct, bool | None]:
+def _fronts(s: Distinct) -> dict:
+    """Register -> its front, of a packed sketch of either form (an exact one's values placed as
+    a HyperLogLog places them)."""
+    fronts: dict[int, list] = {}
+    if s[0] == EXACT:
+        for h, ts in _entries(s):
+            register, rank = _rank(h)
+            fronts[register] = _front_add(fronts.get(register, []), rank, ts)
+    else:
+        for key, ts in _entries(s):
+            fronts.setdefault(key >> 5, []).append((key & 31, ts))
+    return fronts
+
+
+def distinct_add(sketch: Sketch, value: str, ts_s: int) -> Distinct:
+    return distinct_insert(sketch, hashed(value), ts_s)[0]
+
+
+@cython.locals(s=str, n=cython.Py_ssize_t, at=cython.Py_ssize_t, wanted=cython.ulonglong, ts=cython.longlong,
+               result=bytearray)
+def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool | None]:
     """Adds a ``hash32``; returns the sketch and whether it held the hash before
-    (None once the sketch is a HyperLogLog: unknown). ``key`` is ``str(h)`` if the caller has it."""
-    if "x" in sketch:
-        exact = sketch["x"]
-        if key is None:
-            key = str(h)
-        seen = exact.get(key)
-        if seen is not None:
-            if ts_s > seen:
-                exact[key] = ts_s
-            return sketch, True
-        if len(exact) < EXACT_LIMIT:
-            exact[key] = ts_s
-            return sketch, False
-        sketch = {"h": _to_hll(exact)}
+    (None once the sketch is a HyperLogLog: unknown)."""
+    s = _packed(sketch)
+    wanted, ts = h, _checked_time(ts_s)
+    if s[0] == EXACT:
+        n = len(s)
+        for at in range(1, n, _WIDTH_EXACT):
+            if _read(s, at, _KEY_DIGITS_EXACT) == wanted:
+                if ts > cython.cast(cython.longlong, _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)):
+                    result = bytearray(s, "ascii")
+                    _write(result, at + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
+                    s = result.decode("ascii")
+                return s, True
+        if n < 1 + EXACT_LIMIT * _WIDTH_EXACT:
+            result = bytearray(s, "ascii")
+            result += _NEW_EXACT_ENTRY
+            _write(result, n, wanted, _KEY_DIGITS_EXACT)
+            _write(result, n + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
+            return result.decode("ascii"), False
+        fronts = _fronts(s)
         known: bool | None = False
     else:
+        fronts = None
         known = None
+    return _hll_insert(s, fronts, h, ts), known
+
+
+_NEW_EXACT_ENTRY = bytes(15)  # _WIDTH_EXACT
+
+
+@cython.locals(low=cython.Py_ssize_t, high=cython.Py_ssize_t, middle=cython.Py_ssize_t, start=cython.Py_ssize_t,
+               end=cython.Py_ssize_t, n=cython.Py_ssize_t, register=cython.ulonglong)
+def _hll_insert(s: Distinct, fronts: dict | None, h: int, ts: int) -> Distinct:
+    """Adds a hash to a HyperLogLog: ``s``, or ``fronts`` if given (an exact sketch ``s`` that just
+    outgrew EXACT_LIMIT, as ``_fronts`` of it). Only the hash's register is decoded otherwise."""
     register, rank = _rank(h)
-    registers = sketch["h"]
-    registers[str(register)] = _front_add(registers.get(str(register), []), rank, ts_s)
-    return sketch, known
+    if fronts is not None:
+        fronts[register] = _front_add(fronts.get(register, []), rank, ts)
+        return _hll_of(fronts)
+    n = (len(s) - 1) // _WIDTH_HLL
+    low, high = 0, n  # the register's entries are [start, end): found by bisection on the register
+    while low < high:
+        middle = (low + high) // 2
+        if _read(s, 1 + middle * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 < register:
+            low = middle + 1
+        else:
+            high = middle
+    start = end = low
+    while end < n and _read(s, 1 + end * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 == register:
+        end += 1
+    front = [(key & 31, t) for key, t in _entries(HLL + s[1 + start * _WIDTH_HLL:1 + end * _WIDTH_HLL])]
+    changed = _front_add(front, rank, ts)
+    if changed is front:
+        return s
+    middle_part = _packed_of(HLL, [(register << 5 | r, t) for r, t in changed])[1:]
+    return s[:1 + start * _WIDTH_HLL] + middle_part + s[1 + end * _WIDTH_HLL:]
 
 
-def distinct_count(sketch: Distinct, since_s: int) -> int:
+def distinct_count(sketch: Sketch | list, since_s: int) -> int:
     """Distinct values seen at or after ``since_s``: of one sketch, or of a ``distinct_union``."""
     return distinct_counts(sketch, (since_s,))[0]
 
@@ -144,15 +294,17 @@ MAX_WINDOWS_PER_SKETCH = 4
 # C ints when compiled: the per-value arithmetic below makes no Python int
 _C_REGISTERS = cython.declare(cython.Py_ssize_t, REGISTERS)
 _C_REGISTER_BITS = cython.declare(cython.int, REGISTER_BITS)
+_C_EXACT_LIMIT = cython.declare(cython.Py_ssize_t, EXACT_LIMIT)
 
 
-def distinct_counts(sketch: Distinct, since_s: tuple) -> list[int]:
+def distinct_counts(sketch: Sketch | list, since_s: tuple) -> list[int]:
     """``distinct_count`` at each of ``since_s`` (at most ``MAX_WINDOWS_PER_SKETCH``), in one
-    pass over the sketch: an entity's windows on one sketch are counted together."""
+    pass over the sketch: an entity's windows on one sketch are counted together. A list of
+    sketches is counted as their ``distinct_union``, without making it."""
     return _counts(sketch, since_s, 0, False)
 
 
-def distinct_counts_back(sketch: Distinct, now_s: int, seconds: tuple) -> list[int]:
+def distinct_counts_back(sketch: Sketch | list, now_s: int, seconds: tuple) -> list[int]:
     """``distinct_counts`` since ``now_s - s`` for each of ``seconds``: the windows of an entity
     end at its watermark, and no tuple of their start times is made per event.
 
@@ -165,9 +317,11 @@ def distinct_counts_back(sketch: Distinct, now_s: int, seconds: tuple) -> list[i
 
 @cython.cfunc
 @cython.locals(n=cython.Py_ssize_t, w=cython.Py_ssize_t, register=cython.Py_ssize_t, at=cython.Py_ssize_t,
-               rank=cython.int, ts=cython.longlong, h=cython.ulonglong, rest=cython.ulonglong, empty=cython.int,
-               total=cython.double, counts=list, part=dict, now_s=cython.longlong, back=cython.bint)
-def _counts(sketch: dict, times: tuple, now_s, back) -> list:
+               j=cython.Py_ssize_t, m=cython.Py_ssize_t, end=cython.Py_ssize_t, rank=cython.int,
+               ts=cython.longlong, h=cython.ulonglong, key=cython.ulonglong, rest=cython.ulonglong,
+               empty=cython.int, total=cython.double, counts=list, parts=list, s=str, now_s=cython.longlong,
+               back=cython.bint)
+def _counts(sketch: object, times: tuple, now_s, back) -> list:
     """The counts since each of ``times``, or, if ``back``, since ``now_s`` minus each."""
     n = len(times)
     if n > MAX_WINDOWS_PER_SKETCH:
@@ -177,37 +331,55 @@ def _counts(sketch: dict, times: tuple, now_s, back) -> list:
         since[w] = times[w]
         if back:  # in C: no int object per window
             since[w] = now_s - since[w]
-    if "x" in sketch:
-        exact_counts = cython.declare(cython.int[4])
-        for w in range(n):
-            exact_counts[w] = 0
-        for ts in sketch["x"].values():  # loops, not sum() over generators: compiled, no objects per value
-            for w in range(n):
-                if ts >= since[w]:
-                    exact_counts[w] += 1
-        return [exact_counts[w] for w in range(n)]
+    exact_counts = cython.declare(cython.int[4])
+    for w in range(n):
+        exact_counts[w] = 0
+    if type(sketch) is list:
+        parts = [_packed(part) for part in sketch]
+        hashes = cython.declare(cython.ulonglong[24])  # EXACT_LIMIT
+        stamps = cython.declare(cython.longlong[24])
+        m = _exact_union(parts, hashes, stamps)
+        if m >= 0:
+            for j in range(m):
+                for w in range(n):
+                    if stamps[j] >= since[w]:
+                        exact_counts[w] += 1
+            return [exact_counts[w] for w in range(n)]
+    else:
+        s = _packed(sketch)
+        if s[0] == EXACT:
+            end = len(s)
+            for at in range(1 + _KEY_DIGITS_EXACT, end, _WIDTH_EXACT):
+                ts = _read(s, at, _TIME_DIGITS)
+                for w in range(n):
+                    if ts >= since[w]:
+                        exact_counts[w] += 1
+            return [exact_counts[w] for w in range(n)]
+        parts = [s]
     # Per window, each register's best rank among the values seen in it
     ranks = cython.declare(cython.int[512])  # MAX_WINDOWS_PER_SKETCH * REGISTERS
     for at in range(n * _C_REGISTERS):
         ranks[at] = 0
-    for part in ([sketch] if "h" in sketch else sketch["u"]):
-        if "h" in part:
-            for key, front in part["h"].items():
-                register = _REGISTER_INDEX[key]
-                for pair in front:  # (rank, ts) pairs no other beats on both
-                    rank, ts = pair[0], pair[1]
-                    for w in range(n):
-                        if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
-                            ranks[w * _C_REGISTERS + register] = rank
-        else:  # an exact part of a union: each value where _to_hll would place it
-            for key, ts in part["x"].items():
-                h = int(key)
+    for s in parts:
+        end = len(s)
+        if s[0] == HLL:
+            for at in range(1, end, _WIDTH_HLL):
+                key = _read(s, at, _KEY_DIGITS_HLL)
+                register, rank = key >> 5, key & 31
+                ts = _read(s, at + _KEY_DIGITS_HLL, _TIME_DIGITS)
+                for w in range(n):
+                    if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
+                        ranks[w * _C_REGISTERS + register] = rank
+        else:  # an exact part of a union: each value where a HyperLogLog would place it
+            for at in range(1, end, _WIDTH_EXACT):
+                h = _read(s, at, _KEY_DIGITS_EXACT)
                 register = h & (_C_REGISTERS - 1)
                 rest = h >> _C_REGISTER_BITS
                 rank = 26  # 25 - rest.bit_length() + 1, as _rank
                 while rest:
                     rest >>= 1
                     rank -= 1
+                ts = _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
                         ranks[w * _C_REGISTERS + register] = rank
@@ -227,11 +399,41 @@ def _counts(sketch: dict, times: tuple, now_s, back) -> list:
     return counts
 
 
-def distinct_union(parts: list[Distinct]) -> Distinct:
+@cython.cfunc
+@cython.locals(hashes=cython.p_ulonglong, stamps=cython.p_longlong, m=cython.Py_ssize_t, j=cython.Py_ssize_t,
+               at=cython.Py_ssize_t, found=cython.Py_ssize_t, h=cython.ulonglong, ts=cython.longlong, s=str)
+def _exact_union(parts: list, hashes, stamps) -> cython.Py_ssize_t:
+    """The union of packed ``parts`` into ``hashes`` and ``stamps`` (each value's latest time),
+    and how many values it holds; -1 if a part is a HyperLogLog or the union exceeds EXACT_LIMIT."""
+    m = 0
+    for s in parts:
+        if s[0] != EXACT:
+            return -1
+        for at in range(1, len(s), _WIDTH_EXACT):
+            h = _read(s, at, _KEY_DIGITS_EXACT)
+            ts = _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
+            found = -1
+            for j in range(m):
+                if hashes[j] == h:
+                    found = j
+                    break
+            if found >= 0:
+                if ts > stamps[found]:
+                    stamps[found] = ts
+            elif m == _C_EXACT_LIMIT:
+                return -1
+            else:
+                hashes[m], stamps[m] = h, ts
+                m += 1
+    return m
+
+
+@cython.locals(m=cython.Py_ssize_t, j=cython.Py_ssize_t)
+def distinct_union(parts: list) -> Distinct | list:
     """What folding ``distinct_merge`` over ``parts`` counts to, made without building fronts.
 
     Exact while every part is and their union holds at most ``EXACT_LIMIT`` values (as the
-    fold keeps it); otherwise ``{"u": parts}``, which ``distinct_count`` counts as the
+    fold keeps it); otherwise the list of the parts, which ``distinct_count`` counts as the
     HyperLogLog of every part's values: a register's best rank in a window is the best of
     all its pairs in the window, whichever of them the merged fronts would have kept.
 
@@ -239,65 +441,60 @@ def distinct_union(parts: list[Distinct]) -> Distinct:
     >>> distinct_count(distinct_union([a, b]), since_s=0), distinct_count(distinct_union([a, b]), since_s=2)
     (2, 1)
     """
-    if len(parts) == 1:
-        return parts[0]
-    merged: dict[str, int] = {}
-    for part in parts:
-        if "x" not in part:
-            return {"u": parts}
-        for key, ts in part["x"].items():
-            seen = merged.get(key)
-            if seen is None or ts > seen:
-                merged[key] = ts
-    if len(merged) > EXACT_LIMIT:
-        return {"u": parts}
-    return {"x": merged}
+    packed = [_packed(part) for part in parts]
+    if len(packed) == 1:
+        return packed[0]
+    hashes = cython.declare(cython.ulonglong[24])  # EXACT_LIMIT
+    stamps = cython.declare(cython.longlong[24])
+    m = _exact_union(packed, hashes, stamps)
+    if m < 0:
+        return packed
+    return _packed_of(EXACT, [(hashes[j], stamps[j]) for j in range(m)])
 
 
-@cython.locals(exact=dict)
-def distinct_expire(sketch: Distinct, before_s: int) -> Distinct:
-    """``sketch`` without the values last seen before ``before_s`` (itself if none are)."""
-    if "x" in sketch:
-        exact = sketch["x"]
-        for ts in exact.values():  # a loop, not min(): compiled, no iterator object per call
-            if ts < before_s:
-                return {"x": {k: t for k, t in exact.items() if t >= before_s}}
-        return sketch
-    if not _any_before(sketch["h"], before_s):
-        return sketch
-    registers = {}
-    for register, front in sketch["h"].items():
-        kept = [p for p in front if p[1] >= before_s]
-        if kept:
-            registers[register] = kept
-    return {"h": registers}
+@cython.locals(s=str, width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, n=cython.Py_ssize_t,
+               at=cython.Py_ssize_t, k=cython.Py_ssize_t, written=cython.Py_ssize_t, kept=cython.Py_ssize_t,
+               before=cython.longlong, out=cython.p_uchar)
+def distinct_expire(sketch: Sketch, before_s: int) -> Distinct:
+    """``sketch`` without the values (or pairs) last seen before ``before_s`` (itself if none are)."""
+    s = _packed(sketch)
+    before = before_s
+    key_digits = _KEY_DIGITS_EXACT if s[0] == EXACT else _KEY_DIGITS_HLL
+    width = key_digits + _TIME_DIGITS
+    n = len(s)
+    kept = 0
+    for at in range(1, n, width):
+        if cython.cast(cython.longlong, _read(s, at + key_digits, _TIME_DIGITS)) >= before:
+            kept += 1
+    if kept == (n - 1) // width:
+        return s
+    result = bytearray(1 + kept * width)
+    out = result
+    out[0] = ord(s[0])
+    written = 1
+    for at in range(1, n, width):
+        if cython.cast(cython.longlong, _read(s, at + key_digits, _TIME_DIGITS)) >= before:
+            for k in range(width):
+                out[written + k] = ord(s[at + k])
+            written += width
+    return result.decode("ascii")
 
 
-def _any_before(registers: dict[str, list[list[int]]], before_s: int) -> bool:
-    for front in registers.values():
-        for pair in front:
-            if pair[1] < before_s:
-                return True
-    return False
-
-
-def distinct_merge(a: Distinct, b: Distinct) -> Distinct:
-    if "x" in a and "x" in b:
-        merged = dict(a["x"])
-        for key, ts in b["x"].items():
-            merged[key] = max(ts, merged.get(key, ts))
+def distinct_merge(a: Sketch, b: Sketch) -> Distinct:
+    a, b = _packed(a), _packed(b)
+    if a[0] == EXACT and b[0] == EXACT:
+        merged = dict(_entries(a))
+        for h, ts in _entries(b):
+            merged[h] = max(ts, merged.get(h, ts))
         if len(merged) <= EXACT_LIMIT:
-            return {"x": merged}
-        return {"h": _to_hll(merged)}
-    ha = a["h"] if "h" in a else _to_hll(a["x"])
-    hb = b["h"] if "h" in b else _to_hll(b["x"])
-    registers = {k: list(v) for k, v in ha.items()}
-    for register, front in hb.items():
-        current = registers.get(register, [])
+            return _packed_of(EXACT, list(merged.items()))
+    fronts = _fronts(a)
+    for register, front in _fronts(b).items():
+        current = fronts.get(register, [])
         for rank, ts in front:
             current = _front_add(current, rank, ts)
-        registers[register] = current
-    return {"h": registers}
+        fronts[register] = current
+    return _hll_of(fronts)
 
 
 # -- text ------------------------------------------------------------------

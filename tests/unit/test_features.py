@@ -14,10 +14,10 @@ from detectors.catalog import (
     RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, CHANNELS, HOUR,
 )
 from detectors.entities import apply_event, entity_features, is_idle, merge_records, new_record, shard_features
-from detectors.features import EntityState, encode_record, extract, stored_is_idle
+from detectors.features import EntityState, encode_record, entity_keys, extract, stored_is_idle
 from detectors.sketches import (
-    EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, distinct_add, distinct_count, distinct_expire, distinct_merge,
-    distinct_union, hamming, new_distinct, normalize_text, simhash,
+    EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, _entries, distinct_add, distinct_count, distinct_expire,
+    distinct_merge, distinct_union, hamming, is_exact, new_distinct, normalize_text, simhash,
 )
 
 KINDS = ("login", "post", "message", "follow", "like", "payment", "signup", "report", "comment")
@@ -234,7 +234,7 @@ def test_features_read_from_shards_equal_the_merged_view(seed):
             for sketch in entity.sketches:
                 parts = [r["d"][sketch.name] for r in [own, *others] if sketch.name in r["d"]]
                 if len(parts) > 1:
-                    compared["exact" if "x" in distinct_union(parts) else "hll"] += 1
+                    compared["exact" if is_exact(distinct_union(parts)) else "hll"] += 1
     assert compared["exact"] > 100 and compared["hll"] > 100, compared
 
 
@@ -336,18 +336,81 @@ def test_distinct_is_exact_up_to_the_limit():
     sketch = new_distinct()
     for i in range(EXACT_LIMIT):
         sketch = distinct_add(sketch, f"v{i}", ts_s=i)
-    assert "x" in sketch
+    assert is_exact(sketch)
     assert [distinct_count(sketch, since_s=s) for s in (0, 10, EXACT_LIMIT)] == [EXACT_LIMIT, EXACT_LIMIT - 10, 0]
 
 
-def test_an_exact_sketch_is_keyed_by_the_decimal_hash():
-    from detectors.sketches import distinct_insert, hash32, hashed
+def test_a_sketch_is_one_string_that_json_keeps_as_it_is():
+    from detectors.sketches import TIME_LIMIT_S, _entries, distinct_insert, hash32, hashed
 
-    h, key = hashed("1.2.3.4")
-    assert (h, key) == (hash32("1.2.3.4"), str(hash32("1.2.3.4")))
-    given, _ = distinct_insert(new_distinct(), h, 5, key)
-    made, _ = distinct_insert(new_distinct(), h, 5)
-    assert given == made == {"x": {key: 5}}
+    h = hashed("1.2.3.4")
+    assert h == hash32("1.2.3.4")
+    sketch, known = distinct_insert(new_distinct(), h, 5)
+    assert (sketch[0], _entries(sketch), known) == ("x", [(h, 5)], False)
+    for i in range(EXACT_LIMIT):
+        sketch = distinct_add(sketch, f"v{i}", ts_s=TIME_LIMIT_S - 1 - i)  # the largest time kept, too
+    assert not is_exact(sketch) and sketch[0] == "h"
+    assert sketch.isascii() and sketch.isprintable() and '"' not in sketch and "\\" not in sketch
+    assert orjson.dumps(sketch) == b'"' + sketch.encode() + b'"'
+    with pytest.raises(ValueError, match="a sketch keeps times from 0"):
+        distinct_add(sketch, "late", ts_s=TIME_LIMIT_S)
+
+
+def _as_written_before_round_31(sketch: str):
+    """A packed sketch in the dict form records held before round 31."""
+    from detectors.sketches import _entries
+
+    if sketch[0] == "x":
+        return {"x": {str(h): ts for h, ts in _entries(sketch)}}
+    fronts: dict[str, list] = {}
+    for key, ts in _entries(sketch):
+        fronts.setdefault(str(key >> 5), []).append([key & 31, ts])
+    return {"h": fronts}
+
+
+@pytest.mark.parametrize("values", [5, EXACT_LIMIT, 400])
+def test_a_sketch_in_the_dict_form_reads_as_its_packed_form(values):
+    from detectors.sketches import _packed, distinct_counts, distinct_insert
+
+    rng = random.Random(values)
+    packed = new_distinct()
+    for i in range(3 * values):
+        packed = distinct_add(packed, f"v{rng.randrange(values)}", ts_s=1000 + i)
+    old = _as_written_before_round_31(packed)
+    assert _packed(old) == packed and is_exact(old) == is_exact(packed) == (values <= EXACT_LIMIT)
+    since = (0, 1000 + values, 1000 + 2 * values, 1000 + 3 * values)
+    assert distinct_counts(old, since) == distinct_counts(packed, since)
+    assert distinct_expire(old, 1000 + values) == distinct_expire(packed, 1000 + values)
+    assert distinct_insert(old, 7, 5000) == distinct_insert(packed, 7, 5000)
+    assert distinct_merge(old, packed) == distinct_merge(packed, packed)
+    assert distinct_union([old, packed]) == distinct_union([packed, packed])
+
+
+def test_records_written_before_round_31_give_the_same_features_and_are_rewritten_packed():
+    rng = random.Random(9)
+    packed: dict[tuple[str, str], bytes] = {}
+    old: dict[tuple[str, str], bytes] = {}
+    ts, changed = 0, 0
+    for n in range(3000):
+        ts += rng.randrange(0, 5_000)
+        event = random_event(rng, ts, n_users=30, n_ips=40)
+        keys = entity_keys(event)
+        if n == 2000:  # the state so far, as a worker before round 31 would have stored it
+            for key, raw in packed.items():
+                record = orjson.loads(raw)
+                record["d"] = {name: _as_written_before_round_31(s) for name, s in record["d"].items()}
+                old[key] = orjson.dumps(record)
+        extracted = extract(event, {k: EntityState(packed.get((k, v))) for k, v in keys.items()})
+        if n >= 2000:
+            from_old = extract(event, {k: EntityState(old.get((k, v))) for k, v in keys.items()})
+            assert from_old.features == extracted.features
+            assert from_old.updates == extracted.updates  # written packed
+            changed += any(old.get((k, keys[k])) != packed.get((k, keys[k])) for k in from_old.updates)
+            for name, raw in from_old.updates.items():
+                old[(name, keys[name])] = raw
+        for name, raw in extracted.updates.items():
+            packed[(name, keys[name])] = raw
+    assert changed > 30  # records still in the old form were read
 
 
 @pytest.mark.parametrize("n", [30, 100, 400, 2000, 20000])
@@ -364,10 +427,10 @@ def test_expiring_a_sliding_hyperloglog_keeps_what_is_inside_the_window():
     sketch = new_distinct()
     for i in range(1000):
         sketch = distinct_add(sketch, f"v{i}", ts_s=i)
-    assert "h" in sketch
+    assert not is_exact(sketch)
     assert distinct_expire(sketch, 0) is sketch  # nothing to drop: no copy
     expired = distinct_expire(sketch, 600)
-    assert all(t >= 600 for front in expired["h"].values() for _, t in front)
+    assert all(t >= 600 for _, t in _entries(expired))
     for since in (600, 800, 999):
         assert distinct_count(expired, since) == distinct_count(sketch, since)
     assert distinct_count(distinct_expire(sketch, 1000), 0) == 0
@@ -420,7 +483,7 @@ def test_counts_of_a_union_of_sketches_in_several_windows(seed):
     counts = distinct_counts(distinct_union(parts), since)
     for window, count in zip(since, counts):
         in_window = [h for h, ts in seen.items() if ts >= window]
-        exact = all("x" in part for part in parts) and len(seen) <= EXACT_LIMIT
+        exact = all(is_exact(part) for part in parts) and len(seen) <= EXACT_LIMIT
         assert count == (len(in_window) if exact else _hyperloglog_of(in_window)), (window, exact)
     now = rng.randrange(1000, 2000)
     assert distinct_counts_back(distinct_union(parts), now, tuple(now - s for s in since)) == counts
