@@ -19,8 +19,8 @@ so per-partition shards of one entity can be combined on read.
 A sketch is one string, in memory and in its record's JSON (see *Packed form*
 below): a record holds a few strings where it held a dict of numbers per value.
 
->>> s[0], len(s), s[1:16]  # exact: a value is its hash and last time in 15 characters
-('x', 46, '3:8ebE00000001i')
+>>> s[0], len(s), s[1:14]  # exact: a value is its hash and last time in 13 characters
+('x', 40, '3:8ebE000001i')
 >>> is_exact(s), distinct_count({"x": {"1": 5, "2": 7}}, since_s=6)  # a record's sketch as written before round 31
 (True, 1)
 
@@ -59,9 +59,9 @@ _INVERSE_POWERS = cython.declare(cython.double[33], [2.0 ** -rank for rank in ra
 # A sketch is one string of printable ASCII: its form, then fixed-width entries of 6-bit digits,
 # most significant first (digit d is the character 48 + d, 49 + d from 44 on: no backslash, so
 # JSON never escapes one):
-#   "x", then 15 per value: its hash32 (6 digits) and the last time it was seen (9 digits, s)
-#   "h", then 11 per pair of a register's front: register * 32 + rank (2 digits) and the pair's
-#        time (9 digits, s), by register, each front in time order
+#   "x", then 13 per value: its hash32 (6 digits) and the last time it was seen (7 digits, s)
+#   "h", then 9 per pair of a register's front: register * 32 + rank (2 digits) and the pair's
+#        time (7 digits, s), by register, each front in time order
 # One string where the dict form held a dict, a string and a number per value: a record is
 # decoded, encoded and freed as a few objects, and scanned as characters (round 31). Records
 # written before round 31 hold {"x": {"<decimal hash32>": ts}} or {"h": {"<register>": [[rank,
@@ -73,10 +73,11 @@ HLL = "h"
 _DIGIT_BITS = 6
 _KEY_DIGITS_EXACT = cython.declare(cython.Py_ssize_t, 6)
 _KEY_DIGITS_HLL = cython.declare(cython.Py_ssize_t, 2)
-_TIME_DIGITS = cython.declare(cython.Py_ssize_t, 9)
-_WIDTH_EXACT = cython.declare(cython.Py_ssize_t, 15)
-_WIDTH_HLL = cython.declare(cython.Py_ssize_t, 11)
-TIME_LIMIT_S = 1 << (6 * 9)  # a time in seconds is kept below this: any event time a C long long holds in ms
+_TIME_DIGITS = cython.declare(cython.Py_ssize_t, 7)
+_WIDTH_EXACT = cython.declare(cython.Py_ssize_t, 13)
+_WIDTH_HLL = cython.declare(cython.Py_ssize_t, 9)
+# Times are kept below this (in s): beyond any event time the contracts allow (year 9999)
+TIME_LIMIT_S = 1 << (6 * 7)
 
 
 def hash32(value: str) -> int:
@@ -254,7 +255,7 @@ def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool |
     return _hll_insert(s, fronts, h, ts), known
 
 
-_NEW_EXACT_ENTRY = bytes(15)  # _WIDTH_EXACT
+_NEW_EXACT_ENTRY = bytes(13)  # _WIDTH_EXACT
 
 
 @cython.locals(low=cython.Py_ssize_t, high=cython.Py_ssize_t, middle=cython.Py_ssize_t, start=cython.Py_ssize_t,

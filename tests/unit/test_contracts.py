@@ -71,6 +71,9 @@ def test_valid_events_decode(record):
     (orjson.dumps(BASE | {"type": "login", "success": "yes"}), "invalid_field", "success"),
     (orjson.dumps(BASE | {"type": "signup", "ts": "yesterday"}), "invalid_field", "ts"),
     (orjson.dumps(BASE | {"type": "signup", "ts": -5}), "invalid_field", "ts"),
+    # beyond year 9999: such a time would become its entities' watermark (docs/performance.md, round 31)
+    (orjson.dumps(BASE | {"type": "signup", "ts": 253402300800000}), "invalid_field", "ts"),
+    (orjson.dumps(BASE | {"type": "signup", "ts": 2 ** 64 - 1}), "invalid_field", "ts"),
     (orjson.dumps(BASE | {"type": "signup", "user_id": ""}), "invalid_field", "user_id"),
     (orjson.dumps(BASE | {"type": "signup", "ip": 1234}), "invalid_field", "ip"),
     (orjson.dumps(BASE | {"type": "payment", "amount": -1, "currency": "USD", "merchant_id": "m"}), "invalid_field", "amount"),
@@ -94,6 +97,16 @@ def test_labels_are_validated():
     with pytest.raises(ContractViolation) as info:
         decode_label(orjson.dumps({"event_id": "e1"}), 1000)
     assert info.value.reason == "missing_field"
+    with pytest.raises(ContractViolation, match="ts"):
+        decode_label(orjson.dumps(good | {"ts": 253402300800000}), 1000)
+
+
+def test_the_last_event_time_a_contract_allows_is_scored():
+    from detectors.features import extract
+
+    event = decode_event(orjson.dumps(BASE | {"type": "login", "success": False, "ip": "1.2.3.4",
+                                              "ts": 253402300799999}), max_bytes=65536)
+    assert extract(event, {}).features["ip_distinct_users_10m"] == 1.0
 
 
 def test_dead_letter_records_honour_their_contract():
