@@ -46,6 +46,9 @@ from typing import Any, Union
 import cython
 import numpy as np
 
+if cython.compiled:  # a sketch's characters read, and a new one's written, in place (see _chars)
+    from cython.cimports.cpython.unicode import PyUnicode_1BYTE_DATA, PyUnicode_New
+
 EXACT_LIMIT = 24
 REGISTER_BITS = 7
 REGISTERS = 1 << REGISTER_BITS  # 128
@@ -116,14 +119,12 @@ def is_empty(sketch: Distinct) -> bool:
 
 @cython.cfunc
 @cython.inline
-@cython.boundscheck(False)
-@cython.wraparound(False)
-@cython.locals(k=cython.Py_ssize_t, c=cython.uint, value=cython.ulonglong)
-def _read(s: str, at: cython.Py_ssize_t, digits: cython.Py_ssize_t) -> cython.ulonglong:
-    """The number written in ``digits`` digits from ``at``."""
+@cython.locals(data=cython.p_uchar, k=cython.Py_ssize_t, c=cython.uint, value=cython.ulonglong)
+def _read(data, at: cython.Py_ssize_t, digits: cython.Py_ssize_t) -> cython.ulonglong:
+    """The number written in ``digits`` digits from ``at`` of a sketch's ``_chars``."""
     value = 0
     for k in range(at, at + digits):
-        c = ord(s[k])
+        c = data[k]
         value = (value << 6) | (c - 48 - (c > 92))
     return value
 
@@ -139,42 +140,89 @@ def _write(out, at: cython.Py_ssize_t, number: cython.ulonglong, digits: cython.
         value >>= 6
 
 
+# Compiled, a sketch's characters are read where the string keeps them, and a new sketch is a
+# string filled in before anything else sees it: no bytes copy per read, no bytearray per
+# sketch made (round 31). From source, the same code reads bytes and fills a bytearray.
+@cython.cfunc
+@cython.inline
+def _chars(s: str) -> cython.p_uchar:
+    """The characters of a ``_packed`` sketch (one byte each: it is ASCII)."""
+    if cython.compiled:
+        return PyUnicode_1BYTE_DATA(s)
+    return s.encode("ascii")
+
+
+@cython.cfunc
+def _blank(n: cython.Py_ssize_t) -> object:
+    """A sketch of ``n`` characters to fill in through ``_writable``, then ``_finished``."""
+    if cython.compiled:
+        return PyUnicode_New(n, 127)
+    return bytearray(n)
+
+
+@cython.cfunc
+@cython.inline
+def _writable(blank: object) -> cython.p_uchar:
+    if cython.compiled:
+        return PyUnicode_1BYTE_DATA(blank)
+    return blank
+
+
+@cython.cfunc
+def _finished(blank: object) -> str:
+    if cython.compiled:
+        return blank
+    return blank.decode("ascii")
+
+
 def _checked_time(ts_s: int) -> int:
     if not 0 <= ts_s < TIME_LIMIT_S:
         raise ValueError(f"a sketch keeps times from 0 to {TIME_LIMIT_S - 1} s, got {ts_s}")
     return ts_s
 
 
+@cython.locals(width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, at=cython.Py_ssize_t, out=cython.p_uchar)
 def _packed_of(form: str, entries: list) -> Distinct:
     """The sketch of ``form`` holding ``entries``, (key, time) pairs in their order."""
     key_digits = _KEY_DIGITS_EXACT if form == EXACT else _KEY_DIGITS_HLL
     width = key_digits + _TIME_DIGITS
-    result = bytearray(1 + width * len(entries))
-    result[0] = ord(form)
+    blank = _blank(1 + width * len(entries))
+    out = _writable(blank)
+    out[0] = ord(form)
     at = 1
     for key, ts in entries:
-        _write(result, at, key, key_digits)
-        _write(result, at + key_digits, _checked_time(ts), _TIME_DIGITS)
+        _write(out, at, key, key_digits)
+        _write(out, at + key_digits, _checked_time(ts), _TIME_DIGITS)
         at += width
-    return result.decode("ascii")
+    return _finished(blank)
 
 
-@cython.locals(s=str, width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, at=cython.Py_ssize_t)
+@cython.locals(width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, at=cython.Py_ssize_t, data=cython.p_uchar)
 def _entries(s: Distinct) -> list:
-    """The (key, time) pairs of a packed sketch, in order."""
+    """The (key, time) pairs of a ``_packed`` sketch, in order."""
     key_digits = _KEY_DIGITS_EXACT if s[0] == EXACT else _KEY_DIGITS_HLL
     width = key_digits + _TIME_DIGITS
-    return [(_read(s, at, key_digits), _read(s, at + key_digits, _TIME_DIGITS)) for at in range(1, len(s), width)]
+    data = _chars(s)
+    return [(_read(data, at, key_digits), _read(data, at + key_digits, _TIME_DIGITS)) for at in range(1, len(s), width)]
 
 
+@cython.locals(n=cython.Py_ssize_t)
 def _packed(sketch: Sketch) -> Distinct:
-    """``sketch`` in the packed form: itself, or converted from the form written before round 31."""
+    """``sketch`` in the packed form: itself, or converted from the form written before round 31.
+    A string that is not a whole sketch (a corrupt record) raises ValueError."""
     if type(sketch) is str:
-        return sketch
+        n = len(sketch)
+        if n and sketch.isascii() and (n - 1) % (_WIDTH_EXACT if sketch[0] == EXACT else _WIDTH_HLL) == 0 \
+                and sketch[0] in _FORMS:
+            return sketch
+        raise ValueError(f"not a sketch: {sketch[:40]!r}")
     if "x" in sketch:
         return _packed_of(EXACT, [(int(key), ts) for key, ts in sketch["x"].items()])
     return _packed_of(HLL, sorted(((int(register) << 5 | rank, ts) for register, front in sketch["h"].items()
                                    for rank, ts in front), key=_by_register_then_time))
+
+
+_FORMS = EXACT + HLL
 
 
 def _by_register_then_time(entry: tuple) -> tuple:
@@ -225,28 +273,33 @@ def distinct_add(sketch: Sketch, value: str, ts_s: int) -> Distinct:
     return distinct_insert(sketch, hashed(value), ts_s)[0]
 
 
-@cython.locals(s=str, n=cython.Py_ssize_t, at=cython.Py_ssize_t, wanted=cython.ulonglong, ts=cython.longlong,
-               result=bytearray)
+@cython.locals(s=str, n=cython.Py_ssize_t, at=cython.Py_ssize_t, k=cython.Py_ssize_t, wanted=cython.ulonglong,
+               ts=cython.longlong, data=cython.p_uchar, out=cython.p_uchar)
 def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool | None]:
     """Adds a ``hash32``; returns the sketch and whether it held the hash before
     (None once the sketch is a HyperLogLog: unknown)."""
     s = _packed(sketch)
     wanted, ts = h, _checked_time(ts_s)
-    if s[0] == EXACT:
-        n = len(s)
+    data, n = _chars(s), len(s)
+    if data[0] == 120:  # EXACT
         for at in range(1, n, _WIDTH_EXACT):
-            if _read(s, at, _KEY_DIGITS_EXACT) == wanted:
-                if ts > cython.cast(cython.longlong, _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)):
-                    result = bytearray(s, "ascii")
-                    _write(result, at + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
-                    s = result.decode("ascii")
+            if _read(data, at, _KEY_DIGITS_EXACT) == wanted:
+                if ts > cython.cast(cython.longlong, _read(data, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)):
+                    blank = _blank(n)
+                    out = _writable(blank)
+                    for k in range(n):
+                        out[k] = data[k]
+                    _write(out, at + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
+                    s = _finished(blank)
                 return s, True
         if n < 1 + EXACT_LIMIT * _WIDTH_EXACT:
-            result = bytearray(s, "ascii")
-            result += _NEW_EXACT_ENTRY
-            _write(result, n, wanted, _KEY_DIGITS_EXACT)
-            _write(result, n + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
-            return result.decode("ascii"), False
+            blank = _blank(n + _WIDTH_EXACT)
+            out = _writable(blank)
+            for k in range(n):
+                out[k] = data[k]
+            _write(out, n, wanted, _KEY_DIGITS_EXACT)
+            _write(out, n + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
+            return _finished(blank), False
         fronts = _fronts(s)
         known: bool | None = False
     else:
@@ -255,11 +308,8 @@ def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool |
     return _hll_insert(s, fronts, h, ts), known
 
 
-_NEW_EXACT_ENTRY = bytes(13)  # _WIDTH_EXACT
-
-
 @cython.locals(low=cython.Py_ssize_t, high=cython.Py_ssize_t, middle=cython.Py_ssize_t, start=cython.Py_ssize_t,
-               end=cython.Py_ssize_t, n=cython.Py_ssize_t, register=cython.ulonglong)
+               end=cython.Py_ssize_t, n=cython.Py_ssize_t, register=cython.ulonglong, data=cython.p_uchar)
 def _hll_insert(s: Distinct, fronts: dict | None, h: int, ts: int) -> Distinct:
     """Adds a hash to a HyperLogLog: ``s``, or ``fronts`` if given (an exact sketch ``s`` that just
     outgrew EXACT_LIMIT, as ``_fronts`` of it). Only the hash's register is decoded otherwise."""
@@ -267,16 +317,16 @@ def _hll_insert(s: Distinct, fronts: dict | None, h: int, ts: int) -> Distinct:
     if fronts is not None:
         fronts[register] = _front_add(fronts.get(register, []), rank, ts)
         return _hll_of(fronts)
-    n = (len(s) - 1) // _WIDTH_HLL
+    n, data = (len(s) - 1) // _WIDTH_HLL, _chars(s)
     low, high = 0, n  # the register's entries are [start, end): found by bisection on the register
     while low < high:
         middle = (low + high) // 2
-        if _read(s, 1 + middle * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 < register:
+        if _read(data, 1 + middle * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 < register:
             low = middle + 1
         else:
             high = middle
     start = end = low
-    while end < n and _read(s, 1 + end * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 == register:
+    while end < n and _read(data, 1 + end * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 == register:
         end += 1
     front = [(key & 31, t) for key, t in _entries(HLL + s[1 + start * _WIDTH_HLL:1 + end * _WIDTH_HLL])]
     changed = _front_add(front, rank, ts)
@@ -321,7 +371,7 @@ def distinct_counts_back(sketch: Sketch | list, now_s: int, seconds: tuple) -> l
                j=cython.Py_ssize_t, m=cython.Py_ssize_t, end=cython.Py_ssize_t, rank=cython.int,
                ts=cython.longlong, h=cython.ulonglong, key=cython.ulonglong, rest=cython.ulonglong,
                empty=cython.int, total=cython.double, counts=list, parts=list, s=str, now_s=cython.longlong,
-               back=cython.bint)
+               back=cython.bint, data=cython.p_uchar)
 def _counts(sketch: object, times: tuple, now_s, back) -> list:
     """The counts since each of ``times``, or, if ``back``, since ``now_s`` minus each."""
     n = len(times)
@@ -348,10 +398,11 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
             return [exact_counts[w] for w in range(n)]
     else:
         s = _packed(sketch)
-        if s[0] == EXACT:
+        data = _chars(s)
+        if data[0] == 120:  # EXACT
             end = len(s)
             for at in range(1 + _KEY_DIGITS_EXACT, end, _WIDTH_EXACT):
-                ts = _read(s, at, _TIME_DIGITS)
+                ts = _read(data, at, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w]:
                         exact_counts[w] += 1
@@ -362,25 +413,25 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
     for at in range(n * _C_REGISTERS):
         ranks[at] = 0
     for s in parts:
-        end = len(s)
-        if s[0] == HLL:
+        end, data = len(s), _chars(s)
+        if data[0] == 104:  # HLL
             for at in range(1, end, _WIDTH_HLL):
-                key = _read(s, at, _KEY_DIGITS_HLL)
+                key = _read(data, at, _KEY_DIGITS_HLL)
                 register, rank = key >> 5, key & 31
-                ts = _read(s, at + _KEY_DIGITS_HLL, _TIME_DIGITS)
+                ts = _read(data, at + _KEY_DIGITS_HLL, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
                         ranks[w * _C_REGISTERS + register] = rank
         else:  # an exact part of a union: each value where a HyperLogLog would place it
             for at in range(1, end, _WIDTH_EXACT):
-                h = _read(s, at, _KEY_DIGITS_EXACT)
+                h = _read(data, at, _KEY_DIGITS_EXACT)
                 register = h & (_C_REGISTERS - 1)
                 rest = h >> _C_REGISTER_BITS
                 rank = 26  # 25 - rest.bit_length() + 1, as _rank
                 while rest:
                     rest >>= 1
                     rank -= 1
-                ts = _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
+                ts = _read(data, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
                         ranks[w * _C_REGISTERS + register] = rank
@@ -402,17 +453,19 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
 
 @cython.cfunc
 @cython.locals(hashes=cython.p_ulonglong, stamps=cython.p_longlong, m=cython.Py_ssize_t, j=cython.Py_ssize_t,
-               at=cython.Py_ssize_t, found=cython.Py_ssize_t, h=cython.ulonglong, ts=cython.longlong, s=str)
+               at=cython.Py_ssize_t, found=cython.Py_ssize_t, h=cython.ulonglong, ts=cython.longlong, s=str,
+               data=cython.p_uchar)
 def _exact_union(parts: list, hashes, stamps) -> cython.Py_ssize_t:
     """The union of packed ``parts`` into ``hashes`` and ``stamps`` (each value's latest time),
     and how many values it holds; -1 if a part is a HyperLogLog or the union exceeds EXACT_LIMIT."""
     m = 0
     for s in parts:
-        if s[0] != EXACT:
+        data = _chars(s)
+        if data[0] != 120:  # EXACT
             return -1
         for at in range(1, len(s), _WIDTH_EXACT):
-            h = _read(s, at, _KEY_DIGITS_EXACT)
-            ts = _read(s, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
+            h = _read(data, at, _KEY_DIGITS_EXACT)
+            ts = _read(data, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
             found = -1
             for j in range(m):
                 if hashes[j] == h:
@@ -455,30 +508,29 @@ def distinct_union(parts: list) -> Distinct | list:
 
 @cython.locals(s=str, width=cython.Py_ssize_t, key_digits=cython.Py_ssize_t, n=cython.Py_ssize_t,
                at=cython.Py_ssize_t, k=cython.Py_ssize_t, written=cython.Py_ssize_t, kept=cython.Py_ssize_t,
-               before=cython.longlong, out=cython.p_uchar)
+               before=cython.longlong, data=cython.p_uchar, out=cython.p_uchar)
 def distinct_expire(sketch: Sketch, before_s: int) -> Distinct:
     """``sketch`` without the values (or pairs) last seen before ``before_s`` (itself if none are)."""
     s = _packed(sketch)
-    before = before_s
-    key_digits = _KEY_DIGITS_EXACT if s[0] == EXACT else _KEY_DIGITS_HLL
+    before, data, n = before_s, _chars(s), len(s)
+    key_digits = _KEY_DIGITS_EXACT if data[0] == 120 else _KEY_DIGITS_HLL
     width = key_digits + _TIME_DIGITS
-    n = len(s)
     kept = 0
     for at in range(1, n, width):
-        if cython.cast(cython.longlong, _read(s, at + key_digits, _TIME_DIGITS)) >= before:
+        if cython.cast(cython.longlong, _read(data, at + key_digits, _TIME_DIGITS)) >= before:
             kept += 1
     if kept == (n - 1) // width:
         return s
-    result = bytearray(1 + kept * width)
-    out = result
-    out[0] = ord(s[0])
+    blank = _blank(1 + kept * width)
+    out = _writable(blank)
+    out[0] = data[0]
     written = 1
     for at in range(1, n, width):
-        if cython.cast(cython.longlong, _read(s, at + key_digits, _TIME_DIGITS)) >= before:
+        if cython.cast(cython.longlong, _read(data, at + key_digits, _TIME_DIGITS)) >= before:
             for k in range(width):
-                out[written + k] = ord(s[at + k])
+                out[written + k] = data[at + k]
             written += width
-    return result.decode("ascii")
+    return _finished(blank)
 
 
 def distinct_merge(a: Sketch, b: Sketch) -> Distinct:

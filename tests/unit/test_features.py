@@ -354,6 +354,10 @@ def test_a_sketch_is_one_string_that_json_keeps_as_it_is():
     assert orjson.dumps(sketch) == b'"' + sketch.encode() + b'"'
     with pytest.raises(ValueError, match="a sketch keeps times from 0"):
         distinct_add(sketch, "late", ts_s=TIME_LIMIT_S)
+    exact = distinct_add(new_distinct(), "a", ts_s=1)
+    for corrupt in ("", exact[:-1], "q" + exact[1:], exact[:-1] + "\u00e9", "h" + exact[1:]):
+        with pytest.raises(ValueError, match="not a sketch"):  # read from a changelog someone else wrote
+            distinct_count(corrupt, 0)
 
 
 def _as_written_before_round_31(sketch: str):
