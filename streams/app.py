@@ -52,7 +52,7 @@ from streams.learning import LearningFeed
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
-    amend_table_stores, filter_memtable_misses, pace_background_writes, shard_key,
+    amend_table_stores, filter_memtable_misses, memtable_budget, pace_background_writes, shard_key, within,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -172,19 +172,22 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_s * 1000)},
     )
     pace_background_writes(label_join, settings.label_join_write_mb_s)
+    budget = memtable_budget(settings.state_memtable_mb)  # shared by every store of the worker
     for table in (*tables.values(), label_join):
         amend_table_stores(table, filter_memtable_misses)
+        amend_table_stores(table, within(budget))
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
     replica = ShardReplica(
         settings.bootstrap_servers,
         {name: tables[name].changelog_topic_name for name in sharded},
         settings.partitions,
         Path(settings.data_dir) / "shard-replica",
+        budget,
     )
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
     feed = LearningFeed(detector, settings.bootstrap_servers, settings.examples_topic, settings.checkpoint_topic,
                         checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning",
-                        checkpoint_interval_s=settings.checkpoint_interval_s)
+                        checkpoint_interval_s=settings.checkpoint_interval_s, budget=budget)
     feed.restore()
     if not feed.restored and settings.warm_start:
         try:  # a checkpoint, once there is one, always wins: it already holds the warm start

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
-from rocksdict import AccessType, Rdict
+from rocksdict import AccessType, Rdict, WriteBufferManager
 
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
@@ -49,7 +49,8 @@ def reputation_key(entity: str, key: str) -> bytes:
 
 class LearningFeed:
     def __init__(self, detector: Detector, bootstrap: str, examples_topic: str, checkpoint_topic: str,
-                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float):
+                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float,
+                 budget: WriteBufferManager | None = None):
         self.detector = detector
         self.examples_topic = examples_topic
         self.checkpoint_topic = checkpoint_topic
@@ -57,7 +58,7 @@ class LearningFeed:
         self.bootstrap = bootstrap
         data_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_file = data_dir / "models.ckpt"
-        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(),
+        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(budget),
                                 access_type=AccessType.read_write())
         self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,

@@ -28,7 +28,7 @@ from typing import Any, Callable, Hashable, Iterable
 
 import orjson
 from confluent_kafka import Consumer, TopicPartition
-from rocksdict import AccessType, BlockBasedOptions, Options, Rdict, WriteBatch
+from rocksdict import AccessType, BlockBasedOptions, Options, Rdict, WriteBatch, WriteBufferManager
 
 from detectors.entities import Record
 from detectors.features import encode_record
@@ -59,15 +59,38 @@ def filter_memtable_misses(options: Options) -> None:
     options.set_memtable_whole_key_filtering(True)
 
 
-def store_options() -> Options:
-    """Options of the worker's own RocksDB stores (raw bytes, bloom filters for the misses)."""
+def store_options(budget: WriteBufferManager | None = None) -> Options:
+    """Options of the worker's own RocksDB stores (raw bytes, bloom filters for the misses, the
+    worker's ``memtable_budget``)."""
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     table = BlockBasedOptions()
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, True)
     options.set_block_based_table_factory(table)
     filter_memtable_misses(options)
+    within(budget)(options)
     return options
+
+
+def memtable_budget(mb: int) -> WriteBufferManager | None:
+    """One budget of ``mb`` MB for the memtables of every store given it (``within``); None for 0.
+
+    Each Faust store keeps up to two 64 MB memtables, and a worker has one store per table and
+    partition: 26 on one worker of four partitions, whose memtables held ~1.1 GB after two
+    minutes at 5,000 events/s, and filled and flushed together (docs/performance.md, round 31).
+    Past the budget, the store written to flushes its memtable; writers never stall."""
+    if mb < 0:
+        raise ValueError(f"ABUSE_STATE_MEMTABLE_MB={mb}: give MB (0 for no budget)")
+    return WriteBufferManager(mb << 20, False) if mb else None
+
+
+def within(budget: WriteBufferManager | None) -> Callable[[Options], None]:
+    """What puts a store's options under ``budget`` (if any), for ``amend_table_stores`` and
+    ``store_options``."""
+    def amend(options: Options) -> None:
+        if budget is not None:
+            options.set_write_buffer_manager(budget)
+    return amend
 
 
 def amend_table_stores(table: Any, amend: Callable[[Options], None]) -> None:
@@ -142,12 +165,13 @@ class ShardReplica:
     the changelog written meanwhile again.
     """
 
-    def __init__(self, bootstrap: str, changelogs: dict[str, str], partitions: int, path: Path):
+    def __init__(self, bootstrap: str, changelogs: dict[str, str], partitions: int, path: Path,
+                 budget: WriteBufferManager | None = None):
         self.changelogs = changelogs  # entity name -> changelog topic
         self._key_prefixes = {topic: name.encode() + b"\x00" for name, topic in changelogs.items()}
         self.partitions = partitions
         path.mkdir(parents=True, exist_ok=True)
-        self.db = Rdict(str(path), options=store_options(), access_type=AccessType.read_write())
+        self.db = Rdict(str(path), options=store_options(budget), access_type=AccessType.read_write())
         self.consumer = Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": f"replica-{id(self)}",  # never committed: offsets live in self.db

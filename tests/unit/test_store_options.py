@@ -11,7 +11,8 @@ from faust.stores.rocksdb import RocksDBOptions
 from rocksdict import Rdict
 
 from streams.state import (
-    MEMTABLE_BLOOM_RATIO, amend_table_stores, filter_memtable_misses, pace_background_writes, store_options,
+    MEMTABLE_BLOOM_RATIO, amend_table_stores, filter_memtable_misses, memtable_budget, pace_background_writes,
+    store_options, within,
 )
 
 
@@ -69,3 +70,28 @@ def test_a_tables_stores_filter_their_memtables_misses_with_fausts_options_kept(
 def test_the_workers_own_stores_filter_their_memtables_misses(tmp_path):
     Rdict(str(tmp_path / "own.db"), options=store_options()).close()
     assert _memtable_bloom(_logged_options(tmp_path / "own.db")) == (MEMTABLE_BLOOM_RATIO, "1")
+
+
+def test_a_memtable_budget_is_shared_by_the_tables_stores_and_the_workers_own(tmp_path):
+    budget = memtable_budget(64)
+    assert budget is not None and budget.get_buffer_size() == 64 << 20 and budget.get_usage() == 0
+    options = RocksDBOptions(driver="rocksdict")
+    amend_table_stores(SimpleNamespace(data=SimpleNamespace(rocksdb_options=options)), within(budget))
+    table_store = options.open(tmp_path / "table.db")
+    own_store = Rdict(str(tmp_path / "own"), options=store_options(budget))
+    outside = Rdict(str(tmp_path / "outside"), options=store_options())
+    usage = [budget.get_usage()]
+    for store in (table_store, own_store, outside):
+        for i in range(5_000):
+            store[b"key-%d" % i] = b"x" * 300
+        usage.append(budget.get_usage())
+    for store in (table_store, own_store, outside):
+        store.close()
+    assert usage[1] > usage[0] and usage[2] > usage[1]  # each store under the budget counts
+    assert usage[3] == usage[2]  # a store without it does not
+
+
+def test_no_memtable_budget_unless_asked_and_a_negative_one_is_refused():
+    assert memtable_budget(0) is None
+    with pytest.raises(ValueError, match="ABUSE_STATE_MEMTABLE_MB=-1"):
+        memtable_budget(-1)
