@@ -73,7 +73,6 @@ Distinct = str
 Sketch = Union[str, dict[str, Any]]  # what a record may hold: packed, or as written before round 31
 EXACT = "x"
 HLL = "h"
-_DIGIT_BITS = 6
 _KEY_DIGITS_EXACT = cython.declare(cython.Py_ssize_t, 6)
 _KEY_DIGITS_HLL = cython.declare(cython.Py_ssize_t, 2)
 _TIME_DIGITS = cython.declare(cython.Py_ssize_t, 7)
