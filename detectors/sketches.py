@@ -327,7 +327,8 @@ def _hll_insert(s: Distinct, fronts: dict | None, h: int, ts: int) -> Distinct:
     start = end = low
     while end < n and _read(data, 1 + end * _WIDTH_HLL, _KEY_DIGITS_HLL) >> 5 == register:
         end += 1
-    front = [(key & 31, t) for key, t in _entries(HLL + s[1 + start * _WIDTH_HLL:1 + end * _WIDTH_HLL])]
+    front = [(_read(data, at, _KEY_DIGITS_HLL) & 31, _read(data, at + _KEY_DIGITS_HLL, _TIME_DIGITS))
+             for at in range(1 + start * _WIDTH_HLL, 1 + end * _WIDTH_HLL, _WIDTH_HLL)]
     changed = _front_add(front, rank, ts)
     if changed is front:
         return s
