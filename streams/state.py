@@ -76,8 +76,8 @@ def memtable_budget(mb: int) -> WriteBufferManager | None:
     """One budget of ``mb`` MB for the memtables of every store given it (``within``); None for 0.
 
     Each Faust store keeps up to two 64 MB memtables, and a worker has one store per table and
-    partition: 26 on one worker of four partitions, whose memtables held ~1.1 GB after two
-    minutes at 5,000 events/s, and filled and flushed together (docs/performance.md, round 31).
+    partition: 26 on one worker of four partitions, whose RSS reached ~1.1 GB after two minutes
+    at 5,000 events/s, when no entity store had flushed yet (docs/performance.md, rounds 30-31).
     Past the budget, the store written to flushes its memtable; writers never stall."""
     if mb < 0:
         raise ValueError(f"ABUSE_STATE_MEMTABLE_MB={mb}: give MB (0 for no budget)")
