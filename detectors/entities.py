@@ -4,11 +4,13 @@ A record holds, for its entity, the first and last event time, rings of time
 buckets per bucket width (only the channels the catalogue needs at that
 width), sliding distinct sketches and recent text fingerprints::
 
-    {"f": first_ms, "l": last_ms, "r": {"300000": [[bucket, ch1, ch2, ...], ...]},
+    {"f": first_ms, "l": last_ms, "r": {"300000": "<ring>"},
      "d": {"users": "<sketch>"}, "t": [[simhash, ts_s], ...], "o": [partition, offset]}
 
-A sketch is one string (``sketches``' packed form; a record written before round 31 may
-hold one as a dict, read as well and rewritten packed when the record next changes).
+A ring is one string of its buckets (see *packed rings* below; a record written before round
+32, or a ring holding a value that does not pack, keeps ``[[bucket, ch1, ch2, ...], ...]``, read
+as well). A sketch is one string (``sketches``' packed form; a record written before round 31
+may hold one as a dict, read as well and rewritten packed when the record next changes).
 
 ``o`` is the last input record applied (see ``features.extract``).
 
@@ -37,6 +39,10 @@ from typing import Any, Iterable
 import cython
 from cython.cimports.libc.math import copysign
 
+if cython.compiled:  # a packed ring's characters read, and a new one's written, in place (see _chars)
+    from cython.cimports.cpython.unicode import PyUnicode_1BYTE_DATA, PyUnicode_New
+    from cython.cimports.libc.string import memcpy
+
 from detectors.catalog import (
     ALL_TYPES, CHANNELS, ENTITIES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, Entity, Event, IsNew, Mean,
     NearDuplicates, RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
@@ -62,6 +68,310 @@ def _prune_ring(ring: list, newest: cython.longlong, length: cython.longlong) ->
     if not ring or ring[0][0] >= oldest:  # rings are kept in bucket order
         return ring
     return [b for b in ring if b[0] >= oldest]
+
+
+# -- packed rings -----------------------------------------------------------------
+# A ring is one string of printable ASCII (round 32): its value width and channel count (a digit
+# each), then its buckets in bucket order, each the bucket's index (6 digits) and one value per
+# channel (the value width in digits: 2 * n for a whole n, 2 * c + 1 for c cents). Digits are
+# 6-bit, most significant first, as in ``sketches``' packed form (48 + d, 49 + d from 44 on: no
+# backslash, so JSON never escapes one). A record is then decoded, encoded and freed as a few
+# strings where it held a list per bucket, and windows are summed from the characters.
+# Every value ``_add`` makes below 2 ** 47 (whole or cents) packs; a ring holding any other
+# (records written before round 32, or a sum too large) is kept as lists ``[[index, value, ...],
+# ...]``, the reference form: both are read everywhere, and a list ring is packed when it fits.
+_HEADER = cython.declare(cython.Py_ssize_t, 2)
+_INDEX_DIGITS = cython.declare(cython.Py_ssize_t, 6)
+_MAX_VALUE_DIGITS = cython.declare(cython.Py_ssize_t, 8)
+_INDEX_LIMIT = cython.declare(cython.longlong, 1 << 36)  # 6 digits: every bucket index of a year-9999 time
+_CODE_LIMIT = cython.declare(cython.longlong, 1 << 48)  # 8 digits
+_VALUE_LIMIT = 1 << 47  # whole numbers, and cents, below it pack
+_VALUE_LIMIT_D = cython.declare(cython.double, 2.0 ** 47)
+_UNFIT = object()  # what a packed ring's update returns when its new value does not pack
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(k=cython.Py_ssize_t, c=cython.uint, value=cython.ulonglong)
+def _read(data: cython.p_uchar, at: cython.Py_ssize_t, digits: cython.Py_ssize_t) -> cython.longlong:
+    value = 0
+    for k in range(at, at + digits):
+        c = data[k]
+        value = (value << 6) | (c - 48 - (c > 92))
+    return value
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(k=cython.Py_ssize_t, d=cython.uint, value=cython.ulonglong)
+def _write(out: cython.p_uchar, at: cython.Py_ssize_t, number: cython.longlong,
+           digits: cython.Py_ssize_t) -> cython.int:
+    value = number
+    for k in range(at + digits - 1, at - 1, -1):
+        d = value & 63
+        out[k] = 48 + d + (d >= 44)
+        value >>= 6
+    return 0
+
+
+# Compiled, a ring's characters are read where the string keeps them and a new ring is a string
+# filled in before anything else sees it; from source, the same code reads bytes and fills a bytearray.
+# These helpers and the two above are ``sketches``' own, repeated: a compiled module calls another's
+# C functions only through a .pxd, which would stop either running from its source alone (see
+# detectors/__init__.py), and through Python they would cost a call per digit.
+@cython.cfunc
+@cython.inline
+def _chars(s: str) -> cython.p_uchar:
+    if cython.compiled:
+        return PyUnicode_1BYTE_DATA(s)
+    return s.encode("ascii")
+
+
+@cython.cfunc
+@cython.inline
+def _blank(n: cython.Py_ssize_t) -> object:
+    if cython.compiled:
+        return PyUnicode_New(n, 127)
+    return bytearray(n)
+
+
+@cython.cfunc
+@cython.inline
+def _writable(blank: object) -> cython.p_uchar:
+    if cython.compiled:
+        return PyUnicode_1BYTE_DATA(blank)
+    return blank
+
+
+@cython.cfunc
+@cython.inline
+def _finished(blank: object) -> str:
+    if cython.compiled:
+        return blank
+    return blank.decode("ascii")
+
+
+@cython.cfunc
+@cython.inline
+def _copy(out: cython.p_uchar, at: cython.Py_ssize_t, data: cython.p_uchar, start: cython.Py_ssize_t,
+          n: cython.Py_ssize_t) -> cython.int:
+    if cython.compiled:
+        memcpy(out + at, data + start, n)
+    else:
+        out[at:at + n] = data[start:start + n]
+    return 0
+
+
+@cython.cfunc
+@cython.locals(digits=cython.Py_ssize_t, channels=cython.Py_ssize_t, n=cython.Py_ssize_t, width=cython.Py_ssize_t)
+def _ring_width(ring: str, expected_channels: cython.Py_ssize_t) -> cython.Py_ssize_t:
+    """The characters per bucket of packed ``ring``; ValueError if it is not a ring of
+    ``expected_channels`` (a corrupt record, or one of another catalogue)."""
+    n = len(ring)
+    if n >= _HEADER and ring.isascii():
+        digits, channels = ord(ring[0]) - 48, ord(ring[1]) - 48
+        width = _INDEX_DIGITS + digits * channels
+        if 1 <= digits <= _MAX_VALUE_DIGITS and 1 <= channels == expected_channels and (n - _HEADER) % width == 0:
+            return width
+    raise ValueError(f"not a ring of {expected_channels} channels: {ring[:40]!r}")
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(digits=cython.Py_ssize_t)
+def _digits_for(code: cython.longlong) -> cython.Py_ssize_t:
+    digits = 1
+    while code >> (6 * digits):
+        digits += 1
+    return digits
+
+
+@cython.cfunc
+@cython.locals(cents=cython.longlong)
+def _code_of(value: object) -> cython.longlong:
+    """The packed code of a list ring's value, or -1 if it has none (negative, too large, a
+    whole float or more than cents: kept as it is, in a list ring)."""
+    if type(value) is int:
+        return value * 2 if 0 <= value < _VALUE_LIMIT else -1
+    if type(value) is float and 0 < value < _VALUE_LIMIT and not value.is_integer():
+        cents = round(value * 100)
+        # compiled, a C division: what Python's int division gives below 2 ** 53
+        if cents < _VALUE_LIMIT_D and cents / 100 == value:
+            return cents * 2 + 1
+    return -1
+
+
+@cython.cfunc
+@cython.inline
+def _value_of(code: cython.longlong) -> object:
+    """The value a packed code stands for, as the list form holds it (an int, or cents as a float)."""
+    if code & 1:
+        return (code >> 1) / 100
+    return code >> 1
+
+
+@cython.ccall
+@cython.locals(n=cython.Py_ssize_t, digits=cython.Py_ssize_t, width=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               i=cython.Py_ssize_t, code=cython.longlong, out=cython.p_uchar, bucket=list)
+def _pack_ring(buckets: list, n) -> object:
+    """``buckets`` (a ring of ``n`` channels as lists) packed, or None if a value does not pack."""
+    digits = 1
+    for bucket in buckets:
+        if len(bucket) != n + 1 or type(bucket[0]) is not int or not 0 <= bucket[0] < _INDEX_LIMIT:
+            return None
+        for i in range(1, n + 1):
+            code = _code_of(bucket[i])
+            if code < 0:
+                return None
+            digits = max(digits, _digits_for(code))
+    width = _INDEX_DIGITS + digits * n
+    blank = _blank(_HEADER + width * len(buckets))
+    out = _writable(blank)
+    out[0] = 48 + digits
+    out[1] = 48 + n
+    at = _HEADER
+    for bucket in buckets:
+        _write(out, at, bucket[0], _INDEX_DIGITS)
+        at += _INDEX_DIGITS
+        for i in range(1, n + 1):
+            _write(out, at, _code_of(bucket[i]), digits)
+            at += digits
+    return _finished(blank)
+
+
+@cython.locals(n=cython.Py_ssize_t, digits=cython.Py_ssize_t, width=cython.Py_ssize_t, at=cython.Py_ssize_t,
+               end=cython.Py_ssize_t, data=cython.p_uchar)
+def ring_buckets(ring: str | list) -> list:
+    """The buckets of ``ring`` as lists ``[index, value, ...]``, in bucket order (a list ring is
+    itself).
+
+    >>> ring_buckets(_pack_ring([[7, 1, 0], [9, 2, 19.99]], 2))
+    [[7, 1, 0], [9, 2, 19.99]]
+    """
+    if type(ring) is not str:
+        return ring
+    n = ord(ring[1]) - 48 if len(ring) >= _HEADER else 0
+    width = _ring_width(ring, n)
+    digits = (width - _INDEX_DIGITS) // n
+    data = _chars(ring)
+    buckets = []
+    for at in range(_HEADER, len(ring), width):
+        end = at + width
+        buckets.append([_read(data, at, _INDEX_DIGITS)]
+                       + [_value_of(_read(data, k, digits)) for k in range(at + _INDEX_DIGITS, end, digits)])
+    return buckets
+
+
+@cython.cfunc
+@cython.locals(width=cython.Py_ssize_t, digits=cython.Py_ssize_t, at=cython.Py_ssize_t, idx=cython.longlong,
+               c=cython.Py_ssize_t, code=cython.longlong, data=cython.p_uchar)
+def _sum_packed(ring: str, n: cython.Py_ssize_t, lo: cython.longlong, hi: cython.longlong,
+                first: cython.Py_ssize_t, channels: cython.Py_ssize_t, out: cython.p_double,
+                base: cython.Py_ssize_t) -> cython.int:
+    """Adds to ``out[base + c]`` channel ``first + c``'s value (as a double) of each bucket of
+    packed ``ring`` with lo < index < hi, for c below ``channels``, in bucket order."""
+    width = _ring_width(ring, n)
+    digits = (width - _INDEX_DIGITS) // n
+    data = _chars(ring)
+    for at in range(_HEADER, len(ring), width):
+        idx = _read(data, at, _INDEX_DIGITS)
+        if idx >= hi:
+            break
+        if idx > lo:
+            for c in range(channels):
+                code = _read(data, at + _INDEX_DIGITS + (first + c) * digits, digits)
+                if code & 1:
+                    out[base + c] += (code >> 1) / 100.0
+                else:
+                    out[base + c] += code >> 1
+    return 0
+
+
+@cython.cfunc
+@cython.locals(width=cython.Py_ssize_t, digits=cython.Py_ssize_t, count=cython.Py_ssize_t,
+               first=cython.Py_ssize_t, at=cython.Py_ssize_t, found=cython.bint, i=cython.Py_ssize_t,
+               b=cython.longlong, old=cython.longlong, code=cython.longlong, need=cython.Py_ssize_t,
+               amount=cython.double, kept=cython.Py_ssize_t, start=cython.Py_ssize_t, to=cython.Py_ssize_t,
+               k=cython.Py_ssize_t, data=cython.p_uchar, out=cython.p_uchar)
+def _apply_packed(ring: str, n: cython.Py_ssize_t, oldest: cython.longlong, idx: cython.longlong,
+                  amounts: cython.p_double, touched: cython.bint) -> object:
+    """Packed ``ring`` without its buckets before ``oldest`` and, if ``touched``, with ``amounts``
+    added to bucket ``idx``'s values as ``_add`` adds them; None if no bucket is left, ``_UNFIT``
+    if a new value does not pack."""
+    codes = cython.declare(cython.longlong[16])  # _MAX_CHANNELS
+    width = _ring_width(ring, n)
+    digits = (width - _INDEX_DIGITS) // n
+    data = _chars(ring)
+    count = (len(ring) - _HEADER) // width
+    first = 0
+    while first < count and _read(data, _HEADER + first * width, _INDEX_DIGITS) < oldest:
+        first += 1
+    if not touched:
+        if first == 0:
+            return ring
+        if first == count:
+            return None
+        blank = _blank(_HEADER + (count - first) * width)
+        out = _writable(blank)
+        _copy(out, 0, data, 0, _HEADER)
+        _copy(out, _HEADER, data, _HEADER + first * width, (count - first) * width)
+        return _finished(blank)
+    if not 0 <= idx < _INDEX_LIMIT:
+        return _UNFIT
+    at, found = count, False  # the bucket's place among the kept, searched from the newest
+    while at > first:
+        b = _read(data, _HEADER + (at - 1) * width, _INDEX_DIGITS)
+        if b <= idx:
+            if b == idx:
+                found, at = True, at - 1
+            break
+        at -= 1
+    need = digits
+    for i in range(n):
+        old = _read(data, _HEADER + at * width + _INDEX_DIGITS + i * digits, digits) if found else 0
+        amount = amounts[i]
+        if amount == 0:
+            code = old
+        elif old & 1 == 0 and 0 < amount < _VALUE_LIMIT_D and amount == cython.cast(cython.longlong, amount):
+            code = old + 2 * cython.cast(cython.longlong, amount)  # a count: whole numbers add exactly
+        else:
+            code = _code_of(_add(_value_of(old), amount))
+        if not 0 <= code < _CODE_LIMIT:
+            return _UNFIT
+        codes[i] = code
+        need = max(need, _digits_for(code))
+    kept = count - first + (0 if found else 1)
+    if need == digits:  # the other buckets are copied as they are
+        blank = _blank(_HEADER + kept * width)
+        out = _writable(blank)
+        _copy(out, 0, data, 0, _HEADER)
+        to = _HEADER + (at - first) * width
+        _copy(out, _HEADER, data, _HEADER + first * width, (at - first) * width)
+        _write(out, to, idx, _INDEX_DIGITS)
+        for i in range(n):
+            _write(out, to + _INDEX_DIGITS + i * digits, codes[i], digits)
+        start = at + (1 if found else 0)
+        _copy(out, to + width, data, _HEADER + start * width, (count - start) * width)
+        return _finished(blank)
+    # A value outgrew the width: every kept bucket is written again, wider
+    blank = _blank(_HEADER + kept * (_INDEX_DIGITS + need * n))
+    out = _writable(blank)
+    out[0] = 48 + need
+    out[1] = 48 + n
+    to = _HEADER
+    for k in range(first, count + (0 if found else 1)):
+        if k == at:
+            _write(out, to, idx, _INDEX_DIGITS)
+            for i in range(n):
+                _write(out, to + _INDEX_DIGITS + i * need, codes[i], need)
+        else:
+            b = k if found or k < at else k - 1  # the old bucket written here
+            _copy(out, to, data, _HEADER + b * width, _INDEX_DIGITS)
+            for i in range(n):
+                _write(out, to + _INDEX_DIGITS + i * need,
+                       _read(data, _HEADER + b * width + _INDEX_DIGITS + i * digits, digits), need)
+        to += _INDEX_DIGITS + need * n
+    return _finished(blank)
 
 
 _NO_AMOUNTS = {name: 0.0 for name in CHANNELS}
@@ -101,26 +411,43 @@ def apply_event(
 
 @cython.ccall
 @cython.locals(width=cython.longlong, length=cython.longlong, newest=cython.longlong, idx=cython.longlong,
-               i=cython.Py_ssize_t, n=cython.Py_ssize_t, channels=tuple, kept=list, ring=list, bucket=list)
+               i=cython.Py_ssize_t, n=cython.Py_ssize_t, touched=cython.bint, channels=tuple, ring=list,
+               bucket=list)
 def _apply_to_rings(rings: dict, plan_rings: tuple, ts: cython.longlong, watermark: cython.longlong,
                     amounts: dict) -> None:
+    adds = cython.declare(cython.double[16])  # _MAX_CHANNELS: what the event adds to each channel
     for key, width, length, channels in plan_rings:
         newest = watermark // width
         kept = rings.get(key)
-        ring = _prune_ring(kept, newest, length) if kept else []
         idx = ts // width
-        bucket = None
+        n = len(channels)
+        touched = False
         if idx > newest - length:
-            n = len(channels)
-            for i in range(n):  # no list of the amounts: most are 0 and add nothing
-                amount = amounts[channels[i]]
-                if amount:
-                    if bucket is None:
-                        bucket = _bucket_of(ring, idx, n)
-                    bucket[1 + i] = _add(bucket[1 + i], amount)
+            for i in range(n):
+                adds[i] = amounts[channels[i]]
+                if adds[i] != 0:
+                    touched = True
+        if kept is None and not touched:
+            continue
+        if type(kept) is str:
+            packed = _apply_packed(kept, n, newest - length + 1, idx, adds, touched)
+            if packed is None:
+                del rings[key]
+                continue
+            if packed is not _UNFIT:
+                if packed is not kept:
+                    rings[key] = packed
+                continue
+            kept = ring_buckets(kept)  # a value that does not pack: this ring goes on as lists
+        ring = _prune_ring(kept, newest, length) if kept else []
+        if touched:
+            bucket = _bucket_of(ring, idx, n)
+            for i in range(n):  # most amounts are 0 and add nothing
+                if adds[i] != 0:
+                    bucket[1 + i] = _add(bucket[1 + i], adds[i])
         if ring:
-            if ring is not kept:
-                rings[key] = ring
+            packed = _pack_ring(ring, n)
+            rings[key] = ring if packed is None else packed
         elif kept is not None:
             del rings[key]
 
@@ -229,11 +556,11 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
         return present[0]
     watermark = max(r["l"] for r in present)
     merged: Record = {"f": min(r["f"] for r in present), "l": watermark, "r": {}, "d": {}, "t": []}
-    for width in entity.ring_layout:
+    for width, channels in entity.ring_layout.items():
         key = str(width)
         buckets: dict[int, list] = {}
         for r in present:
-            for bucket in r["r"].get(key, ()):
+            for bucket in ring_buckets(r["r"].get(key, [])):
                 into = buckets.get(bucket[0])
                 if into is None:
                     buckets[bucket[0]] = list(bucket)
@@ -242,7 +569,8 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
                         into[i] = _add(into[i], bucket[i])
         ring = _prune_ring(sorted(buckets.values(), key=_bucket_order), watermark // width, entity.ring_lengths[width])
         if ring:
-            merged["r"][key] = ring
+            packed = _pack_ring(ring, len(channels))
+            merged["r"][key] = ring if packed is None else packed
     for sketch in entity.sketches:
         parts = [r["d"][sketch.name] for r in present if sketch.name in r["d"]]
         if parts:
@@ -325,7 +653,7 @@ def _compile(entity: Entity) -> _Plan:
             steps.append((_RATIO, name, w[f.numerator], w[f.denominator]))
         elif isinstance(f, RateOfChange):
             steps.append((_RATE_OF_CHANGE, name, at["1h"][f.channel],
-                          1 + entity.ring_layout[HOUR].index(f.channel)))
+                          1 + entity.ring_layout[HOUR].index(f.channel), len(entity.ring_layout[HOUR])))
         elif isinstance(f, Distinct):
             windows_of_sketch = distinct_windows.setdefault(f.sketch, [])
             windows_of_sketch.append(WINDOW_MS[f.window] // 1000)  # type: ignore[index]
@@ -374,7 +702,7 @@ def entity_features(
                base=cython.Py_ssize_t, i=cython.Py_ssize_t, watermark=cython.longlong, width=cython.longlong,
                oldest=cython.longlong, newest=cython.longlong, elapsed=cython.longlong, idx=cython.longlong,
                first=cython.longlong, kept=cython.longlong, amount=cython.double,
-               value=cython.double, day=cython.double, denominator=cython.double, step=tuple, window=tuple,
+               value=cython.double, denominator=cython.double, step=tuple, window=tuple,
                bucket=list, record=dict, rings=dict, out=dict, plan=_Plan, counted=dict, counts=list, novelty=dict,
                zeroed=cython.bint)
 def shard_features(
@@ -410,6 +738,7 @@ def shard_features(
             first = record["f"]
     # Each window's sums, bucket by bucket in bucket order as doubles (what the models get)
     sums = cython.declare(cython.double[128])  # _MAX_WINDOWS * _MAX_CHANNELS (C needs the number)
+    day = cython.declare(cython.double[1])  # an array, as _sum_packed adds into one
     for slot in range(len(plan.windows)):
         window = plan.windows[slot]
         width, kept, channels, base = window[0], window[1], window[3], slot * _MAX_CHANNELS
@@ -418,7 +747,11 @@ def shard_features(
         oldest = watermark // width - kept  # C integers: no int objects per window
         for record in present:
             rings = record["r"]  # a C dict lookup below, not a call of the method ``get``
-            for bucket in rings.get(window[2]) or ():
+            ring = rings.get(window[2])
+            if type(ring) is str:
+                _sum_packed(ring, channels, oldest, _NO_INDEX_LIMIT, 0, channels, sums, base)
+                continue
+            for bucket in ring or ():
                 idx = bucket[0]
                 if idx > oldest:
                     for channel in range(channels):
@@ -441,15 +774,19 @@ def shard_features(
             value = counts[step[3]]
         elif code == _RATE_OF_CHANGE:
             newest, i = watermark // HOUR, step[3]
-            day = 0.0
+            day[0] = 0.0
             for record in present:
                 rings = record["r"]
-                for bucket in rings.get(_HOUR_KEY) or ():
+                ring = rings.get(_HOUR_KEY)
+                if type(ring) is str:
+                    _sum_packed(ring, step[4], newest - 25, newest, i - 1, 1, day, 0)
+                    continue
+                for bucket in ring or ():
                     idx = bucket[0]
                     if newest - 24 <= idx < newest:
                         amount = _as_double(bucket[i])
-                        day += amount
-            value = (sums[step[2]] + 1) / (day / 24 + 1)
+                        day[0] += amount
+            value = (sums[step[2]] + 1) / (day[0] / 24 + 1)
         elif code == _IS_NEW:
             value = 1.0 if novelty.get(step[2]) else 0.0
         elif code == _NEAR_DUPLICATES:
@@ -471,6 +808,7 @@ def shard_features(
 
 
 _NO_COUNTS = [0] * MAX_WINDOWS_PER_SKETCH
+_NO_INDEX_LIMIT = cython.declare(cython.longlong, 1 << 62)
 _HOUR_MS = float(HOUR)
 _HOUR_KEY = str(HOUR)
 

@@ -13,7 +13,9 @@ from detectors.catalog import (
     ENTITIES, EVENT_FEATURES, FEATURE_NAMES, WINDOW_MS, WINDOWS, Count, Distinct, IsNew, Mean, NearDuplicates,
     RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, CHANNELS, HOUR,
 )
-from detectors.entities import apply_event, entity_features, is_idle, merge_records, new_record, shard_features
+from detectors.entities import (
+    apply_event, entity_features, is_idle, merge_records, new_record, ring_buckets, shard_features,
+)
 from detectors.features import EntityState, encode_record, entity_keys, extract, stored_is_idle
 from detectors.sketches import (
     EXACT_LIMIT, HLL_RELATIVE_ERROR, NEAR_DUPLICATE_BITS, _entries, distinct_add, distinct_count, distinct_expire,
@@ -170,12 +172,12 @@ def test_a_late_events_bucket_joins_its_ring_in_bucket_order_and_is_pruned_with_
     record = None
     for ts in (600_000, 720_000, 660_000):  # the last is late: its minute lies between the others
         record, _ = apply_event(ip, record, dict(login, ts=ts))
-    minute = record["r"]["60000"]
+    minute = ring_buckets(record["r"]["60000"])
     assert [bucket[0] for bucket in minute] == [10, 11, 12]
-    assert all([b[0] for b in ring] == sorted(b[0] for b in ring) for ring in record["r"].values())
+    assert all([b[0] for b in ring] == sorted(b[0] for b in ring) for ring in map(ring_buckets, record["r"].values()))
     later = 720_000 + ip.ring_lengths[60_000] * 60_000  # a minute past the oldest bucket's ring
     record, _ = apply_event(ip, record, dict(login, ts=later))
-    assert [bucket[0] for bucket in record["r"]["60000"]][0] > 10
+    assert [bucket[0] for bucket in ring_buckets(record["r"]["60000"])][0] > 10
 
 
 def test_shards_merge_to_the_single_record_answer():
@@ -245,7 +247,9 @@ def test_features_set_into_zeros_keep_a_negative_zero():
     login = {"type": "login", "ts": 60_000, "user_id": "u", "ip": "1.2.3.4", "success": True}
     record, _ = apply_event(user, None, login)
     five_minutes = user.ring_layout[300_000]  # the buckets of the 1h window
-    record["r"]["300000"][0][1 + five_minutes.index("logins")] = -1
+    ring = ring_buckets(record["r"]["300000"])
+    ring[0][1 + five_minutes.index("logins")] = -1  # no packed ring holds it: kept as lists
+    record["r"]["300000"] = ring
     plain = shard_features(user, [record], login, None)
     into_zeros = shard_features(user, [record], login, None, out=dict.fromkeys(plain, 0.0), zeroed=True)
     assert repr(plain["user_login_fail_ratio_1h"]) == "-0.0"
@@ -331,6 +335,78 @@ def test_extract_sets_each_event_feature_as_the_catalogue_computes_it():
     assert {f.of_type for f in EVENT_FEATURES if f.of_type} <= kinds_seen
 
 
+# -- rings ---------------------------------------------------------------------------
+def _packed_and_lists(entity, events):
+    """Each event applied to a record whose rings stay packed, and to one whose rings are
+    turned back into lists before every event (the reference form): their rings' buckets,
+    values' types and features must agree event by event."""
+    packed = lists = None
+    for event in events:
+        if lists is not None:
+            lists["r"] = {width: ring_buckets(ring) for width, ring in lists["r"].items()}
+        previous = packed["l"] if packed else None
+        packed, novelty = apply_event(entity, packed, event)
+        lists, _ = apply_event(entity, lists, event)
+        assert all(type(ring) is str for ring in packed["r"].values())
+        assert repr({w: ring_buckets(r) for w, r in packed["r"].items()}) == \
+            repr({w: ring_buckets(r) for w, r in lists["r"].items()})
+        assert repr(entity_features(entity, packed, event, previous, novelty)) == \
+            repr(entity_features(entity, lists, event, previous, novelty))
+    return packed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_rings_hold_what_list_rings_hold(seed):
+    """Counts, amounts to the cent, late events between buckets, pruning, and counts that
+    outgrow a ring's digits (a bucket of 70 logins needs two)."""
+    rng = random.Random(seed)
+    events = random_stream(seed, n=300)
+    for i, event in enumerate(events):
+        if event["type"] == "payment":
+            event["amount"] = rng.choice((0.01, 0.1, 0.2, 19.99, 1e6 + 0.005, 7.125, 1234.5678, 0.0, 3, 2 ** 40))
+    burst = dict(events[-1], type="login", success=False, ip="10.9.9.9")
+    events += [dict(burst, ts=burst["ts"] + i) for i in range(70)]
+    for name in ("user", "ip", "merchant", "card", "device"):
+        record = _packed_and_lists(ENTITIES[name], events)
+    assert max(ord(ring[0]) - 48 for ring in record["r"].values()) >= 1
+    ip = _packed_and_lists(ENTITIES["ip"], events[-70:])
+    assert {ord(ring[0]) - 48 for ring in ip["r"].values()} == {2}  # 70 > 63: two digits a value
+
+
+def test_a_ring_is_one_string_that_json_keeps_as_it_is():
+    from detectors.entities import _pack_ring
+
+    ring = _pack_ring([[0, 0, 1], [5, 12, 19.99], [2 ** 36 - 1, 2 ** 47 - 1, (2 ** 47 - 1) / 100]], 2)
+    assert ring.isascii() and ring.isprintable() and '"' not in ring and "\\" not in ring
+    assert orjson.dumps(ring) == b'"' + ring.encode() + b'"'
+    assert ring_buckets(ring) == [[0, 0, 1], [5, 12, 19.99], [2 ** 36 - 1, 2 ** 47 - 1, (2 ** 47 - 1) / 100]]
+    assert len(ring) == 2 + 3 * (6 + 2 * 8)  # the largest value sets every value's width
+    for unfit in ([[0, -1, 0]], [[0, 2 ** 47, 0]], [[0, 3.0, 0]], [[0, 0.001, 0]], [[0, True, 0]],
+                  [[0, 1]], [[2 ** 36, 1, 0]], [[-1, 1, 0]], [[0, math.inf, 0]]):
+        assert _pack_ring(unfit, 2) is None, unfit  # kept as lists, as written
+    for corrupt in ("", "1", "01", ring[:-1], "9" + ring[1:], "0" + ring[1:], ring[:-1] + "\u00e9"):
+        with pytest.raises(ValueError, match="not a ring"):  # read from a changelog someone else wrote
+            ring_buckets(corrupt)
+
+
+def test_a_value_that_does_not_pack_keeps_its_ring_as_lists_until_it_is_pruned():
+    """A payment beyond 2 ** 47 cents is added as ``_add`` adds it, in a list ring; the ring
+    packs again once that bucket has left it."""
+    user = ENTITIES["user"]
+    pay = {"type": "payment", "user_id": "u", "currency": "USD", "merchant_id": "m", "amount": 19.99}
+    record, _ = apply_event(user, None, dict(pay, ts=3_600_000))
+    assert type(record["r"]["3600000"]) is str
+    record, _ = apply_event(user, record, dict(pay, ts=3_600_001, amount=1e13 + 0.5))
+    from detectors.entities import _add
+
+    hours, total = record["r"]["3600000"], _add(19.99, 1e13 + 0.5)
+    assert type(hours) is list and hours[0][1 + user.ring_layout[HOUR].index("payment_amount")] == total
+    assert entity_features(user, record, dict(pay, ts=3_600_001), 3_600_000)["user_payment_amount_sum_24h"] == total
+    later = 3_600_000 + user.ring_lengths[HOUR] * HOUR
+    record, _ = apply_event(user, record, dict(pay, ts=later))
+    assert type(record["r"]["3600000"]) is str and ring_buckets(record["r"]["3600000"])[0][0] == later // HOUR
+
+
 # -- sketches ------------------------------------------------------------------------
 def test_distinct_is_exact_up_to_the_limit():
     sketch = new_distinct()
@@ -390,7 +466,15 @@ def test_a_sketch_in_the_dict_form_reads_as_its_packed_form(values):
     assert distinct_union([old, packed]) == distinct_union([packed, packed])
 
 
-def test_records_written_before_round_31_give_the_same_features_and_are_rewritten_packed():
+def _rings_read(raw: bytes) -> dict:
+    record = orjson.loads(raw)
+    record["r"] = {width: ring_buckets(ring) for width, ring in record["r"].items()}
+    return record
+
+
+def test_records_written_before_round_32_give_the_same_features_and_are_rewritten_packed():
+    """A store written before round 31 (dict sketches, list rings) or 32 (list rings) scores as
+    the packed one, and each record it rewrites is written packed."""
     rng = random.Random(9)
     packed: dict[tuple[str, str], bytes] = {}
     old: dict[tuple[str, str], bytes] = {}
@@ -399,16 +483,23 @@ def test_records_written_before_round_31_give_the_same_features_and_are_rewritte
         ts += rng.randrange(0, 5_000)
         event = random_event(rng, ts, n_users=30, n_ips=40)
         keys = entity_keys(event)
-        if n == 2000:  # the state so far, as a worker before round 31 would have stored it
-            for key, raw in packed.items():
+        if n == 2000:  # the state so far, as workers before rounds 31 and 32 would have stored it
+            for i, (key, raw) in enumerate(packed.items()):
                 record = orjson.loads(raw)
-                record["d"] = {name: _as_written_before_round_31(s) for name, s in record["d"].items()}
+                record["r"] = {width: ring_buckets(ring) for width, ring in record["r"].items()}
+                if i % 2:
+                    record["d"] = {name: _as_written_before_round_31(s) for name, s in record["d"].items()}
                 old[key] = orjson.dumps(record)
         extracted = extract(event, {k: EntityState(packed.get((k, v))) for k, v in keys.items()})
         if n >= 2000:
             from_old = extract(event, {k: EntityState(old.get((k, v))) for k, v in keys.items()})
             assert from_old.features == extracted.features
-            assert from_old.updates == extracted.updates  # written packed
+            # written packed: the same records, but for a ring's digits (a ring widened by a
+            # count since pruned keeps its width, one packed from lists takes the fewest)
+            assert list(map(_rings_read, from_old.updates.values())) == \
+                list(map(_rings_read, extracted.updates.values()))
+            assert all(type(ring) is str and type(s) is str for raw in from_old.updates.values()
+                       for record in [orjson.loads(raw)] for ring in record["r"].values() for s in record["d"].values())
             changed += any(old.get((k, keys[k])) != packed.get((k, keys[k])) for k in from_old.updates)
             for name, raw in from_old.updates.items():
                 old[(name, keys[name])] = raw
