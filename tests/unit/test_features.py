@@ -405,6 +405,10 @@ def test_a_value_that_does_not_pack_keeps_its_ring_as_lists_until_it_is_pruned()
     later = 3_600_000 + user.ring_lengths[HOUR] * HOUR
     record, _ = apply_event(user, record, dict(pay, ts=later))
     assert type(record["r"]["3600000"]) is str and ring_buckets(record["r"]["3600000"])[0][0] == later // HOUR
+    # a bucket index beyond 6 digits (a time past the contracts' year 9999) is kept as lists too
+    beyond = (1 << 36) * 10_000
+    record, _ = apply_event(user, record, dict(pay, ts=beyond))
+    assert type(record["r"]["10000"]) is list and record["r"]["10000"][-1][0] == 1 << 36
 
 
 # -- sketches ------------------------------------------------------------------------
