@@ -48,8 +48,8 @@ from detectors.catalog import (
     NearDuplicates, RateOfChange, Ratio, SinceFirstSeen, SinceLastSeen, Sum, HOUR,
 )
 from detectors.sketches import (
-    MAX_WINDOWS_PER_SKETCH, NEAR_DUPLICATE_BITS, distinct_counts_back, distinct_expire, distinct_insert, distinct_merge,
-    hashed, is_empty, new_distinct,
+    MAX_WINDOWS_PER_SKETCH, NEAR_DUPLICATE_BITS, distinct_count, distinct_counts_back, distinct_expire, distinct_insert,
+    distinct_merge, hashed, is_empty, is_exact, new_distinct,
 )
 
 Record = dict[str, Any]
@@ -586,6 +586,31 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
 def _merged_texts(records: list[Record]) -> list[list[int]]:
     """The RECENT_TEXTS newest texts of several shards, in event-time order."""
     return sorted((t for r in records for t in r["t"]), key=_text_order)[-RECENT_TEXTS:]
+
+
+def readable(entity: Entity, record: Record) -> dict[str, Any]:
+    """``record`` as an operator reads it (the worker's entity view): its times, each ring's
+    buckets with its channels' names, each sketch's form and the distinct values it holds
+    (an estimate once a HyperLogLog), the recent texts (fingerprint, time in s) and, for one
+    shard, the last input record it applied (partition, offset).
+
+    >>> from detectors.catalog import IP
+    >>> record, _ = apply_event(IP, None, {"type": "login", "ts": 60_000, "user_id": "u1", "ip": "1.2.3.4",
+    ...                                    "success": False})
+    >>> view = readable(IP, record)
+    >>> view["rings"]["60000"], view["sketches"]["users"]
+    ({'channels': ['login_failures', 'logins'], 'buckets': [[1, 1, 1]]}, {'form': 'exact', 'distinct': 1})
+    """
+    return {
+        "first_ms": record["f"],
+        "last_ms": record["l"],
+        "rings": {key: {"channels": list(entity.ring_layout[int(key)]), "buckets": ring_buckets(ring)}
+                  for key, ring in record["r"].items()},
+        "sketches": {name: {"form": "exact" if is_exact(sketch) else "hyperloglog",
+                            "distinct": distinct_count(sketch, 0)} for name, sketch in record["d"].items()},
+        "texts": record["t"],
+        "last_applied": record.get("o"),
+    }
 
 
 def is_idle(entity: Entity, record: Record, watermark_ms: int) -> bool:

@@ -35,7 +35,7 @@ from faust.types import TP
 
 import detectors
 from detectors.catalog import ENTITIES
-from detectors.entities import Record, entity_features, merge_records
+from detectors.entities import Record, entity_features, merge_records, readable
 from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, entity_keys, extract, stored_is_idle
 from detectors.labels import Example, on_label
@@ -679,7 +679,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "state_bytes": sum(len(s) for s in shards),
             "watermark_ms": view["l"],
             "features": entity_features(entity, view, as_of, previous_last=view["l"]),
-            "state": view,
+            "state": readable(entity, view),
         }
 
     @app.page("/entities/{kind}/{key}/")

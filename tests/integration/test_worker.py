@@ -212,6 +212,11 @@ def test_idle_entities_expire_by_event_time_and_stay_deleted(settings, reader, p
                 return 0
 
         assert ip_state() >= 1
+        view = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{settings.web_port}/entities/ip/198.51.100.77/", timeout=10).read())
+        assert view["state"]["sketches"]["users"] == {"form": "exact", "distinct": 3}  # readable, not packed
+        assert sum(b[1 + view["state"]["rings"]["300000"]["channels"].index("logins")]
+                   for b in view["state"]["rings"]["300000"]["buckets"]) == 3
         # Nine days of event time later (idle expiry is eight), traffic on every partition.
         later = T0 + 9 * 86_400_000
         fresh = [event(f"new-{i}", "post", later + i, f"active-{i}", ip=f"100.64.9.{i}", text="hello") for i in range(60)]

@@ -389,6 +389,27 @@ def test_a_ring_is_one_string_that_json_keeps_as_it_is():
             ring_buckets(corrupt)
 
 
+def test_the_readable_view_names_each_rings_channels_and_sizes_each_sketch():
+    """What the worker's entity view shows: the same for packed rings and list rings."""
+    from detectors.entities import readable
+
+    user = ENTITIES["user"]
+    record = None
+    for i in range(EXACT_LIMIT + 40):  # past the exact range: a HyperLogLog of IPs
+        record, _ = apply_event(user, record, {"type": "login", "ts": 1_000 * i, "user_id": "u", "success": True,
+                                               "ip": f"10.1.{i}.1", "device_id": "d"})
+    view = readable(user, record)
+    assert view["rings"]["300000"]["channels"] == list(user.ring_layout[300_000])
+    logins = [b[1 + user.ring_layout[300_000].index("logins")] for b in view["rings"]["300000"]["buckets"]]
+    assert sum(logins) == EXACT_LIMIT + 40
+    assert view["sketches"]["devices"] == {"form": "exact", "distinct": 1}
+    assert view["sketches"]["ips"]["form"] == "hyperloglog"
+    assert abs(view["sketches"]["ips"]["distinct"] - (EXACT_LIMIT + 40)) <= 4 * HLL_RELATIVE_ERROR * (EXACT_LIMIT + 40)
+    as_lists = dict(record, r={width: ring_buckets(ring) for width, ring in record["r"].items()})
+    assert readable(user, as_lists) == view
+    assert orjson.loads(orjson.dumps(view)) == view
+
+
 def test_a_value_that_does_not_pack_keeps_its_ring_as_lists_until_it_is_pruned():
     """A payment beyond 2 ** 47 cents is added as ``_add`` adds it, in a list ring; the ring
     packs again once that bucket has left it."""
