@@ -548,7 +548,8 @@ def _as_double(value: object) -> cython.double:
 
 
 def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | None:
-    """The union of several shards of one entity (sums, sketch unions, min/max times)."""
+    """The union of several shards of one entity (sums, sketch unions, min/max times). A view,
+    read and never stored: its merged rings are lists, the reference form (see *packed rings*)."""
     present = [r for r in records if r]
     if not present:
         return None
@@ -556,7 +557,7 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
         return present[0]
     watermark = max(r["l"] for r in present)
     merged: Record = {"f": min(r["f"] for r in present), "l": watermark, "r": {}, "d": {}, "t": []}
-    for width, channels in entity.ring_layout.items():
+    for width in entity.ring_layout:
         key = str(width)
         buckets: dict[int, list] = {}
         for r in present:
@@ -569,8 +570,7 @@ def merge_records(entity: Entity, records: Iterable[Record | None]) -> Record | 
                         into[i] = _add(into[i], bucket[i])
         ring = _prune_ring(sorted(buckets.values(), key=_bucket_order), watermark // width, entity.ring_lengths[width])
         if ring:
-            packed = _pack_ring(ring, len(channels))
-            merged["r"][key] = ring if packed is None else packed
+            merged["r"][key] = ring
     for sketch in entity.sketches:
         parts = [r["d"][sketch.name] for r in present if sketch.name in r["d"]]
         if parts:
