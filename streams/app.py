@@ -39,7 +39,7 @@ from detectors.entities import Record, entity_features, merge_records, readable
 from detectors.events import dead_letter, decode_event, decode_label
 from detectors.features import EntityState, entity_keys, extract, stored_is_idle
 from detectors.labels import Example, on_label
-from detectors.lifecycle import CheckpointError, ModelSet
+from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
 from schemas import ContractViolation
@@ -48,7 +48,8 @@ from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
-from streams.learning import LearningFeed
+from streams.learner import Learner, LearnerConfig
+from streams.learning import ReputationFeed
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
@@ -185,18 +186,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         budget,
     )
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
-    feed = LearningFeed(detector, settings.bootstrap_servers, settings.examples_topic, settings.checkpoint_topic,
-                        checkpoint_key=settings.app_id, data_dir=Path(settings.data_dir) / "learning",
-                        checkpoint_interval_s=settings.checkpoint_interval_s, budget=budget)
-    feed.restore()
-    if not feed.restored and settings.warm_start:
-        try:  # a checkpoint, once there is one, always wins: it already holds the warm start
-            detector.models = ModelSet.from_bytes(Path(settings.warm_start).read_bytes())
-        except (OSError, CheckpointError) as exc:
-            raise SystemExit(f"ABUSE_WARM_START={settings.warm_start}: {exc}; "
-                             "write one with `abuse-detector bootstrap` or unset it") from None
-        feed.restored_from = f"warm start {settings.warm_start}"
-    app.replica, app.sweeper, app.entity_tables, app.feed = replica, sweeper, tables, feed  # type: ignore[attr-defined]
+    feed = ReputationFeed(settings.bootstrap_servers, settings.examples_topic,
+                          data_dir=Path(settings.data_dir) / "learning", budget=budget)
+    learner = Learner(LearnerConfig.of(settings), detector.models)
+    learner.start()
+    app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
 
     def table_key(entity: str, partition: int, key: str) -> bytes:
         return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
@@ -452,7 +446,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
                     ("join-risk-scores", LEARNING_POLL_S, follow_scores),
-                    ("learn-from-examples", LEARNING_POLL_S, feed.poll),
+                    ("reputations-from-examples", LEARNING_POLL_S, feed.poll),
+                    ("models-from-learner", LEARNING_POLL_S, learner.poll),
                     ("reload-rules", RULES_POLL_S, reload_rules)]
     last_run = {name: 0.0 for name, _, _ in housekeeping}
 
@@ -494,7 +489,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         await stop_scoring()  # done already when run by run_worker's Worker; commits nothing new then
         for source in inputs:
             source.close()
-        feed.close()  # a last checkpoint: a restart then replays nothing it already learned
+        learner.stop()  # after a last checkpoint: a restart then replays nothing it already learned
+        feed.close()
         writer.close()
         scores.close()
         replica.close()
@@ -512,6 +508,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 logging.getLogger(name).setLevel(settings.log_level.upper())
             replica.catch_up()
             feed.catch_up()
+            learner.wait_for_models()
             warmed_up = True
             # What is alive now lives as long as the worker: out of the cyclic collector's full
             # scans, which the many short-lived objects of a batch trigger (+5-7% events/s).
@@ -705,7 +702,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     async def models_view(web: Any, request: Any) -> Any:
         keep_up()
         return web.json({**detector.models.report(), "rules_version": rules.rules.version,
-                         "rules_error": rules.error, "restored_from": feed.restored_from})
+                         "rules_error": rules.error, "restored_from": learner.restored_from,
+                         "learner": learner.view()})
 
     @app.page("/replica/")
     async def replica_view(web: Any, request: Any) -> Any:

@@ -207,14 +207,22 @@ class Throughput(NamedTuple):
 
 
 def _process_cpu_s(pid: int, thread: int | None = None) -> float | None:
-    """User plus system CPU seconds of a process and all its threads so far, or of one of
-    its threads (Linux)."""
+    """User plus system CPU seconds so far of a process, all its threads and the processes it
+    runs (a worker's learner, since round 33), or of one of its threads (Linux)."""
     stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
         fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if thread is None:
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in children.read_text().split():
+                try:
+                    ticks += sum(map(int, Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                except OSError:
+                    pass  # exited meanwhile
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_s(pids: list[int]) -> float | None:

@@ -46,7 +46,7 @@ class Settings:
     state_write_interval_s: float = field(default=0.5, metadata={"help": "longest a changed entity record waits, encoded in memory, for its store and changelog write (longer coalesces more writes of busy entities; other workers read shards this much later); written in rounds every 0.1 s"})
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
-    checkpoint_interval_s: float = field(default=30.0, metadata={"help": "seconds between two checkpoints of the models, while they learn (each pickles every model on the scoring thread: ~80 ms for a text model whose n-grams fill 200,000 buckets); a restart replays the training examples since the last"})
+    checkpoint_interval_s: float = field(default=30.0, metadata={"help": "seconds between two checkpoints of the models, while they learn (each pickles every model in the learner process: ~80 ms for a text model whose n-grams fill 200,000 buckets, which hold up its handoffs); a restart replays the training examples since the last"})
     state_memtable_mb: int = field(default=0, metadata={"help": "MB of memtables all of the worker's RocksDB stores may hold together: past it the store written to flushes its memtable (0: no budget, each store's own 64 MB, Faust's)"})
     label_join_write_mb_s: int = field(default=48, metadata={"help": "MB/s each partition's label-join store may write in its flushes and compactions (0: no cap): spreads each flush over a few tenths of a second instead of taking a core in a burst"})
     # Local Kafka

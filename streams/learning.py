@@ -3,14 +3,17 @@ checkpoints and label-derived reputation.
 
 The label join (``streams/app.py``) turns each label joined to its scoring-time inputs into a
 training example on the ``training-examples`` topic, which has ONE partition:
-a total order. Each worker reads all of it (no consumer group) and applies
-every example in that order to its ``ModelSet`` and its local reputation
-store, so all workers hold identical models and reputations. Control records
-(promote/rollback) travel on the same topic, so they happen at the same point
-in every worker's history.
+a total order. Each worker reads all of it (no consumer group) twice:
+
+* its learner process (``streams/learner.py``) applies every example in that order to the
+  models (``ModelTrainer``) and hands them to the scoring thread, so all workers hold the
+  same models. Control records (promote/rollback) travel on the same topic, so they happen
+  at the same point in every worker's history.
+* the worker itself applies each example's reputation changes to its local reputation
+  store (``ReputationFeed``), which extraction reads for every event.
 
 The models are checkpointed with the offset of the last example applied, to a
-local file and to a compacted topic; a worker that restarts (or starts on an
+local file and to a compacted topic; a learner that restarts (or starts on an
 empty disk) loads the newest checkpoint and replays only the examples after
 it. Reputation is stored with its own offset in a local RocksDB and rebuilt
 from the feed (retention 35 days, above the 28-day window) if the disk is new.
@@ -37,6 +40,7 @@ from streams.state import KeptPerEntity, store_options
 log = logging.getLogger("abuse_detector.learning")
 
 _OFFSET_KEY = b"\x01offset"
+CHECKPOINT_FILE = "models.ckpt"
 # Reputations read per entity per event, most of them of entities that never had a label: the
 # answers (absent ones too) are kept, and the whole set is dropped when it reaches this size.
 REPUTATIONS_KEPT = 100_000
@@ -47,130 +51,131 @@ def reputation_key(entity: str, key: str) -> bytes:
     return entity.encode() + b"\x00" + key.encode()
 
 
-class LearningFeed:
-    def __init__(self, detector: Detector, bootstrap: str, examples_topic: str, checkpoint_topic: str,
-                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float,
-                 budget: WriteBufferManager | None = None):
-        self.detector = detector
+class ModelsUnavailable(RuntimeError):
+    """The models a learner was told to start from cannot be read."""
+
+
+def restore_models(bootstrap: str, checkpoint_topic: str, checkpoint_key: str, data_dir: Path, warm_start: str,
+                   min_labels_per_class: int) -> tuple[ModelSet, str]:
+    """The newest checkpoint (local file or topic), else the warm start, else new models; and
+    where they came from. Raises ModelsUnavailable for a warm start that cannot be read."""
+    candidates: list[tuple[str, ModelSet]] = []
+    checkpoint_file = data_dir / CHECKPOINT_FILE
+    if checkpoint_file.exists():
+        try:
+            candidates.append((str(checkpoint_file), ModelSet.from_bytes(checkpoint_file.read_bytes())))
+        except CheckpointError as exc:
+            log.warning("ignoring local checkpoint: %s", exc)
+    from_topic = latest_checkpoint(bootstrap, checkpoint_topic, checkpoint_key.encode())
+    if from_topic is not None:
+        try:
+            candidates.append((f"topic {checkpoint_topic}", ModelSet.from_bytes(from_topic)))
+        except CheckpointError as exc:
+            log.warning("ignoring checkpoint in %s: %s", checkpoint_topic, exc)
+    if candidates:
+        source, models = max(candidates, key=lambda c: c[1].offset)
+        return models, f"{source} at example offset {models.offset}"
+    if warm_start:  # a checkpoint, once there is one, always wins: it already holds the warm start
+        try:
+            return ModelSet.from_bytes(Path(warm_start).read_bytes()), f"warm start {warm_start}"
+        except (OSError, CheckpointError) as exc:
+            raise ModelsUnavailable(f"ABUSE_WARM_START={warm_start}: {exc}; "
+                                    "write one with `abuse-detector bootstrap` or unset it") from None
+    return ModelSet.new(min_labels_per_class), "nothing (new models)"
+
+
+def _examples_consumer(bootstrap: str, examples_topic: str, start: int) -> Consumer:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "training-feed",
+                         "enable.auto.commit": False, "log_level": 3, **BACKGROUND_FETCH})
+    consumer.assign([TopicPartition(examples_topic, 0, start)])
+    return consumer
+
+
+def _feed_end(consumer: Consumer, examples_topic: str) -> int:
+    """The offset after the feed's last record now; 0 if the topic does not exist yet."""
+    metadata = consumer.list_topics(examples_topic, timeout=10).topics.get(examples_topic)
+    if metadata is None or metadata.error:
+        return 0
+    return consumer.get_watermark_offsets(TopicPartition(examples_topic, 0), timeout=10)[1]
+
+
+class ModelTrainer:
+    """The learner's half of the feed: every example, in order, taught to ``models``, which
+    are checkpointed by time. Remembers what changed since ``take_changes``: the handoff to
+    the scoring thread carries only the text model's weights of the n-grams learned since."""
+
+    def __init__(self, models: ModelSet, bootstrap: str, examples_topic: str, checkpoint_topic: str,
+                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float):
+        self.models = models
+        self.bootstrap = bootstrap
         self.examples_topic = examples_topic
         self.checkpoint_topic = checkpoint_topic
         self.checkpoint_key = checkpoint_key.encode()
-        self.bootstrap = bootstrap
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_file = data_dir / "models.ckpt"
-        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(budget),
-                                access_type=AccessType.read_write())
-        self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
+        self.checkpoint_file = data_dir / CHECKPOINT_FILE
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
                                   "compression.type": "zstd", "message.max.bytes": CHECKPOINT_MAX_BYTES})
         self.consumer: Consumer | None = None
-        # Each checkpoint pickles every model on the scoring thread, 82 ms for a text model whose
-        # n-grams fill 196,000 buckets (6.2 MB): by time, not every 500 examples as until round 27,
-        # which at 300 labels/s was every 1.7 s (docs/performance.md, round 27).
+        # Each checkpoint pickles every model, 82 ms for a text model whose n-grams fill 196,000
+        # buckets (6.2 MB): by time, not every 500 examples as until round 27, which at 300
+        # labels/s was every 1.7 s (docs/performance.md, round 27). Off the scoring thread
+        # since round 33, it still holds up the handoffs.
         self.checkpoint_interval_s = checkpoint_interval_s
         self.applied_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
-        self.restored_from: str = "nothing (new models)"
-        self.restored = False
+        self.changed = False
+        self.changed_ngrams: set[str] = set()
 
-    # -- start-up ------------------------------------------------------------
-    def restore(self) -> None:
-        """Loads the newest checkpoint (local file or topic) into the detector."""
-        candidates: list[tuple[str, ModelSet]] = []
-        if self.checkpoint_file.exists():
-            try:
-                candidates.append((str(self.checkpoint_file), ModelSet.from_bytes(self.checkpoint_file.read_bytes())))
-            except CheckpointError as exc:
-                log.warning("ignoring local checkpoint: %s", exc)
-        from_topic = latest_checkpoint(self.bootstrap, self.checkpoint_topic, self.checkpoint_key)
-        if from_topic is not None:
-            try:
-                candidates.append((f"topic {self.checkpoint_topic}", ModelSet.from_bytes(from_topic)))
-            except CheckpointError as exc:
-                log.warning("ignoring checkpoint in %s: %s", self.checkpoint_topic, exc)
-        if candidates:
-            source, models = max(candidates, key=lambda c: c[1].offset)
-            self.detector.models = models
-            self.restored_from = f"{source} at example offset {models.offset}"
-            self.restored = True
-        log.info("models restored from %s", self.restored_from)
-
-    def _start_consumer(self) -> None:
-        models_offset = self.detector.models.offset
-        stored = self.reputation.get(_OFFSET_KEY)
-        reputation_offset = int(stored) if stored is not None else -1
-        start = min(models_offset, reputation_offset) + 1
-        self.consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "training-feed",
-                                  "enable.auto.commit": False, "log_level": 3, **BACKGROUND_FETCH})
-        self.consumer.assign([TopicPartition(self.examples_topic, 0, start)])
-        self.reputation_offset = reputation_offset
-
-    # -- the feed --------------------------------------------------------------
-    def poll(self, max_records: int = 5000) -> int:
+    def poll(self, max_records: int = 5000, timeout_s: float = 0.0) -> int:
         if self.consumer is None:
-            self._start_consumer()
-        assert self.consumer is not None
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.models.offset + 1)
         applied = 0
-        for msg in self.consumer.consume(max_records, timeout=0):
+        for msg in self.consumer.consume(max_records, timeout=timeout_s):
             if msg.error():
                 continue
             self.apply(orjson.loads(msg.value()), msg.offset())
             applied += 1
-        if applied:
-            self.reputation.put(_OFFSET_KEY, b"%d" % self.reputation_offset)
         self.applied_since_checkpoint += applied
         if self.applied_since_checkpoint and time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
         return applied
 
     def catch_up(self, timeout_s: float = 300.0) -> None:
-        """Applies every example already on the feed before the worker scores anything."""
+        """Applies every example on the feed when called."""
         if self.consumer is None:
-            self._start_consumer()
-        assert self.consumer is not None
-        metadata = self.consumer.list_topics(self.examples_topic, timeout=10).topics.get(self.examples_topic)
-        if metadata is None or metadata.error:
-            return
-        _, end = self.consumer.get_watermark_offsets(TopicPartition(self.examples_topic, 0), timeout=10)
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.models.offset + 1)
+        end = _feed_end(self.consumer, self.examples_topic)
         deadline = time.monotonic() + timeout_s
-        while min(self.detector.models.offset, self.reputation_offset) < end - 1:
+        while self.models.offset < end - 1:
             if time.monotonic() > deadline:
                 log.error("training feed did not catch up within %.0fs", timeout_s)
                 return
-            if not self.poll():
-                time.sleep(0.01)
+            self.poll(timeout_s=0.1)
 
     def apply(self, record: dict[str, Any], offset: int) -> None:
-        models = self.detector.models
-        if record.get("kind") == "control":
-            if offset > models.offset:
-                if record["action"] in ("promote", "rollback"):
-                    models.promote()
-                    log.warning("%s: champion is now %s", record["action"], models.champion.name)
-                models.offset = offset
+        models = self.models
+        if offset <= models.offset:
             return
-        if offset > models.offset:
-            deltas = self.detector.learn(record, offset)
-        else:  # the models already know it; only the reputation store is behind
-            deltas = self.detector.reputation_deltas(record)
-        if offset > self.reputation_offset:
-            for d in deltas:
-                key = reputation_key(d.entity, d.key)
-                self.reputation.put(key, add_label_stored(self.reputation.get(key), d.label_ts, d.delta))
-                self._reputations_kept.forget(d.entity, d.key)
-            self.reputation_offset = offset
+        if record.get("kind") == "control":
+            if record["action"] in ("promote", "rollback"):
+                models.promote()
+                log.warning("%s: champion is now %s", record["action"], models.champion.name)
+            models.offset = offset
+        else:
+            models.learn(record, offset)
+            if record.get("text"):
+                self.changed_ngrams.update(record["text"])
+        self.changed = True
 
-    def reputation_of(self, entity: str, key: str) -> bytes | None:
-        """An entity's stored reputation, None if it never had a label. Only ``apply``
-        writes the store (in this process), and it forgets what it changes."""
-        stored = self._reputations_kept.get(entity, key, _UNREAD)
-        if stored is _UNREAD:
-            stored = self.reputation.get(reputation_key(entity, key))
-            self._reputations_kept.put(entity, key, stored)
-        return stored
+    def take_changes(self) -> set[str] | None:
+        """The n-grams of the texts learned since the last call; None if nothing changed."""
+        if not self.changed:
+            return None
+        changed, self.changed, self.changed_ngrams = self.changed_ngrams, False, set()
+        return changed
 
     def checkpoint(self) -> None:
-        raw = self.detector.models.to_bytes()
+        raw = self.models.to_bytes()
         tmp = self.checkpoint_file.with_suffix(".tmp")
         tmp.write_bytes(raw)
         os.replace(tmp, self.checkpoint_file)
@@ -183,6 +188,70 @@ class LearningFeed:
         if self.applied_since_checkpoint:
             self.checkpoint()
         self.producer.flush(10)
+        if self.consumer is not None:
+            self.consumer.close()
+
+
+class ReputationFeed:
+    """The worker's half of the feed: each example's reputation changes, in the local store
+    that extraction reads for every event (``reputation_of``)."""
+
+    def __init__(self, bootstrap: str, examples_topic: str, data_dir: Path, budget: WriteBufferManager | None = None):
+        self.bootstrap = bootstrap
+        self.examples_topic = examples_topic
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(budget),
+                                access_type=AccessType.read_write())
+        stored = self.reputation.get(_OFFSET_KEY)
+        self.reputation_offset = int(stored) if stored is not None else -1
+        self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
+        self.consumer: Consumer | None = None
+
+    def poll(self, max_records: int = 5000, timeout_s: float = 0.0) -> int:
+        if self.consumer is None:
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.reputation_offset + 1)
+        applied = 0
+        for msg in self.consumer.consume(max_records, timeout=timeout_s):
+            if msg.error():
+                continue
+            self.apply(orjson.loads(msg.value()), msg.offset())
+            applied += 1
+        if applied:
+            self.reputation.put(_OFFSET_KEY, b"%d" % self.reputation_offset)
+        return applied
+
+    def catch_up(self, timeout_s: float = 300.0) -> None:
+        """Applies every example already on the feed before the worker scores anything."""
+        if self.consumer is None:
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.reputation_offset + 1)
+        end = _feed_end(self.consumer, self.examples_topic)
+        deadline = time.monotonic() + timeout_s
+        while self.reputation_offset < end - 1:
+            if time.monotonic() > deadline:
+                log.error("training feed did not catch up within %.0fs", timeout_s)
+                return
+            self.poll(timeout_s=0.1)
+
+    def apply(self, record: dict[str, Any], offset: int) -> None:
+        if offset <= self.reputation_offset:
+            return
+        if record.get("kind") != "control":
+            for d in Detector.reputation_deltas(record):
+                key = reputation_key(d.entity, d.key)
+                self.reputation.put(key, add_label_stored(self.reputation.get(key), d.label_ts, d.delta))
+                self._reputations_kept.forget(d.entity, d.key)
+        self.reputation_offset = offset
+
+    def reputation_of(self, entity: str, key: str) -> bytes | None:
+        """An entity's stored reputation, None if it never had a label. Only ``apply``
+        writes the store (in this process), and it forgets what it changes."""
+        stored = self._reputations_kept.get(entity, key, _UNREAD)
+        if stored is _UNREAD:
+            stored = self.reputation.get(reputation_key(entity, key))
+            self._reputations_kept.put(entity, key, stored)
+        return stored
+
+    def close(self) -> None:
         if self.consumer is not None:
             self.consumer.close()
         self.reputation.close()

@@ -5,7 +5,9 @@ within seconds; promotion reaches the worker through the training feed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +123,27 @@ when = [{ feature = "device_signups_10m", op = ">=", value = 2 }]
         assert _models(worker)["rules_version"].startswith("v2#") and "not valid TOML" in _models(worker)["rules_error"]
     finally:
         worker.stop()
+
+
+def test_a_learner_that_dies_is_started_again_and_the_worker_scores_meanwhile(settings, worker, reader, produce):
+    _train(settings, worker, reader, produce, n=10)
+    before = _models(worker)
+    os.kill(before["learner"]["pid"], signal.SIGKILL)
+
+    scores = reader(settings.scores_topic)
+    more = [_attack(i) for i in range(100, 110)] + [_benign(i) for i in range(100, 110)]
+    produce(settings.events_topic, [as_record(e) for e in more])
+    scores.wait_for(lambda r: len(r) >= 20, worker=worker)  # scored while the learner was gone or starting
+    produce(settings.labels_topic, [moderator_label(e, e["ts"] + 60_000) for e in more])
+    deadline = time.monotonic() + 60
+    while _models(worker)["examples"] < 40:
+        assert time.monotonic() < deadline, _models(worker)
+        time.sleep(0.5)
+    after = _models(worker)
+    assert after["learner"]["restarts"] == 1 and after["learner"]["alive"]
+    assert after["learner"]["pid"] != before["learner"]["pid"]
+    assert after["champion"]["version"].endswith("+40"), after["champion"]
+    assert "learner process exited" in worker.log()
 
 
 def test_promotion_reaches_the_worker_through_the_feed(settings, worker):

@@ -391,10 +391,8 @@ def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, mon
     from streams import learning
 
     monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
-    feed = learning.LearningFeed(Detector(ModelSet.new(5)), "127.0.0.1:1", "examples", "checkpoints", "w",
-                                 tmp_path, checkpoint_interval_s=30.0)
+    feed = learning.ReputationFeed("127.0.0.1:1", "examples", tmp_path)
     store = feed.reputation = CountingStore(feed.reputation)
-    feed.detector.models.offset, feed.reputation_offset = 100, -1  # only the reputation store learns
     try:
         assert feed.reputation_of("ip", "1.2.3.4") is None
         assert feed.reputation_of("ip", "1.2.3.4") is None and store.reads == 1  # its absence was kept
@@ -441,13 +439,13 @@ class _Record:
 
 
 def test_the_models_are_checkpointed_by_time_not_by_the_examples_they_learn(tmp_path, monkeypatch):
-    """A checkpoint pickles every model on the scoring thread (82 ms for a 200,000-bucket text
-    model): at most one per interval however fast labels come, and none without a new example."""
+    """A checkpoint pickles every model (82 ms for a 200,000-bucket text model), holding up the
+    handoffs: at most one per interval however fast labels come, and none without a new example."""
     from streams import learning
 
     clock = [1000.0]
     monkeypatch.setattr(learning.time, "monotonic", lambda: clock[0])
-    feed = learning.LearningFeed(Detector(ModelSet.new(5)), "127.0.0.1:1", "examples", "checkpoints", "w",
+    feed = learning.ModelTrainer(ModelSet.new(5), "127.0.0.1:1", "examples", "checkpoints", "w",
                                  tmp_path, checkpoint_interval_s=30.0)
     taken = []
 
@@ -461,7 +459,6 @@ def test_the_models_are_checkpointed_by_time_not_by_the_examples_they_learn(tmp_
                             "detectors": {"rules": 0.9, "anomaly": 0.5}, "text": None, "entities": {"user": "u"}})
     try:
         feed.consumer = _Feed([example] * 2000)
-        feed.reputation_offset = -1
         for _ in range(4):  # 2,000 examples within 29 s: none
             assert feed.poll(500) == 500
             clock[0] += 7.25
@@ -473,4 +470,4 @@ def test_the_models_are_checkpointed_by_time_not_by_the_examples_they_learn(tmp_
         feed.poll()
         assert taken == [1030.0]  # nothing learned since: no checkpoint
     finally:
-        feed.reputation.close()
+        feed.producer.flush(0)
