@@ -103,7 +103,44 @@ def _feed_end(consumer: Consumer, examples_topic: str) -> int:
     return consumer.get_watermark_offsets(TopicPartition(examples_topic, 0), timeout=10)[1]
 
 
-class ModelTrainer:
+class _FeedReader:
+    """Applies the feed's records in order, from the one after ``applied_offset()``."""
+
+    bootstrap: str
+    examples_topic: str
+    consumer: Consumer | None
+
+    def applied_offset(self) -> int:
+        raise NotImplementedError
+
+    def apply(self, record: dict[str, Any], offset: int) -> None:
+        raise NotImplementedError
+
+    def poll(self, max_records: int, timeout_s: float = 0.0) -> int:
+        if self.consumer is None:
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
+        applied = 0
+        for msg in self.consumer.consume(max_records, timeout=timeout_s):
+            if msg.error():
+                continue
+            self.apply(orjson.loads(msg.value()), msg.offset())
+            applied += 1
+        return applied
+
+    def catch_up(self, timeout_s: float = 300.0) -> None:
+        """Applies every record on the feed when called."""
+        if self.consumer is None:
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
+        end = _feed_end(self.consumer, self.examples_topic)
+        deadline = time.monotonic() + timeout_s
+        while self.applied_offset() < end - 1:
+            if time.monotonic() > deadline:
+                log.error("training feed did not catch up within %.0fs", timeout_s)
+                return
+            self.poll(max_records=5000, timeout_s=0.1)
+
+
+class ModelTrainer(_FeedReader):
     """The learner's half of the feed: every example, in order, taught to ``models``, which
     are checkpointed by time. Remembers what changed since ``take_changes``: the handoff to
     the scoring thread carries only the text model's weights of the n-grams learned since."""
@@ -130,31 +167,15 @@ class ModelTrainer:
         self.changed = False
         self.changed_ngrams: set[str] = set()
 
+    def applied_offset(self) -> int:
+        return self.models.offset
+
     def poll(self, max_records: int = 5000, timeout_s: float = 0.0) -> int:
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.models.offset + 1)
-        applied = 0
-        for msg in self.consumer.consume(max_records, timeout=timeout_s):
-            if msg.error():
-                continue
-            self.apply(orjson.loads(msg.value()), msg.offset())
-            applied += 1
+        applied = super().poll(max_records, timeout_s)
         self.applied_since_checkpoint += applied
         if self.applied_since_checkpoint and time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
         return applied
-
-    def catch_up(self, timeout_s: float = 300.0) -> None:
-        """Applies every example on the feed when called."""
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.models.offset + 1)
-        end = _feed_end(self.consumer, self.examples_topic)
-        deadline = time.monotonic() + timeout_s
-        while self.models.offset < end - 1:
-            if time.monotonic() > deadline:
-                log.error("training feed did not catch up within %.0fs", timeout_s)
-                return
-            self.poll(timeout_s=0.1)
 
     def apply(self, record: dict[str, Any], offset: int) -> None:
         models = self.models
@@ -196,7 +217,7 @@ class ModelTrainer:
             self.consumer.close()
 
 
-class ReputationFeed:
+class ReputationFeed(_FeedReader):
     """The worker's half of the feed: each example's reputation changes, in the local store
     that extraction reads for every event (``reputation_of``)."""
 
@@ -211,30 +232,14 @@ class ReputationFeed:
         self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
         self.consumer: Consumer | None = None
 
+    def applied_offset(self) -> int:
+        return self.reputation_offset
+
     def poll(self, max_records: int = REPUTATIONS_PER_POLL, timeout_s: float = 0.0) -> int:
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.reputation_offset + 1)
-        applied = 0
-        for msg in self.consumer.consume(max_records, timeout=timeout_s):
-            if msg.error():
-                continue
-            self.apply(orjson.loads(msg.value()), msg.offset())
-            applied += 1
+        applied = super().poll(max_records, timeout_s)
         if applied:
             self.reputation.put(_OFFSET_KEY, b"%d" % self.reputation_offset)
         return applied
-
-    def catch_up(self, timeout_s: float = 300.0) -> None:
-        """Applies every example already on the feed before the worker scores anything."""
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.reputation_offset + 1)
-        end = _feed_end(self.consumer, self.examples_topic)
-        deadline = time.monotonic() + timeout_s
-        while self.reputation_offset < end - 1:
-            if time.monotonic() > deadline:
-                log.error("training feed did not catch up within %.0fs", timeout_s)
-                return
-            self.poll(max_records=5000, timeout_s=0.1)
 
     def apply(self, record: dict[str, Any], offset: int) -> None:
         if offset <= self.reputation_offset:
