@@ -41,7 +41,7 @@ from streams.learning import ModelsUnavailable, ModelTrainer, restore_models
 
 log = logging.getLogger("abuse_detector.learner")
 
-HANDOFF_INTERVAL_S = 0.5  # how stale the scoring thread's models may be while examples come
+HANDOFF_INTERVAL_S = 0.1  # how stale the scoring thread's models may be while examples come (0.5 cost recall in the demo)
 SCALERS_INTERVAL_S = 0.2  # how stale the learner's scalers may be
 RESTART_AFTER_S = 5.0  # between two starts of a learner that keeps dying
 _IDLE_POLL_S = 0.05
