@@ -217,11 +217,11 @@ def _process_cpu_s(pid: int, thread: int | None = None) -> float | None:
     ticks = int(fields[11]) + int(fields[12])
     if thread is None:
         for children in Path(f"/proc/{pid}/task").glob("*/children"):
-            for child in children.read_text().split():
-                try:
+            try:
+                for child in children.read_text().split():
                     ticks += sum(map(int, Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
-                except OSError:
-                    pass  # exited meanwhile
+            except OSError:
+                pass  # the thread or the child ended meanwhile
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -100,7 +100,12 @@ class Learner:
         while self.restored_from.startswith("nothing yet"):
             if time.monotonic() > deadline:
                 raise SystemExit(f"the learner process restored no models within {timeout_s:.0f}s: check the broker")
-            self._take_messages(wait_s=0.1)
+            try:
+                self._take_messages(wait_s=0.1)
+            except (EOFError, OSError):
+                self._process.join(5)
+                raise SystemExit(f"the learner process exited while starting (code {self._process.exitcode}); "
+                                 "its error is in the log above") from None
 
     def _spawn(self) -> None:
         # spawn, not fork: the worker's librdkafka and RocksDB threads do not survive a fork
