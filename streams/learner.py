@@ -82,6 +82,7 @@ class Learner:
         self.config = config
         self.models = models
         self.restored_from = "nothing yet (the learner is starting)"
+        self.restored = False
         self.handoffs = 0
         self.restarts = 0
         self._handed_at: float | None = None
@@ -97,7 +98,7 @@ class Learner:
         reason if it cannot (an unreadable warm start)."""
         self._spawn()
         deadline = time.monotonic() + timeout_s
-        while self.restored_from.startswith("nothing yet"):
+        while not self.restored:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the learner process restored no models within {timeout_s:.0f}s: check the broker")
             try:
@@ -162,9 +163,9 @@ class Learner:
             elif kind == "scalers-taken":
                 self._scalers_in_flight = False
             elif kind == "restored":
-                self.restored_from = payload
+                self.restored_from, self.restored = payload, True
             elif kind == "failed":
-                if self.restored_from.startswith("nothing yet"):
+                if not self.restored:
                     raise SystemExit(payload)
                 log.error("the learner could not restore the models: %s", payload)
             if not pipe.poll(0):
