@@ -206,20 +206,25 @@ class Throughput(NamedTuple):
     broker_cpu_ms_per_event: float | None = None  # the local broker's over the same span
 
 
+def _stat_ticks(stat: Path) -> int:
+    """User plus system clock ticks so far from a ``/proc`` stat file (OSError once it is gone)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _process_cpu_s(pid: int, thread: int | None = None) -> float | None:
     """User plus system CPU seconds so far of a process, all its threads and the processes it
     runs (a worker's learner, since round 33), or of one of its threads (Linux)."""
     stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        ticks = _stat_ticks(Path(stat))
     except OSError:
         return None
-    ticks = int(fields[11]) + int(fields[12])
     if thread is None:
         for children in Path(f"/proc/{pid}/task").glob("*/children"):
             try:
                 for child in children.read_text().split():
-                    ticks += sum(map(int, Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13]))
+                    ticks += _stat_ticks(Path(f"/proc/{child}/stat"))
             except OSError:
                 pass  # the thread or the child ended meanwhile
     return ticks / os.sysconf("SC_CLK_TCK")

@@ -116,11 +116,15 @@ class _FeedReader:
     def apply(self, record: dict[str, Any], offset: int) -> None:
         raise NotImplementedError
 
-    def poll(self, max_records: int, timeout_s: float = 0.0) -> int:
+    def _reader(self) -> Consumer:
+        """The feed's consumer, from the record after the last one applied."""
         if self.consumer is None:
             self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
+        return self.consumer
+
+    def poll(self, max_records: int, timeout_s: float = 0.0) -> int:
         applied = 0
-        for msg in self.consumer.consume(max_records, timeout=timeout_s):
+        for msg in self._reader().consume(max_records, timeout=timeout_s):
             if msg.error():
                 continue
             self.apply(orjson.loads(msg.value()), msg.offset())
@@ -129,9 +133,7 @@ class _FeedReader:
 
     def catch_up(self, timeout_s: float = 300.0) -> None:
         """Applies every record on the feed when called."""
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
-        end = _feed_end(self.consumer, self.examples_topic)
+        end = _feed_end(self._reader(), self.examples_topic)
         deadline = time.monotonic() + timeout_s
         while self.applied_offset() < end - 1:
             if time.monotonic() > deadline:
