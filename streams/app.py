@@ -49,7 +49,6 @@ from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFoll
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learner import Learner, LearnerConfig
-from streams.learning import ReputationFeed
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
@@ -186,9 +185,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         budget,
     )
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
-    feed = ReputationFeed(settings.bootstrap_servers, settings.examples_topic,
-                          data_dir=Path(settings.data_dir) / "learning", budget=budget)
-    learner = Learner(LearnerConfig.of(settings), detector.models)
+    learner = Learner(LearnerConfig.of(settings), detector.models, budget)
     learner.start()
     app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
 
@@ -365,7 +362,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 local = [stored(name, shard_key(p, key), store_get(name, p))
                          for p in local_partitions if with_shards >> p & 1]
                 others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            states[name] = EntityState(None, others, feed.reputation_of(name, key), record=own)
+            states[name] = EntityState(None, others, learner.reputation_of(name, key), record=own)
         return states
 
     def sweep(partition: int) -> None:
@@ -446,7 +443,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
                     ("join-risk-scores", LEARNING_POLL_S, follow_scores),
-                    ("reputations-from-examples", LEARNING_POLL_S, feed.poll),
                     ("models-from-learner", LEARNING_POLL_S, learner.poll),
                     ("reload-rules", RULES_POLL_S, reload_rules)]
     last_run = {name: 0.0 for name, _, _ in housekeeping}
@@ -490,7 +486,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for source in inputs:
             source.close()
         learner.stop()  # after a last checkpoint: a restart then replays nothing it already learned
-        feed.close()
         writer.close()
         scores.close()
         replica.close()
@@ -507,7 +502,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             for name in ("aiokafka", "faust", "mode"):
                 logging.getLogger(name).setLevel(settings.log_level.upper())
             replica.catch_up()
-            feed.catch_up()
             learner.wait_for_models()
             warmed_up = True
             # What is alive now lives as long as the worker: out of the cyclic collector's full

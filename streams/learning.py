@@ -3,14 +3,15 @@ checkpoints and label-derived reputation.
 
 The label join (``streams/app.py``) turns each label joined to its scoring-time inputs into a
 training example on the ``training-examples`` topic, which has ONE partition:
-a total order. Each worker reads all of it (no consumer group) twice:
+a total order. Each worker's learner process (``streams/learner.py``) reads all of it (no
+consumer group) and applies every example in that order (``ModelTrainer``) to
 
-* its learner process (``streams/learner.py``) applies every example in that order to the
-  models (``ModelTrainer``) and hands them to the scoring thread, so all workers hold the
-  same models. Control records (promote/rollback) travel on the same topic, so they happen
-  at the same point in every worker's history.
-* the worker itself applies each example's reputation changes to its local reputation
-  store (``ReputationFeed``), which extraction reads for every event.
+* the models, which it hands to the scoring thread, so all workers hold the same models.
+  Control records (promote/rollback) travel on the same topic, so they happen at the same
+  point in every worker's history.
+* the worker's reputation store (``Reputations``), which the learner alone writes and
+  the scoring thread reads for every event, as a RocksDB secondary instance of it
+  (``ReputationReader``), brought up to date whenever the learner says what changed.
 
 The models are checkpointed with the offset of the last example applied, to a
 local file and to a compacted topic; a learner that restarts (or starts on an
@@ -29,7 +30,7 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
-from rocksdict import AccessType, Rdict, WriteBufferManager
+from rocksdict import AccessType, Rdict, WriteBatch, WriteBufferManager
 
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
@@ -41,13 +42,11 @@ log = logging.getLogger("abuse_detector.learning")
 
 _OFFSET_KEY = b"\x01offset"
 CHECKPOINT_FILE = "models.ckpt"
+REPUTATION_STORE = "reputation"  # under the learning data dir
+_REPUTATION_READER = "reputation-reader"  # the secondary instance's own files
 # Reputations read per entity per event, most of them of entities that never had a label: the
 # answers (absent ones too) are kept, and the whole set is dropped when it reaches this size.
 REPUTATIONS_KEPT = 100_000
-# Examples a worker applies to its reputations per poll (every 50 ms while it scores): ~25 µs each
-# on the scoring thread, so at most 1,000 a second take ~2.5% of it. In chunks of 5,000, a
-# backfill of 50,000 labels held scoring up for 0.1-0.2 s at a time (round 33).
-REPUTATIONS_PER_POLL = 50
 _UNREAD = object()
 
 
@@ -143,13 +142,16 @@ class _FeedReader:
 
 
 class ModelTrainer(_FeedReader):
-    """The learner's half of the feed: every example, in order, taught to ``models``, which
-    are checkpointed by time. Remembers what changed since ``take_changes``: the handoff to
-    the scoring thread carries only the text model's weights of the n-grams learned since."""
+    """The learner's feed reader: every example, in order, taught to ``models``, which are
+    checkpointed by time, and applied to ``reputations``, committed after each poll. Each
+    part skips what it already holds (their offsets differ after a restart). Remembers what
+    changed since ``take_changes``: the handoff to the scoring thread carries only the text
+    model's weights of the n-grams learned since."""
 
-    def __init__(self, models: ModelSet, bootstrap: str, examples_topic: str, checkpoint_topic: str,
-                 checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float):
+    def __init__(self, models: ModelSet, reputations: "Reputations", bootstrap: str, examples_topic: str,
+                 checkpoint_topic: str, checkpoint_key: str, data_dir: Path, checkpoint_interval_s: float):
         self.models = models
+        self.reputations = reputations
         self.bootstrap = bootstrap
         self.examples_topic = examples_topic
         self.checkpoint_topic = checkpoint_topic
@@ -170,16 +172,18 @@ class ModelTrainer(_FeedReader):
         self.changed_ngrams: set[str] = set()
 
     def applied_offset(self) -> int:
-        return self.models.offset
+        return min(self.models.offset, self.reputations.offset)
 
     def poll(self, max_records: int = 5000, timeout_s: float = 0.0) -> int:
         applied = super().poll(max_records, timeout_s)
+        self.reputations.commit()
         self.applied_since_checkpoint += applied
         if self.applied_since_checkpoint and time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
             self.checkpoint()
         return applied
 
     def apply(self, record: dict[str, Any], offset: int) -> None:
+        self.reputations.apply(record, offset)
         models = self.models
         if offset <= models.offset:
             return
@@ -217,55 +221,105 @@ class ModelTrainer(_FeedReader):
         self.producer.flush(10)
         if self.consumer is not None:
             self.consumer.close()
+        self.reputations.close()
 
 
-class ReputationFeed(_FeedReader):
-    """The worker's half of the feed: each example's reputation changes, in the local store
-    that extraction reads for every event (``reputation_of``)."""
+class Reputations:
+    """The reputation store as the learner, its one writer, keeps it: each example's
+    reputation changes, and the offset of the last example applied, written together in one
+    write batch per ``commit`` (a learner that dies between two commits applies none of the
+    next one's examples twice). ``take_changed`` tells the readers which entities changed."""
 
-    def __init__(self, bootstrap: str, examples_topic: str, data_dir: Path, budget: WriteBufferManager | None = None):
-        self.bootstrap = bootstrap
-        self.examples_topic = examples_topic
+    def __init__(self, data_dir: Path):
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.reputation = Rdict(str(data_dir / "reputation"), options=store_options(budget),
-                                access_type=AccessType.read_write())
-        stored = self.reputation.get(_OFFSET_KEY)
-        self.reputation_offset = int(stored) if stored is not None else -1
-        self._reputations_kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
-        self.consumer: Consumer | None = None
-
-    def applied_offset(self) -> int:
-        return self.reputation_offset
-
-    def poll(self, max_records: int = REPUTATIONS_PER_POLL, timeout_s: float = 0.0) -> int:
-        applied = super().poll(max_records, timeout_s)
-        if applied:
-            self.reputation.put(_OFFSET_KEY, b"%d" % self.reputation_offset)
-        return applied
+        self.store = Rdict(str(data_dir / REPUTATION_STORE), options=store_options(),
+                           access_type=AccessType.read_write())
+        stored = self.store.get(_OFFSET_KEY)
+        self.offset = int(stored) if stored is not None else -1
+        self._pending: dict[bytes, bytes] = {}  # applied, not yet committed
+        self._committed_offset = self.offset
+        self._changed: set[tuple[str, str]] = set()
 
     def apply(self, record: dict[str, Any], offset: int) -> None:
-        if offset <= self.reputation_offset:
+        if offset <= self.offset:
             return
         if record.get("kind") != "control":
             for d in Detector.reputation_deltas(record):
                 key = reputation_key(d.entity, d.key)
-                self.reputation.put(key, add_label_stored(self.reputation.get(key), d.label_ts, d.delta))
-                self._reputations_kept.forget(d.entity, d.key)
-        self.reputation_offset = offset
+                before = self._pending.get(key)
+                if before is None:
+                    before = self.store.get(key)
+                self._pending[key] = add_label_stored(before, d.label_ts, d.delta)
+                self._changed.add((d.entity, d.key))
+        self.offset = offset
 
-    def reputation_of(self, entity: str, key: str) -> bytes | None:
-        """An entity's stored reputation, None if it never had a label. Only ``apply``
-        writes the store (in this process), and it forgets what it changes."""
-        stored = self._reputations_kept.get(entity, key, _UNREAD)
-        if stored is _UNREAD:
-            stored = self.reputation.get(reputation_key(entity, key))
-            self._reputations_kept.put(entity, key, stored)
-        return stored
+    def commit(self) -> None:
+        if self.offset == self._committed_offset:
+            return
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self._pending.items():
+            batch.put(key, value)
+        batch.put(_OFFSET_KEY, b"%d" % self.offset)
+        self.store.write(batch)
+        self._pending.clear()
+        self._committed_offset = self.offset
+
+    def take_changed(self) -> list[tuple[str, str]]:
+        """The (entity, key) pairs whose reputation the examples applied since the last call
+        changed (the readers see them once committed)."""
+        changed, self._changed = list(self._changed), set()
+        return changed
 
     def close(self) -> None:
-        if self.consumer is not None:
-            self.consumer.close()
-        self.reputation.close()
+        self.commit()
+        self.store.close()
+
+
+class ReputationReader:
+    """The scoring thread's view of the learner's reputation store: a RocksDB secondary
+    instance (read-only, no lock; it sees the learner's writes once it has caught up with
+    them). ``reputation_of`` keeps what it read; ``refresh`` catches up and forgets what
+    changed."""
+
+    def __init__(self, data_dir: Path, budget: WriteBufferManager | None = None):
+        self._path, self._budget = data_dir, budget
+        self._kept = KeptPerEntity(REPUTATIONS_KEPT)  # entity -> key -> stored bytes or None
+        self.store = self._open()
+
+    def _open(self) -> Rdict:
+        return Rdict(str(self._path / REPUTATION_STORE), options=store_options(self._budget),
+                     access_type=AccessType.secondary(str(self._path / _REPUTATION_READER)))
+
+    def reputation_of(self, entity: str, key: str) -> bytes | None:
+        """An entity's stored reputation, None if it never had a label."""
+        stored = self._kept.get(entity, key, _UNREAD)
+        if stored is _UNREAD:
+            stored = self.store.get(reputation_key(entity, key))
+            self._kept.put(entity, key, stored)
+        return stored
+
+    def refresh(self, changed: list[tuple[str, str]] | None) -> None:
+        """Reads what the learner wrote since the last refresh, and forgets the ``changed``
+        entities' kept reputations; None: a new learner, whose store is opened afresh and
+        nothing kept is trusted (a secondary instance caught up across a restart of its
+        primary kept serving a value the restarted primary had overwritten)."""
+        if changed is None:
+            self.store.close()
+            self.store = self._open()
+            self._kept.clear()
+            return
+        self.store.try_catch_up_with_primary()
+        for entity, key in changed:
+            self._kept.forget(entity, key)
+
+    @property
+    def offset(self) -> int:
+        """The offset of the last example whose reputation changes the reader sees."""
+        stored = self.store.get(_OFFSET_KEY)
+        return int(stored) if stored is not None else -1
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def control_record(action: str, actor: str) -> bytes:

@@ -125,6 +125,34 @@ when = [{ feature = "device_signups_10m", op = ">=", value = 2 }]
         worker.stop()
 
 
+def _scored(scores, event_id: str, worker: Worker) -> dict:
+    records = scores.wait_for(lambda r: any(x[1]["event_id"] == event_id for x in r), timeout=90, worker=worker)
+    return next(x[1] for x in records if x[1]["event_id"] == event_id)
+
+
+def _probe_from_the_ip_of(e: dict, after_ms: int) -> dict:
+    """Another user's event from ``e``'s IP, ``after_ms`` later."""
+    return {**e, "event_id": f"probe-{e['event_id']}", "user_id": "someone-else", "ts": e["ts"] + after_ms}
+
+
+def test_a_label_changes_the_reputation_the_next_event_is_scored_with(settings, worker, reader, produce):
+    """The learner writes the reputation; the scoring thread, which read the IP's absence
+    when it scored the labelled event, reads it again once the learner says it changed."""
+    scores = reader(settings.scores_topic)
+    first = _attack(7)
+    produce(settings.events_topic, [as_record(first)])
+    assert "ip_abuse_labels_1d" not in _scored(scores, first["event_id"], worker)["features"]
+    produce(settings.labels_topic, [moderator_label(first, first["ts"] + 60_000)])
+    deadline = time.monotonic() + 60
+    while _models(worker)["learner"]["reputations_at_example"] < 0:  # as the scoring thread's reader sees it
+        assert time.monotonic() < deadline, _models(worker)
+        time.sleep(0.2)
+    probe = _probe_from_the_ip_of(first, after_ms=120_000)
+    produce(settings.events_topic, [as_record(probe)])
+    features = _scored(scores, probe["event_id"], worker)["features"]
+    assert features["ip_abuse_labels_1d"] == 1.0 and features["ip_abuse_labels_28d"] == 1.0
+
+
 def test_a_learner_that_dies_is_started_again_and_the_worker_scores_meanwhile(settings, worker, reader, produce):
     _train(settings, worker, reader, produce, n=10)
     before = _models(worker)
@@ -144,6 +172,10 @@ def test_a_learner_that_dies_is_started_again_and_the_worker_scores_meanwhile(se
     assert after["learner"]["pid"] != before["learner"]["pid"]
     assert after["champion"]["version"].endswith("+40"), after["champion"]
     assert "learner process exited" in worker.log()
+    # the new learner wrote the reputations of the labels after it; the worker reads them
+    probe = _probe_from_the_ip_of(more[0], after_ms=120_000)
+    produce(settings.events_topic, [as_record(probe)])
+    assert _scored(scores, probe["event_id"], worker)["features"]["ip_abuse_labels_1d"] == 1.0
 
 
 def test_promotion_reaches_the_worker_through_the_feed(settings, worker):

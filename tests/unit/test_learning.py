@@ -374,7 +374,7 @@ def test_a_content_model_checkpointed_with_adam_continues_with_adagrad():
 
 
 class CountingStore:
-    """The reputation store with its reads counted."""
+    """A store with its reads counted."""
 
     def __init__(self, store):
         self.store, self.reads = store, 0
@@ -383,33 +383,113 @@ class CountingStore:
         self.reads += 1
         return self.store.get(key)
 
-    def put(self, key, value):
-        self.store.put(key, value)
+    def __getattr__(self, name):
+        return getattr(self.store, name)
 
 
-def test_reputations_are_read_once_and_a_new_label_is_seen_at_once(tmp_path, monkeypatch):
+def _labelled(event_id: str, ip: str, label: str = "abuse", previous: str | None = None, ts: int = 60_000) -> dict:
+    return {"event_id": event_id, "label": label, "previous_label": previous, "label_ts": ts,
+            "entities": {"ip": ip, "user": "u1"}}
+
+
+def test_reputations_are_read_once_and_a_change_is_seen_once_the_learner_says_so(tmp_path, monkeypatch):
     from streams import learning
 
     monkeypatch.setattr(learning, "REPUTATIONS_KEPT", 2)
-    feed = learning.ReputationFeed("127.0.0.1:1", "examples", tmp_path)
-    store = feed.reputation = CountingStore(feed.reputation)
+    writer = learning.Reputations(tmp_path)  # the learner's
+    reader = learning.ReputationReader(tmp_path)  # the scoring thread's
+    store = reader.store = CountingStore(reader.store)
     try:
-        assert feed.reputation_of("ip", "1.2.3.4") is None
-        assert feed.reputation_of("ip", "1.2.3.4") is None and store.reads == 1  # its absence was kept
-        feed.apply({"event_id": "e1", "label": "abuse", "previous_label": None, "label_ts": 60_000,
-                    "entities": {"ip": "1.2.3.4", "user": "u1"}}, offset=0)
+        assert reader.reputation_of("ip", "1.2.3.4") is None
+        assert reader.reputation_of("ip", "1.2.3.4") is None and store.reads == 1  # its absence was kept
+        writer.apply(_labelled("e1", "1.2.3.4"), offset=0)
+        writer.commit()
+        changed = writer.take_changed()
+        assert sorted(changed) == [("ip", "1.2.3.4"), ("user", "u1")] and writer.take_changed() == []
+        reader.refresh(changed)
         reads = store.reads
-        stored = feed.reputation_of("ip", "1.2.3.4")
-        assert stored is not None and reputation_features("ip", orjson.loads(stored), 60_000)
-        assert feed.reputation_of("ip", "1.2.3.4") == stored and store.reads == reads + 1
+        stored = reader.reputation_of("ip", "1.2.3.4")
+        assert stored is not None and reputation_features("ip", orjson.loads(stored), 60_000)["ip_abuse_labels_1d"] == 1
+        assert reader.reputation_of("ip", "1.2.3.4") == stored and store.reads == reads + 1
+        assert reader.offset == 0
 
         for key in ("a", "b", "c"):  # the second forgets all that was kept, ip's reputation too
-            feed.reputation_of("device", key)
+            reader.reputation_of("device", key)
         reads = store.reads
-        feed.reputation_of("ip", "1.2.3.4")
+        reader.reputation_of("ip", "1.2.3.4")
         assert store.reads == reads + 1
     finally:
-        feed.reputation.store.close()
+        reader.close()
+        writer.close()
+
+
+def test_the_examples_of_one_commit_add_up_and_are_never_applied_twice(tmp_path):
+    """One write batch per commit: an entity labelled twice in it counts both, and a learner
+    restarted after the commit skips what it holds."""
+    from streams import learning
+
+    writer = learning.Reputations(tmp_path)
+    writer.apply(_labelled("e1", "9.9.9.9"), offset=0)
+    writer.apply(_labelled("e2", "9.9.9.9", ts=61_000), offset=1)
+    writer.apply(_labelled("e3", "9.9.9.9", ts=62_000), offset=2)
+    writer.apply(_labelled("e3", "9.9.9.9", label="benign", previous="abuse", ts=63_000), offset=3)  # overturned
+    writer.apply({"kind": "control", "action": "promote"}, offset=4)
+    assert writer.store.get(learning.reputation_key("ip", "9.9.9.9")) is None  # nothing before the commit
+    writer.commit()
+    writer.close()
+
+    restarted = learning.Reputations(tmp_path)
+    try:
+        assert restarted.offset == 4
+        restarted.apply(_labelled("e2", "9.9.9.9", ts=61_000), offset=1)  # read again after a restart
+        restarted.commit()
+        stored = orjson.loads(restarted.store.get(learning.reputation_key("ip", "9.9.9.9")))
+        assert reputation_features("ip", stored, 70_000)["ip_abuse_labels_1d"] == 2
+    finally:
+        restarted.close()
+
+
+def test_a_reader_told_of_a_new_learner_reads_what_it_wrote(tmp_path):
+    from streams import learning
+
+    first = learning.Reputations(tmp_path)
+    first.apply(_labelled("e1", "5.5.5.5"), offset=0)
+    first.commit()
+    reader = learning.ReputationReader(tmp_path)
+    try:
+        assert reputation_features("ip", orjson.loads(reader.reputation_of("ip", "5.5.5.5")), 70_000)["ip_abuse_labels_1d"] == 1
+        first.close()  # the learner dies; a new one goes on
+        second = learning.Reputations(tmp_path)
+        second.apply(_labelled("e2", "5.5.5.5", ts=61_000), offset=1)
+        second.commit()
+        second.close()
+        reader.refresh(None)
+        assert reputation_features("ip", orjson.loads(reader.reputation_of("ip", "5.5.5.5")), 70_000)["ip_abuse_labels_1d"] == 2
+        assert reader.offset == 1
+    finally:
+        reader.close()
+
+
+def test_the_learner_reads_the_feed_from_whichever_of_models_and_reputations_is_behind(tmp_path):
+    from streams import learning
+
+    models = ModelSet.new(5)
+    models.offset = 5  # a checkpoint newer than the reputation store (a disk lost, the checkpoint from the topic)
+    trainer = learning.ModelTrainer(models, learning.Reputations(tmp_path / "rep"), "127.0.0.1:1", "examples",
+                                    "checkpoints", "w", tmp_path, checkpoint_interval_s=3600.0)
+    example = {"schema_version": 1, "label": "abuse", "previous_label": None, "label_ts": 1, "source": "moderator",
+               "event_ts": 0, "features": BAD, "detectors": {"rules": 0.9, "anomaly": 0.5}, "text": None,
+               "entities": {"ip": "7.7.7.7"}}
+    try:
+        assert trainer.applied_offset() == -1
+        trainer.consumer = _Feed([orjson.dumps({**example, "event_id": f"e{i}"}) for i in range(10)])
+        assert trainer.poll(100) == 10
+        assert models.examples == 4 and models.offset == 9  # offsets 6-9 only
+        stored = orjson.loads(trainer.reputations.store.get(learning.reputation_key("ip", "7.7.7.7")))
+        assert reputation_features("ip", stored, 10_000)["ip_abuse_labels_1d"] == 10 and trainer.applied_offset() == 9
+    finally:
+        trainer.producer.flush(0)
+        trainer.reputations.close()
 
 
 class _Feed:
@@ -445,8 +525,8 @@ def test_the_models_are_checkpointed_by_time_not_by_the_examples_they_learn(tmp_
 
     clock = [1000.0]
     monkeypatch.setattr(learning.time, "monotonic", lambda: clock[0])
-    feed = learning.ModelTrainer(ModelSet.new(5), "127.0.0.1:1", "examples", "checkpoints", "w",
-                                 tmp_path, checkpoint_interval_s=30.0)
+    feed = learning.ModelTrainer(ModelSet.new(5), learning.Reputations(tmp_path / "rep"), "127.0.0.1:1",
+                                 "examples", "checkpoints", "w", tmp_path, checkpoint_interval_s=30.0)
     taken = []
 
     def checkpoint() -> None:  # what the real one does to the feed, without the pickle and the I/O
@@ -471,3 +551,4 @@ def test_the_models_are_checkpointed_by_time_not_by_the_examples_they_learn(tmp_
         assert taken == [1030.0]  # nothing learned since: no checkpoint
     finally:
         feed.producer.flush(0)
+        feed.reputations.close()
