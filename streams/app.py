@@ -187,6 +187,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
     learner = Learner(LearnerConfig.of(settings), detector.models, budget)
     learner.start()
+    reputation_of = learner.reputation_reader().reputation_of  # read per entity per event
     app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
 
     def table_key(entity: str, partition: int, key: str) -> bytes:
@@ -362,7 +363,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 local = [stored(name, shard_key(p, key), store_get(name, p))
                          for p in local_partitions if with_shards >> p & 1]
                 others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            states[name] = EntityState(None, others, learner.reputation_of(name, key), record=own)
+            states[name] = EntityState(None, others, reputation_of(name, key), record=own)
         return states
 
     def sweep(partition: int) -> None:

@@ -90,7 +90,7 @@ class LearnerConfig:
 class Learner:
     """The worker's handle on its learner process; ``models`` is the scoring thread's
     ``ModelSet``, which ``poll`` updates in place from the learner's handoffs, and
-    ``reputation_of`` reads the reputations the learner writes."""
+    ``reputation_reader()`` reads the reputations the learner writes."""
 
     def __init__(self, config: LearnerConfig, models: ModelSet, budget: WriteBufferManager | None = None):
         self.config = config
@@ -192,10 +192,11 @@ class Learner:
             if not pipe.poll(0):
                 return
 
-    def reputation_of(self, entity: str, key: str) -> bytes | None:
-        """An entity's reputation as the learner last said it changed; None if it never had a label."""
+    def reputation_reader(self) -> ReputationReader:
+        """The scoring thread's reader of the reputations the learner writes: open once ``start``
+        has returned, for as long as the worker runs (a new learner's store is reopened in it)."""
         assert self.reputations is not None, "the learner has not started"
-        return self.reputations.reputation_of(entity, key)
+        return self.reputations
 
     def view(self) -> dict[str, Any]:
         """For the worker's ``/models/`` page."""
