@@ -227,8 +227,9 @@ class ModelTrainer(_FeedReader):
 class Reputations:
     """The reputation store as the learner, its one writer, keeps it: each example's
     reputation changes, and the offset of the last example applied, written together in one
-    write batch per ``commit`` (a learner that dies between two commits applies none of the
-    next one's examples twice). ``take_changed`` tells the readers which entities changed."""
+    write batch per ``commit`` (a learner that dies before a commit leaves the store as the
+    last one left it, so the next applies those examples once). ``take_changed`` tells the
+    readers which entities changed."""
 
     def __init__(self, data_dir: Path):
         data_dir.mkdir(parents=True, exist_ok=True)
