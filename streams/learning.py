@@ -102,46 +102,7 @@ def _feed_end(consumer: Consumer, examples_topic: str) -> int:
     return consumer.get_watermark_offsets(TopicPartition(examples_topic, 0), timeout=10)[1]
 
 
-class _FeedReader:
-    """Applies the feed's records in order, from the one after ``applied_offset()``."""
-
-    bootstrap: str
-    examples_topic: str
-    consumer: Consumer | None
-
-    def applied_offset(self) -> int:
-        raise NotImplementedError
-
-    def apply(self, record: dict[str, Any], offset: int) -> None:
-        raise NotImplementedError
-
-    def _reader(self) -> Consumer:
-        """The feed's consumer, from the record after the last one applied."""
-        if self.consumer is None:
-            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
-        return self.consumer
-
-    def poll(self, max_records: int, timeout_s: float = 0.0) -> int:
-        applied = 0
-        for msg in self._reader().consume(max_records, timeout=timeout_s):
-            if msg.error():
-                continue
-            self.apply(orjson.loads(msg.value()), msg.offset())
-            applied += 1
-        return applied
-
-    def catch_up(self, timeout_s: float = 300.0) -> None:
-        """Applies every record on the feed when called."""
-        end = _feed_end(self._reader(), self.examples_topic)
-        deadline = time.monotonic() + timeout_s
-        while self.applied_offset() < end - 1:
-            if time.monotonic() > deadline:
-                log.error("training feed did not catch up within %.0fs", timeout_s)
-                return
-            self.poll(max_records=5000, timeout_s=0.1)
-
-
-class ModelTrainer(_FeedReader):
+class ModelTrainer:
     """The learner's feed reader: every example, in order, taught to ``models``, which are
     checkpointed by time, and applied to ``reputations``, committed after each poll. Each
     part skips what it already holds (their offsets differ after a restart). Remembers what
@@ -174,8 +135,29 @@ class ModelTrainer(_FeedReader):
     def applied_offset(self) -> int:
         return min(self.models.offset, self.reputations.offset)
 
+    def _reader(self) -> Consumer:
+        """The feed's consumer, from the record after the last one both parts applied."""
+        if self.consumer is None:
+            self.consumer = _examples_consumer(self.bootstrap, self.examples_topic, self.applied_offset() + 1)
+        return self.consumer
+
+    def catch_up(self, timeout_s: float = 300.0) -> None:
+        """Applies every record on the feed when called."""
+        end = _feed_end(self._reader(), self.examples_topic)
+        deadline = time.monotonic() + timeout_s
+        while self.applied_offset() < end - 1:
+            if time.monotonic() > deadline:
+                log.error("training feed did not catch up within %.0fs", timeout_s)
+                return
+            self.poll(max_records=5000, timeout_s=0.1)
+
     def poll(self, max_records: int = 5000, timeout_s: float = 0.0) -> int:
-        applied = super().poll(max_records, timeout_s)
+        applied = 0
+        for msg in self._reader().consume(max_records, timeout=timeout_s):
+            if msg.error():
+                continue
+            self.apply(orjson.loads(msg.value()), msg.offset())
+            applied += 1
         self.reputations.commit()
         self.applied_since_checkpoint += applied
         if self.applied_since_checkpoint and time.monotonic() - self.last_checkpoint >= self.checkpoint_interval_s:
