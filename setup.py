@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 
 # The modules each scored event runs through; the rest of detectors/ stays interpreted.
 COMPILED = ("catalog", "sketches", "entities", "reputation", "features", "events",
-            "rounding", "model", "anomaly", "content", "rules", "fusion", "decisions", "pipeline")
+            "rounding", "model", "anomaly", "content", "rules", "fusion", "decisions", "pipeline", "worker_state")
 
 extensions = cythonize(
     [Extension(f"detectors.{name}", [f"detectors/{name}.py"]) for name in COMPILED],

@@ -35,9 +35,9 @@ from faust.types import TP
 
 import detectors
 from detectors.catalog import ENTITIES
-from detectors.entities import Record, entity_features, merge_records, readable
+from detectors.entities import entity_features, merge_records, readable
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import EntityState, entity_keys, extract, stored_is_idle
+from detectors.features import entity_keys, extract, stored_is_idle
 from detectors.labels import Example, on_label
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -50,9 +50,10 @@ from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
+from detectors.worker_state import EntityReads, HeldKey, shard_key
 from streams.state import (
-    BLOOM_BITS_PER_KEY, BatchChanges, ExpirySweeper, HeldKey, HeldRecords, KeptPerEntity, ShardPresence, ShardReplica,
-    amend_table_stores, filter_memtable_misses, memtable_budget, pace_background_writes, shard_key, within,
+    BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
+    pace_background_writes, within,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -68,8 +69,6 @@ EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is ful
 # young collection came every 0.35-7 s and found nothing to free. Above the swing, one comes when
 # objects pile up, reference cycles for it to free among them (docs/performance.md, round 25).
 GC_THRESHOLDS = (200_000, 20, 20)
-STORED_BYTES_ENTRIES = 100_000  # entity records kept as stored bytes (~0.5 KB each)
-_UNREAD = object()
 
 
 def _now_ms() -> int:
@@ -157,7 +156,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     table_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}  # copied: Faust pops keys
 
     # One compact record per entity (per shard for sharded entities): at most one
-    # changelog write per entity per state_write_interval_s (see held_records).
+    # changelog write per entity per state_write_interval_s (see detectors/worker_state.py HeldRecords).
     # key_type/value_type bytes = stored raw.
     tables = {
         name: app.Table(table_name(name), default=None, key_type=bytes, value_type=bytes,
@@ -187,11 +186,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     sweeper = ExpirySweeper(every_events=settings.sweep_every_events)
     learner = Learner(LearnerConfig.of(settings), detector.models, budget)
     learner.start()
-    reputation_of = learner.reputation_reader().reputation_of  # read per entity per event
     app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
-
-    def table_key(entity: str, partition: int, key: str) -> bytes:
-        return shard_key(partition, key) if ENTITIES[entity].sharded else key.encode()
 
     # The events and labels of the partitions Faust assigns, read with librdkafka
     # (streams/follower.py). The events' owned partitions are also the ones whose shards
@@ -224,7 +219,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         stopped the worker for ~30 ms every second at 5,000 events/s (docs/performance.md,
         round 24). A crash then scores again up to an interval's events more, each counted
         once (records remember the last offset they applied)."""
-        held_from = None if write_all_held else held_records.unwritten_from()
+        held_from = None if write_all_held else reads.held.unwritten_from()
         await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted())], write_all_held)
 
     @app.on_partitions_revoked.connect
@@ -232,7 +227,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         # committed before the group moves on, so the next owner starts where this one stopped
         await commit([(source, source.on_revoked(revoked)) for source in inputs])
         await flush_writer()
-        forget_owned_stores()
+        reads.forget_owned_stores()
 
     def restoring() -> bool:
         """Whether the group has yet to give this worker its partitions (Faust counts rebalances
@@ -241,7 +236,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        forget_owned_stores()
+        reads.forget_owned_stores()
         for source in inputs:
             await source.on_assigned()
         replica.own(events.owned, local_partition)
@@ -262,109 +257,29 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         except Exception:  # the next commit retries; a raising timer stops for good
             log.exception("committing the input positions failed; retrying in %.1fs", COMMIT_INTERVAL_S)
 
-    # The records batches changed, each written once it has been held state_write_interval_s
-    # (and before every flush): a hot IP costs one JSON encoding, one store write and one
-    # changelog record per interval, not one per event or per small batch.
-    held_records = HeldRecords(settings.state_write_interval_s)
-    # What the owned partitions' stores hold for the entity records read or written lately, as
-    # bytes (see forget_owned_stores).
-    stored_bytes = KeptPerEntity(STORED_BYTES_ENTRIES)
-
-    # The records the batch's events changed, decoded (held, encoded, at the batch's end).
-    batch_changes = BatchChanges()
-
-    def stored(name: str, table_key: bytes, read: Any) -> Record | None:
-        """A record as an event must see it: as the batch changed it, else its held bytes or
-        its stored bytes (kept in ``stored_bytes`` or read with ``read(table_key)``) decoded.
-        Not kept decoded beyond its batch: by its entity's next event its objects were cold, and
-        decoding its bytes again cost less (docs/performance.md, rounds 19 and 28); the bytes
-        spare the RocksDB read (round 22)."""
-        held_key = (name, table_key)
-        changed = batch_changes.get(held_key)
-        if changed is not None:
-            return changed
-        raw = held_records.get(held_key)
-        if raw is None:
-            raw = stored_bytes.get(name, table_key, _UNREAD)
-            if raw is _UNREAD:
-                raw = read(table_key)
-                stored_bytes.put(name, table_key, raw)
-        return None if raw is None else orjson.loads(raw)
-
-    def is_held(held_key: HeldKey) -> bool:
-        """Whether a record's latest change is not in its store yet."""
-        return held_key in batch_changes or held_key in held_records
+    # What each event reads of its entities' state, and the records batches changed, each
+    # written once it has been held state_write_interval_s (and before every flush): a hot IP
+    # costs one JSON encoding, one store write and one changelog record per interval, not one
+    # per event or per small batch (detectors/worker_state.py).
+    reads = EntityReads(
+        lambda name, partition: tables[name].data._db_for_partition(partition).get,  # minus Faust's table layers
+        replica.shards, learner.reputation_reader().reputation_of, settings.partitions,
+        settings.state_write_interval_s)
 
     def write_records(records: list[tuple[HeldKey, bytes, int]]) -> None:
         by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
         for (name, key), raw, partition in records:
             by_store.setdefault((name, partition), []).append((key, raw))
-            stored_bytes.put(name, key, raw)
+            reads.written(name, key, raw)
         for (name, partition), items in by_store.items():
             writer.put_many(tables[name], partition, items)
 
     def write_held() -> None:
-        write_records(held_records.take_all())
+        write_records(reads.held.take_all())
 
     def write_held_if_due() -> None:
-        write_records(held_records.take_due())
+        write_records(reads.held.take_due())
         writer.poll()
-
-    # Per batch (ownership cannot change within one: agent bodies never await), for each
-    # partition with events: the other owned partitions (shards read from the local
-    # stores) and the rest (from the replica), and each table's partition stores.
-    batch_layout: dict[int, tuple[list[int], list[int]]] = {}
-    batch_stores: dict[tuple[str, int], Any] = {}
-
-    def store_get(name: str, partition: int) -> Any:
-        try:
-            return batch_stores[(name, partition)]
-        except KeyError:
-            # The partition's RocksDB directly: what Faust's table.get ends in, minus its
-            # mapping, sensor and key-index layers.
-            get = batch_stores[(name, partition)] = tables[name].data._db_for_partition(partition).get
-            return get
-
-    # Which owned partitions hold a shard of each sharded entity: most hold none.
-    shard_presence = ShardPresence()
-
-    def forget_owned_stores() -> None:
-        """What is kept of the owned partitions' stores (their shards' presence, their records'
-        bytes) holds while only this worker writes them: forgotten whenever ownership may
-        change (Faust then restores newly assigned partitions from their changelogs)."""
-        shard_presence.clear()
-        stored_bytes.clear()
-
-    def shard_exists(name: str, partition: int, key: str) -> bool:
-        shard = shard_key(partition, key)
-        return is_held((name, shard)) or store_get(name, partition)(shard) is not None
-
-    def hold(name: str, partition: int, key: str, record: Record, offset: int) -> None:
-        """A record the event at ``offset`` changed: read by the next events, written once due
-        (write_held_if_due)."""
-        batch_changes.change((name, table_key(name, partition, key)), record, partition, offset)
-        shard_presence.add(name, key, partition)
-
-    def states_for(keys: dict[str, str], partition: int) -> dict[str, EntityState]:
-        layout = batch_layout.get(partition)
-        if layout is None:
-            owned = events.owned
-            layout = batch_layout[partition] = (
-                [p for p in sorted(owned) if p != partition],
-                [p for p in range(settings.partitions) if p != partition and p not in owned])
-        local_partitions, remote_partitions = layout
-        states = {}
-        for name, key in keys.items():
-            # decoded: extract updates it in place, and the batch's next events read it
-            own = stored(name, table_key(name, partition, key), store_get(name, partition))
-            others: tuple[bytes | Record, ...] = ()
-            if ENTITIES[name].sharded:
-                with_shards = shard_presence.partitions(name, key, events.owned, shard_exists)
-                local = [stored(name, shard_key(p, key), store_get(name, p))
-                         for p in local_partitions if with_shards >> p & 1]
-                others = replica.shards(name, key, remote_partitions) + tuple(r for r in local if r is not None)
-            states[name] = EntityState(None, others, reputation_of(name, key), record=own)
-        return states
 
     def sweep(partition: int) -> None:
         """Deletes idle entities from a slice of this partition's stores (between events of a batch)."""
@@ -373,11 +288,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
             for key, raw in sweeper.next_slice(name, partition, db.items(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key or is_held((name, key)):
+                if key == store.offset_key or reads.is_held((name, key)):
                     continue
                 if stored_is_idle(ENTITIES[name], raw, watermark):
                     writer.put(table, partition, key, None)
-                    stored_bytes.forget(name, key)
+                    reads.deleted(name, key)
                     sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
@@ -518,7 +433,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         partition = origin.partition
         try:
             keys = entity_keys(record)
-            states = states_for(keys, partition)
+            states = reads.states_for(keys, partition)
             extraction = extract(record, states, (partition, origin.offset))
         except Exception as exc:  # a detector bug must not stop the partition
             # A record an earlier event of the batch changed keeps what this event changed in
@@ -527,7 +442,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, entity_record in extraction.records.items():
-            hold(name, partition, keys[name], entity_record, origin.offset)
+            reads.hold(name, partition, keys[name], entity_record, origin.offset)
         extracted.append((origin, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
@@ -541,7 +456,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 # extract_one held the records extraction changed, the very objects the alert
                 # policy updates; a redelivered event's user record is new to the hold here
                 if name not in extraction.records:
-                    hold(name, partition, result.keys[name], entity_record, origin.offset)
+                    reads.hold(name, partition, result.keys[name], entity_record, origin.offset)
             writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
             if result.alert is not None:
                 writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))
@@ -554,8 +469,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def score_batch(messages: list[Any]) -> None:
         """One batch of events, start to end without an await: a rebalance (which commits
         after flushing the writer) finds every event read either untouched or finished."""
-        batch_layout.clear()
-        batch_stores.clear()
+        reads.begin_batch(events.owned)
         decoded: list[tuple[Origin, dict[str, Any]]] = []
         for msg in messages:
             origin = Origin.of(msg)
@@ -571,7 +485,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             if extracted:
                 score_extracted(extracted)
         finally:  # no change is left decoded past its batch
-            batch_changes.hold_all(held_records)
+            reads.end_batch()
         write_held_if_due()
         events.processed(messages)
 
@@ -600,7 +514,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             if app.rebalancing:  # partitions move, and Faust may restore tables from changelogs
-                forget_owned_stores()
+                reads.forget_owned_stores()
                 await asyncio.sleep(settings.batch_wait_s)
                 continue
             if busy:

@@ -35,8 +35,9 @@ from rocksdict import AccessType, Rdict, WriteBatch, WriteBufferManager
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.pipeline import Detector
 from detectors.reputation import add_label_stored
+from detectors.worker_state import KeptPerEntity
 from streams.kafka.io import BACKGROUND_FETCH, CHECKPOINT_MAX_BYTES
-from streams.state import KeptPerEntity, store_options
+from streams.state import store_options
 
 log = logging.getLogger("abuse_detector.learning")
 

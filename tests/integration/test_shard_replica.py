@@ -10,7 +10,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.kafka.io import make_producer
-from streams.state import ShardReplica, shard_key
+from detectors.worker_state import shard_key
+from streams.state import ShardReplica
 
 pytestmark = pytest.mark.integration
 

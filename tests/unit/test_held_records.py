@@ -1,4 +1,4 @@
-"""When the worker writes the entity records events changed (streams/state.py HeldRecords), how
+"""When the worker writes the entity records events changed (detectors/worker_state.py HeldRecords), how
 far its periodic commits go meanwhile, and how a batch's changes are held (BatchChanges).
 
 Times are multiples of 1/16 s, exact as floats."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import orjson
 
 from detectors.features import EntityState, encode_record, extract
+from detectors.worker_state import BatchChanges, HeldRecords
 from streams.follower import AssignedSource
-from streams.state import BatchChanges, HeldRecords
 
 
 class Clock:

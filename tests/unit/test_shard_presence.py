@@ -1,9 +1,9 @@
-"""Which owned partitions hold a shard of an entity (streams/state.py ShardPresence), and the
+"""Which owned partitions hold a shard of an entity (detectors/worker_state.py ShardPresence), and the
 worker's own stores' options."""
 
 from __future__ import annotations
 
-from streams.state import ShardPresence, shard_key
+from detectors.worker_state import ShardPresence, shard_key
 
 
 def test_shard_presence_reads_the_stores_once_per_entity_then_follows_the_writes():
