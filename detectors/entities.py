@@ -263,8 +263,8 @@ def ring_buckets(ring: str | list) -> list:
 
 
 @cython.cfunc
-@cython.locals(width=cython.Py_ssize_t, digits=cython.Py_ssize_t, at=cython.Py_ssize_t, idx=cython.longlong,
-               c=cython.Py_ssize_t, code=cython.longlong, data=cython.p_uchar)
+@cython.locals(width=cython.Py_ssize_t, digits=cython.Py_ssize_t, at=cython.Py_ssize_t, end=cython.Py_ssize_t,
+               idx=cython.longlong, c=cython.Py_ssize_t, code=cython.longlong, data=cython.p_uchar)
 def _sum_packed(ring: str, n: cython.Py_ssize_t, lo: cython.longlong, hi: cython.longlong,
                 first: cython.Py_ssize_t, channels: cython.Py_ssize_t, out: cython.p_double,
                 base: cython.Py_ssize_t) -> cython.int:
@@ -273,7 +273,8 @@ def _sum_packed(ring: str, n: cython.Py_ssize_t, lo: cython.longlong, hi: cython
     width = _ring_width(ring, n)
     digits = (width - _INDEX_DIGITS) // n
     data = _chars(ring)
-    for at in range(_HEADER, len(ring), width):
+    at, end = _HEADER, len(ring)
+    while at < end:  # not a range: Cython loops over a range whose step is a variable with int objects
         idx = _read(data, at, _INDEX_DIGITS)
         if idx >= hi:
             break
@@ -284,6 +285,7 @@ def _sum_packed(ring: str, n: cython.Py_ssize_t, lo: cython.longlong, hi: cython
                     out[base + c] += (code >> 1) / 100.0
                 else:
                     out[base + c] += code >> 1
+        at += width
     return 0
 
 

@@ -281,7 +281,8 @@ def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool |
     wanted, ts = h, _checked_time(ts_s)
     data, n = _chars(s), len(s)
     if data[0] == 120:  # EXACT
-        for at in range(1, n, _WIDTH_EXACT):
+        at = 1
+        while at < n:  # not a range: see _counts
             if _read(data, at, _KEY_DIGITS_EXACT) == wanted:
                 if ts > cython.cast(cython.longlong, _read(data, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)):
                     blank = _blank(n)
@@ -291,6 +292,7 @@ def distinct_insert(sketch: Sketch, h: int, ts_s: int) -> tuple[Distinct, bool |
                     _write(out, at + _KEY_DIGITS_EXACT, ts, _TIME_DIGITS)
                     s = _finished(blank)
                 return s, True
+            at += _WIDTH_EXACT
         if n < 1 + EXACT_LIMIT * _WIDTH_EXACT:
             blank = _blank(n + _WIDTH_EXACT)
             out = _writable(blank)
@@ -401,11 +403,15 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
         data = _chars(s)
         if data[0] == 120:  # EXACT
             end = len(s)
-            for at in range(1 + _KEY_DIGITS_EXACT, end, _WIDTH_EXACT):
+            # The entries' loops here and below are not ranges: Cython loops over a range whose
+            # step is not a literal with an int object per step (round 35).
+            at = 1 + _KEY_DIGITS_EXACT
+            while at < end:
                 ts = _read(data, at, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w]:
                         exact_counts[w] += 1
+                at += _WIDTH_EXACT
             return [exact_counts[w] for w in range(n)]
         parts = [s]
     # Per window, each register's best rank among the values seen in it
@@ -415,15 +421,18 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
     for s in parts:
         end, data = len(s), _chars(s)
         if data[0] == 104:  # HLL
-            for at in range(1, end, _WIDTH_HLL):
+            at = 1
+            while at < end:
                 key = _read(data, at, _KEY_DIGITS_HLL)
                 register, rank = key >> 5, key & 31
                 ts = _read(data, at + _KEY_DIGITS_HLL, _TIME_DIGITS)
                 for w in range(n):
                     if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
                         ranks[w * _C_REGISTERS + register] = rank
+                at += _WIDTH_HLL
         else:  # an exact part of a union: each value where a HyperLogLog would place it
-            for at in range(1, end, _WIDTH_EXACT):
+            at = 1
+            while at < end:
                 h = _read(data, at, _KEY_DIGITS_EXACT)
                 register = h & (_C_REGISTERS - 1)
                 rest = h >> _C_REGISTER_BITS
@@ -435,6 +444,7 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
                 for w in range(n):
                     if ts >= since[w] and rank > ranks[w * _C_REGISTERS + register]:
                         ranks[w * _C_REGISTERS + register] = rank
+                at += _WIDTH_EXACT
     counts = []
     for w in range(n):
         total, empty = 0.0, 0
@@ -453,8 +463,8 @@ def _counts(sketch: object, times: tuple, now_s, back) -> list:
 
 @cython.cfunc
 @cython.locals(hashes=cython.p_ulonglong, stamps=cython.p_longlong, m=cython.Py_ssize_t, j=cython.Py_ssize_t,
-               at=cython.Py_ssize_t, found=cython.Py_ssize_t, h=cython.ulonglong, ts=cython.longlong, s=str,
-               data=cython.p_uchar)
+               at=cython.Py_ssize_t, end=cython.Py_ssize_t, found=cython.Py_ssize_t, h=cython.ulonglong,
+               ts=cython.longlong, s=str, data=cython.p_uchar)
 def _exact_union(parts: list, hashes, stamps) -> cython.Py_ssize_t:
     """The union of packed ``parts`` into ``hashes`` and ``stamps`` (each value's latest time),
     and how many values it holds; -1 if a part is a HyperLogLog or the union exceeds EXACT_LIMIT."""
@@ -463,7 +473,8 @@ def _exact_union(parts: list, hashes, stamps) -> cython.Py_ssize_t:
         data = _chars(s)
         if data[0] != 120:  # EXACT
             return -1
-        for at in range(1, len(s), _WIDTH_EXACT):
+        at, end = 1, len(s)
+        while at < end:  # not a range: see _counts
             h = _read(data, at, _KEY_DIGITS_EXACT)
             ts = _read(data, at + _KEY_DIGITS_EXACT, _TIME_DIGITS)
             found = -1
@@ -479,6 +490,7 @@ def _exact_union(parts: list, hashes, stamps) -> cython.Py_ssize_t:
             else:
                 hashes[m], stamps[m] = h, ts
                 m += 1
+            at += _WIDTH_EXACT
     return m
 
 
@@ -516,20 +528,24 @@ def distinct_expire(sketch: Sketch, before_s: int) -> Distinct:
     key_digits = _KEY_DIGITS_EXACT if data[0] == 120 else _KEY_DIGITS_HLL
     width = key_digits + _TIME_DIGITS
     kept = 0
-    for at in range(1, n, width):
+    at = 1
+    while at < n:  # not a range: see _counts
         if cython.cast(cython.longlong, _read(data, at + key_digits, _TIME_DIGITS)) >= before:
             kept += 1
+        at += width
     if kept == (n - 1) // width:
         return s
     blank = _blank(1 + kept * width)
     out = _writable(blank)
     out[0] = data[0]
     written = 1
-    for at in range(1, n, width):
+    at = 1
+    while at < n:
         if cython.cast(cython.longlong, _read(data, at + key_digits, _TIME_DIGITS)) >= before:
             for k in range(width):
                 out[written + k] = data[at + k]
             written += width
+        at += width
     return _finished(blank)
 
 
