@@ -205,23 +205,22 @@ def _entries(s: Distinct) -> list:
     return [(_read(data, at, key_digits), _read(data, at + key_digits, _TIME_DIGITS)) for at in range(1, len(s), width)]
 
 
-@cython.locals(n=cython.Py_ssize_t)
+@cython.locals(n=cython.Py_ssize_t, s=str, form=cython.uint)
 def _packed(sketch: Sketch) -> Distinct:
     """``sketch`` in the packed form: itself, or converted from the form written before round 31.
     A string that is not a whole sketch (a corrupt record) raises ValueError."""
     if type(sketch) is str:
-        n = len(sketch)
-        if n and sketch.isascii() and (n - 1) % (_WIDTH_EXACT if sketch[0] == EXACT else _WIDTH_HLL) == 0 \
-                and sketch[0] in _FORMS:
-            return sketch
-        raise ValueError(f"not a sketch: {sketch[:40]!r}")
+        s = sketch  # typed: its checks below are C calls, not method lookups on an object
+        n = len(s)
+        if n and s.isascii():
+            form = _chars(s)[0]
+            if (form == 120 and (n - 1) % _WIDTH_EXACT == 0) or (form == 104 and (n - 1) % _WIDTH_HLL == 0):
+                return s  # EXACT ("x") or HLL ("h")
+        raise ValueError(f"not a sketch: {s[:40]!r}")
     if "x" in sketch:
         return _packed_of(EXACT, [(int(key), ts) for key, ts in sketch["x"].items()])
     return _packed_of(HLL, sorted(((int(register) << 5 | rank, ts) for register, front in sketch["h"].items()
                                    for rank, ts in front), key=_by_register_then_time))
-
-
-_FORMS = EXACT + HLL
 
 
 def _by_register_then_time(entry: tuple) -> tuple:
