@@ -42,6 +42,7 @@ from detectors.labels import Example, on_label
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
+from detectors.worker_state import EntityReads, HeldKey, shard_key
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
@@ -50,7 +51,6 @@ from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, pending_of
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
-from detectors.worker_state import EntityReads, HeldKey, shard_key
 from streams.state import (
     BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
     pace_background_writes, within,
