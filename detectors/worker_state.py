@@ -13,8 +13,8 @@ the first of:
 ``hold`` takes the records ``extract`` changed. It knows no store, only what reads one (given
 ``store_of``, ``replica_shards`` and ``reputation_of``), so it runs, and is tested, without
 Kafka, Faust or RocksDB. It is compiled with the rest of the per-event path (setup.py): as
-closures in the worker these reads cost 29% more in an offline loop of the simulator's events
-(docs/performance.md, round 35).
+closures in the worker over Python classes, the same reads and holds took 1.6 times as long
+in an offline loop of the simulator's events (docs/performance.md, round 35).
 
 Sharded entities (``Entity.sharded``) keep one record per partition under ``shard_key``; an
 event reads the shards in the partitions the worker owns from their stores (``ShardPresence``
