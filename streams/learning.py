@@ -218,8 +218,7 @@ class Reputations:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Rdict(str(data_dir / REPUTATION_STORE), options=store_options(),
                            access_type=AccessType.read_write())
-        stored = self.store.get(_OFFSET_KEY)
-        self.offset = int(stored) if stored is not None else -1
+        self.offset = _stored_offset(self.store)
         self._pending: dict[bytes, bytes] = {}  # applied, not yet committed
         self._committed_offset = self.offset
         self._changed: set[tuple[str, str]] = set()
@@ -257,6 +256,12 @@ class Reputations:
     def close(self) -> None:
         self.commit()
         self.store.close()
+
+
+def _stored_offset(store: Rdict) -> int:
+    """The offset of the last example a reputation store holds the changes of (-1: none)."""
+    stored = store.get(_OFFSET_KEY)
+    return int(stored) if stored is not None else -1
 
 
 class ReputationReader:
@@ -299,8 +304,7 @@ class ReputationReader:
     @property
     def offset(self) -> int:
         """The offset of the last example whose reputation changes the reader sees."""
-        stored = self.store.get(_OFFSET_KEY)
-        return int(stored) if stored is not None else -1
+        return _stored_offset(self.store)
 
     def close(self) -> None:
         self.store.close()
