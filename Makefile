@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test unit integration bench kafka-up kafka-down clean
+.PHONY: install demo test unit integration bench soak kafka-up kafka-down clean
 
 # Reinstalling recompiles the detector modules (setup.py) after they change.
 $(STAMP): pyproject.toml setup.py $(wildcard detectors/*.py)
@@ -22,6 +22,10 @@ demo: install
 ## Throughput, latency, the plain-loop ceiling and two workers on the local broker (docs/performance.md).
 bench: install
 	$(BIN)/abuse-detector bench
+
+## One worker at 5,000 events/s with labels for 5 minutes, reported every 10 s (see streams/soak.py).
+soak: install
+	$(BIN)/abuse-detector soak
 
 ## Unit tests (no broker) and integration tests (the tests start a real local Kafka).
 test: install

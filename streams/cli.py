@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="how long (b) and (b') each offer their load (default: 30)")
     add_settings_arguments(bench, KAFKA_FLAGS + ["partitions"])
 
+    soak = sub.add_parser("soak", help="one worker under a steady load for minutes, with labels, window by window")
+    soak.add_argument("--rate", type=float, default=5000.0, help="events/s offered")
+    soak.add_argument("--seconds", type=float, default=300.0, help="how long the load lasts")
+    soak.add_argument("--window", type=float, default=10.0, help="seconds per reported window")
+    soak.add_argument("--no-labels", action="store_true", help="offer the events only (the bench's (b))")
+    add_settings_arguments(soak, KAFKA_FLAGS + ["partitions"])
+
     replay = sub.add_parser("replay", help="re-run a topic range in isolation; compare it with live; clean it up",
                             description="replay --topic T --from F --to T --run-id ID: writes only to "
                                         "<scores>.replay.ID and <alerts>.replay.ID. "
@@ -185,6 +192,15 @@ def main(argv: list[str] | None = None) -> int:
 
         timing = {} if args.latency_seconds is None else {"latency_seconds": args.latency_seconds}
         run_bench(settings, events=args.events, rate=args.rate, **timing)
+        return 0
+
+    if args.command == "soak":
+        from streams.soak import run_soak
+
+        if min(args.rate, args.seconds, args.window) <= 0:
+            print("error: --rate, --seconds and --window must be above 0", file=sys.stderr)
+            return 2
+        run_soak(settings, args.rate, args.seconds, args.window, labels=not args.no_labels)
         return 0
 
     if args.command == "replay":
