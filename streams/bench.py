@@ -561,15 +561,25 @@ def _print_throughput(measured: Throughput) -> None:
           f"(the broker: {_ms(measured.broker_cpu_ms_per_event)})")
 
 
-def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, latency_seconds: float = LATENCY_SECONDS,
-              seed: int = 11) -> BenchResult:
-    home = settings.home_path / "bench" / time.strftime("%Y%m%d-%H%M%S")
+@contextmanager
+def on_local_broker(settings: Settings, kind: str) -> Iterator[tuple[Settings, Path, int | None]]:
+    """The local broker (started, and stopped after, if it is not running already): the settings
+    pointing at it, a folder for the run's logs (``<home>/<kind>/<time>``) and the broker's pid."""
+    home = settings.home_path / kind / time.strftime("%Y%m%d-%H%M%S")
     home.mkdir(parents=True, exist_ok=True)
     kafka = LocalKafka(settings.home_path, settings.kafka_port, settings.kafka_controller_port)
     we_started = not kafka.status().running
     broker_pid = kafka.up().pid
-    settings = settings.replace(bootstrap_servers=kafka.bootstrap)
     try:
+        yield settings.replace(bootstrap_servers=kafka.bootstrap), home, broker_pid
+    finally:
+        if we_started:
+            kafka.down()
+
+
+def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, latency_seconds: float = LATENCY_SECONDS,
+              seed: int = 11) -> BenchResult:
+    with on_local_broker(settings, "bench") as (settings, home, broker_pid):
         days = events / 40_000
         records = [r for r in simulate(SimulationConfig(seed=seed, days=days)) if r.kind != "malformed"]
         n_events = sum(r.kind == "event" for r in records)
@@ -655,9 +665,6 @@ def run_bench(settings: Settings, events: int = 40_000, rate: float = 5000.0, la
                              latency_cpu_ms_per_event=latency.cpu_ms_per_event,
                              latency_thread_busy=latency.scoring_thread_busy,
                              kept_up_thread_busy=kept_up.scoring_thread_busy, labelled=labelled)
-    finally:
-        if we_started:
-            kafka.down()
     print()
     print(f"  {'measure':44s}{'value':>14s}")
     print(f"  {'(a) one worker, events/s':44s}{result.events_per_s:>14,.0f}")

@@ -37,11 +37,10 @@ from typing import Callable
 
 from confluent_kafka import Consumer
 
-from streams.bench import LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile
+from streams.bench import LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile, on_local_broker
 from streams.config import Settings
 from streams.demo import start_worker, stop_worker
 from streams.kafka.io import make_producer
-from streams.kafka.local import LocalKafka
 from streams.simulator import SimulationConfig, simulate
 
 WINDOW_S = 10.0
@@ -266,19 +265,10 @@ def _report(result: Soak, report: Callable[[str], None]) -> None:
 
 
 def run_soak(settings: Settings, rate: float, seconds: float, window_s: float = WINDOW_S, labels: bool = True) -> Soak:
-    """The soak on the local broker (started, and stopped after, if it is not running), on fresh topics."""
-    home = settings.home_path / "soak" / time.strftime("%Y%m%d-%H%M%S")
-    home.mkdir(parents=True, exist_ok=True)
-    kafka = LocalKafka(settings.home_path, settings.kafka_port, settings.kafka_controller_port)
-    we_started = not kafka.status().running
-    broker_pid = kafka.up().pid
-    settings = settings.replace(bootstrap_servers=kafka.bootstrap)
-    print(f"soak: {rate:,.0f} events/s{' with the simulator labels' if labels else ''} for {seconds:,.0f}s, "
-          f"windows of {window_s:.0f}s; logs in {home}", flush=True)
-    try:
+    """The soak on the local broker, on fresh topics."""
+    with on_local_broker(settings, "soak") as (settings, home, broker_pid):
+        print(f"soak: {rate:,.0f} events/s{' with the simulator labels' if labels else ''} for {seconds:,.0f}s, "
+              f"windows of {window_s:.0f}s; logs in {home}", flush=True)
         with _measurement(settings, "soak", home) as fresh:
             return soak(fresh, rate, seconds, window_s, labels, log_dir=home, broker_pid=broker_pid,
                         report=lambda line: print(line, flush=True))
-    finally:
-        if we_started:
-            kafka.down()
