@@ -13,7 +13,8 @@ window:
   risk score's Kafka timestamp minus the event's, as the bench measures it;
 * the share of the window the worker's scoring thread was on a CPU (near 1, events queue);
 * the CPU of the worker's other threads (RocksDB's flushes and compactions, librdkafka's),
-  its learner process and the local broker, in cores.
+  its learner process, the local broker and the soak's own process (the load and the score
+  reader), in cores.
 
 It ends with one line, the whole run's figures and how many windows broke the latency target:
 
@@ -91,7 +92,8 @@ class Soak:
 
 def _cpu_by_part(worker_pid: int, broker_pid: int | None) -> dict[str, float]:
     """CPU seconds so far of the worker's scoring (main) thread, its other threads by kind, its
-    learner (the processes it runs) and the broker. Parts whose files are gone count nothing."""
+    learner (the processes it runs), the broker, and this process (which generates and sends the
+    load and reads the scores, on the same cores). Parts whose files are gone count nothing."""
     parts: dict[str, float] = {}
 
     def add(part: str, stat: Path) -> None:
@@ -120,6 +122,7 @@ def _cpu_by_part(worker_pid: int, broker_pid: int | None) -> dict[str, float]:
                 add("learner", child_task / "stat")
     if broker_pid is not None:
         add("broker", Path(f"/proc/{broker_pid}/stat"))
+    add("load", Path("/proc/self/stat"))
     return parts
 
 
@@ -251,7 +254,7 @@ def _wait_for_one_score(settings: Settings, worker: subprocess.Popen, timeout_s:
 
 
 def _report(result: Soak, report: Callable[[str], None]) -> None:
-    parts = ("scoring thread", "rocksdb", "librdkafka", "other threads", "learner", "broker")
+    parts = ("scoring thread", "rocksdb", "librdkafka", "other threads", "learner", "broker", "load")
     report(f"  {'from s':>6s} {'events':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}  "
            + " ".join(f"{p:>14s}" for p in parts) + "   (CPU in cores)")
     for i, window in enumerate(result.windows):
