@@ -38,7 +38,9 @@ from typing import Callable
 
 from confluent_kafka import Consumer
 
-from streams.bench import LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile, on_local_broker
+from streams.bench import (
+    LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile, _ScoreWatcher, _stat_ticks, on_local_broker,
+)
 from streams.config import Settings
 from streams.demo import start_worker, stop_worker
 from streams.kafka.io import make_producer
@@ -98,10 +100,10 @@ def _cpu_by_part(worker_pid: int, broker_pid: int | None) -> dict[str, float]:
 
     def add(part: str, stat: Path) -> None:
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            ticks = _stat_ticks(stat)
         except OSError:
             return  # ended meanwhile
-        parts[part] = parts.get(part, 0.0) + (int(fields[11]) + int(fields[12])) * _TICK_S
+        parts[part] = parts.get(part, 0.0) + ticks * _TICK_S
 
     for task in Path(f"/proc/{worker_pid}/task").glob("*"):
         if task.name == str(worker_pid):
@@ -237,20 +239,15 @@ def _close_window(window: Window, worker: subprocess.Popen, broker_pid: int | No
 
 
 def _wait_for_one_score(settings: Settings, worker: subprocess.Popen, timeout_s: float) -> None:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"soak-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([settings.scores_topic])
+    watcher = _ScoreWatcher(settings)
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise RuntimeError(f"the worker exited ({worker.returncode}) before scoring; see its log")
-            msg = consumer.poll(0.5)
-            if msg is not None and not msg.error():
-                return
-        raise TimeoutError(f"no risk score within {timeout_s:.0f}s of the first event; see the worker's log")
+        scored = watcher.until(1, timeout_s, alive=lambda: worker.poll() is None)
     finally:
-        consumer.close()
+        watcher.close()
+    if worker.poll() is not None:
+        raise RuntimeError(f"the worker exited ({worker.returncode}) before scoring; see its log")
+    if not scored:
+        raise TimeoutError(f"no risk score within {timeout_s:.0f}s of the first event; see the worker's log")
 
 
 def _report(result: Soak, report: Callable[[str], None]) -> None:
