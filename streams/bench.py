@@ -320,6 +320,15 @@ class Latency(NamedTuple):
     examples: int = 0  # of those, joined into a training example by the end
 
 
+def steady_load() -> None:
+    """Keeps this process's cyclic garbage collector from pausing its load loop: its full scans
+    of what the process holds (the simulator's state, the records to offer, the score reader's)
+    took 25-65 ms every ~10 s, and the loop then produced the events it owed at once, a burst the
+    worker took as long again to score (docs/performance.md, round 37)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path, settle_s: float = 0.0) -> Latency:
     """The offered load's latency, timed after its first ``settle_s`` seconds (whose p99 is
     reported apart): ``records`` after the first 200, which connect the producer. ``rate`` is
@@ -335,6 +344,7 @@ def _latency(settings: Settings, records: list[Any], rate: float, log_dir: Path,
         _preload(settings, warmup, producer)  # the measuring producer: connected when timing starts
         watcher.until(sum(r.kind == "event" for r in warmup), 120, alive=lambda: worker.poll() is None)
         untimed = int(settle_s * rate)
+        steady_load()
         started = timed_from = time.monotonic()
         cpu_started, thread_started = _process_cpu_s(worker.pid), _process_cpu_s(worker.pid, thread=worker.pid)
         n = 0  # events offered

@@ -39,7 +39,7 @@ from typing import Callable
 from confluent_kafka import Consumer
 
 from streams.bench import (
-    LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile, _ScoreWatcher, _stat_ticks, on_local_broker,
+    LOAD_LINGER_MS, LOAD_PACING_S, _measurement, _percentile, _ScoreWatcher, _stat_ticks, on_local_broker, steady_load,
 )
 from streams.config import Settings
 from streams.demo import start_worker, stop_worker
@@ -192,6 +192,7 @@ def soak(settings: Settings, rate: float, seconds: float, window_s: float = WIND
         started_ms = int(time.time() * 1000)
         scores = _Scores(settings, produced_ms, started_ms, int(window_s * 1000), windows)
         scores.start()
+        steady_load()
         cpu_before = _cpu_by_part(worker.pid, broker_pid)
         next_window = 1
         for r in load:
