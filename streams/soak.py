@@ -21,7 +21,9 @@ It ends with one line, the whole run's figures and how many windows broke the la
     SOAK rate=<r> seconds=<s> p50_ms=<n> p99_ms=<n> worst_window_p99_ms=<n> windows_over_target=<k>/<n> busy=<b>
 
 The load is generated as it is sent and each event's timestamp is kept only until its score
-comes, so a soak of hours needs no more memory than one of seconds.
+comes, so a soak of hours needs no more memory than one of seconds; what the process holds
+when the load starts is kept out of its garbage collector's scans (``bench.steady_load``),
+which otherwise paused the load and made it produce in bursts.
 """
 
 from __future__ import annotations
