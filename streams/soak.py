@@ -190,11 +190,11 @@ def soak(settings: Settings, rate: float, seconds: float, window_s: float = WIND
         producer.produce(settings.events_topic, key=first.key, value=first.value)
         producer.flush(30)
         _wait_for_one_score(settings, worker, timeout_s=180.0)
+        steady_load()  # before the clock: its full collection would otherwise be owed as a burst
         started = time.monotonic()
         started_ms = int(time.time() * 1000)
         scores = _Scores(settings, produced_ms, started_ms, int(window_s * 1000), windows)
         scores.start()
-        steady_load()
         cpu_before = _cpu_by_part(worker.pid, broker_pid)
         next_window = 1
         for r in load:
