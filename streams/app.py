@@ -48,7 +48,7 @@ from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
-from streams.label_join import ScoreJoin, pending_of
+from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, resolve
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
@@ -202,6 +202,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     labels = AssignedSource(app, settings, settings.labels_topic, fetch=BACKGROUND_FETCH)
     inputs = (events, labels)
     scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)
+    scores_read_back = ScoresReadBack(settings)  # for the label-join rows recovered as references
 
     async def commit(positions: list[tuple[AssignedSource, dict[int, int]]], write_all_held: bool = True) -> None:
         """Commits input positions once every write of the records before them is in the log
@@ -322,7 +323,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, violation)
             return
         key = label["event_id"].encode()
-        pending, example = on_label(pending_of(pending_db(origin.partition).get(key)), label)
+        row = resolve(pending_db(origin.partition).get(key), key, scores_read_back.at(origin.partition))
+        pending, example = on_label(pending_of(row), label)
         writer.put(label_join, origin.partition, key, orjson.dumps(pending))
         if example is not None:
             send_example(key, example)
@@ -344,7 +346,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             try:
                 # the worker keys scores by event id; a score written by anyone else may not be
                 joined.add(origin.partition, origin.key or orjson.loads(origin.value)["event_id"].encode(),
-                           origin.value)
+                           origin.value, origin.offset)
             except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
                 log.exception("joining risk score %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
                 reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
@@ -352,7 +354,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for partition, offset in read_up_to.items():
             rows = joined.rows.setdefault(partition, {})
             rows[POSITION_KEY] = b"%d" % offset  # the last row: the changelog has the rows it covers before it
-            writer.put_many(label_join, partition, list(rows.items()))
+            writer.put_many(label_join, partition, list(rows.items()), joined.logged.get(partition))
         for key, example in joined.examples:
             send_example(key, example)
         writer.poll()
@@ -404,6 +406,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         learner.stop()  # after a last checkpoint: a restart then replays nothing it already learned
         writer.close()
         scores.close()
+        scores_read_back.close()
         replica.close()
 
     warmed_up = False
@@ -628,7 +631,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
             "events_partitions": events.view(),
-            "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view()},
+            "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view(),
+                           **scores_read_back.view()},
         })
 
     return app

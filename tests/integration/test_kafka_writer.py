@@ -80,6 +80,23 @@ def test_several_writes_of_one_partition_land_in_store_and_changelog_in_order(se
     writer.close()
 
 
+def test_keys_logged_as_another_value_keep_their_own_in_the_store(settings, tmp_path):
+    """The label join's new rows: the store keeps the score, the changelog where it is."""
+    table = _table(settings, tmp_path)
+    writer = KafkaWriter(settings)
+    writer.put_many(table, 0, [(b"e1", b"s{score 1}"), (b"e2", b"{pending}"), (b"e3", b"s{score 3}")],
+                    logged_as={b"e1": b"r10", b"e3": b"r12", b"elsewhere": b"r99"})
+    asyncio.run(asyncio.to_thread(writer.flush))
+    db = table.data._db_for_partition(0)
+    assert [db.get(k) for k in (b"e1", b"e2", b"e3", b"elsewhere")] == [b"s{score 1}", b"{pending}", b"s{score 3}", None]
+    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
+    try:
+        assert reader.read_range(0, 0, 3) == [(0, b"e1", b"r10"), (1, b"e2", b"{pending}"), (2, b"e3", b"r12")]
+    finally:
+        reader.close()
+    writer.close()
+
+
 def test_writes_larger_than_one_store_batch_land_whole_and_in_order(settings, tmp_path, monkeypatch):
     """put_many writes the store in batches of about WRITE_BATCH_BYTES: every row lands,
     an empty value too, and a key written in two batches keeps its last value."""

@@ -4,8 +4,10 @@ labels train the model, per-user state survives restarts."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import time
+import urllib.request
 
 import orjson
 import pytest
@@ -148,6 +150,31 @@ def test_restart_keeps_per_user_state(settings, worker, reader, produce, restart
     after = _score_of_sixth_post(settings, worker, scores, produce, "steady-user")
     assert after["features"]["user_events_1h"] == 6
     assert after["features"]["user_age_h"] == pytest.approx(5 / 3600)
+
+
+def test_labels_join_the_scores_of_a_label_join_recovered_from_its_changelog(settings, worker, reader, produce):
+    """The label join's changelog keeps where each waiting score is, not the score
+    (streams/label_join.py): a worker whose store comes back from the changelog reads the
+    scores back from the risk-scores topic when their labels come."""
+    scores = reader(settings.scores_topic)
+    examples = reader(settings.examples_topic)
+    sent = [stuffing_login(i, f"victim-{i}") for i in range(6)] + [benign_post(i, f"user-{i}") for i in range(6)]
+    produce(settings.events_topic, [as_record(e) for e in sent])
+    scored = {x[1]["event_id"]: x[1] for x in scores.wait_for(lambda r: len(r) >= len(sent), worker=worker)}
+    time.sleep(2)  # the join has read the scores back and written their rows
+    worker.stop()
+    shutil.rmtree(settings.data_dir)  # the label join's rows come back from the changelog only
+    worker.start()
+    produce(settings.labels_topic, [moderator_label(e, e["ts"] + MINUTE) for e in sent])
+    learned = examples.wait_for(lambda r: len(r) >= len(sent), timeout=90, worker=worker)
+    assert sorted(x[1]["event_id"] for x in learned) == sorted(scored)
+    for _, example, _, _ in learned:
+        score = scored[example["event_id"]]
+        assert (example["features"], example["detectors"]) == (score["features"], score["detectors"])
+        assert example["label"] == ("abuse" if example["event_id"].startswith("bad") else "benign")
+    page = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/replica/", timeout=10).read())
+    assert page["label_join"]["recovered_scores_read"] == len(sent)
+    assert page["label_join"]["recovered_scores_gone"] == 0
 
 
 def _score_of_sixth_post(settings, worker, scores, produce, user: str) -> dict:

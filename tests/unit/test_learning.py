@@ -21,7 +21,7 @@ from detectors.model import OnlineRiskModel, Standardiser
 from detectors.pipeline import Detector, LocalStore, StaticRules
 from detectors.reputation import add_label, reputation_features
 from detectors.rules import RulesError, RulesWatcher, parse_rules
-from streams.label_join import UNLABELLED_SCORE, ScoreJoin, pending_of
+from streams.label_join import SCORE_REFERENCE, UNLABELLED_SCORE, ScoreJoin, pending_of, resolve
 
 BAD = {"user_login_failures_1h": 8.0, "ip_new_for_user": 1.0, "login_failed": 1.0}
 GOOD = {"user_login_failures_1h": 0.0, "ip_new_for_user": 0.0, "login_failed": 0.0}
@@ -84,8 +84,8 @@ def test_a_read_of_scores_joins_as_one_score_after_the_other():
     for partition, key, score in scores:
         expected_examples += _join_one_score_at_a_time(one_at_a_time, partition, key, score)
     joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
-    for partition, key, score in scores:
-        joined.add(partition, key, score)
+    for offset, (partition, key, score) in enumerate(scores):
+        joined.add(partition, key, score, offset)
     batched = dict(store)
     for partition, rows in joined.rows.items():
         batched.update({(partition, key): row for key, row in rows.items()})
@@ -99,10 +99,44 @@ def test_a_read_of_scores_joins_as_one_score_after_the_other():
 def test_a_score_that_cannot_be_joined_raises_and_changes_no_row():
     store = {(0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0])}
     joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
-    joined.add(0, b"new", orjson.dumps(_score("new", BAD)))
+    joined.add(0, b"new", orjson.dumps(_score("new", BAD)), 0)
     with pytest.raises(orjson.JSONDecodeError):
-        joined.add(0, b"labelled", b"{not json")
+        joined.add(0, b"labelled", b"{not json", 1)
     assert list(joined.rows[0]) == [b"new"] and joined.examples == []
+
+
+def test_a_new_rows_changelog_record_is_where_its_score_is_and_a_joined_rows_is_the_row():
+    store = {(0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0])}
+    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    new, labelled = orjson.dumps(_score("new", BAD)), orjson.dumps(_score("labelled", BAD))
+    joined.add(0, b"new", new, 17)
+    joined.add(0, b"labelled", labelled, 18)
+    joined.add(2, b"later", orjson.dumps(_score("later", GOOD)), 5)
+    assert joined.rows[0][b"new"] == UNLABELLED_SCORE + new  # the store keeps the score itself
+    assert joined.logged == {0: {b"new": SCORE_REFERENCE + b"17"}, 2: {b"later": SCORE_REFERENCE + b"5"}}
+    assert b"labelled" not in joined.logged[0]  # a joined row is logged as it is stored
+    # A key read twice in one read (a redelivery) becomes a pending record: logged as it is stored.
+    joined.add(2, b"later", orjson.dumps(_score("later", GOOD)), 6)
+    assert joined.rows[2][b"later"][:1] != UNLABELLED_SCORE and b"later" not in joined.logged[2]
+
+
+def test_a_recovered_reference_joins_a_label_as_the_score_it_refers_to_would():
+    score = orjson.dumps(_score("e", BAD))
+    topic = {40: (b"e", score), 41: (b"other", score)}
+    label = _label("e", "abuse")
+    _, direct = on_label(pending_of(UNLABELLED_SCORE + score), label)
+    _, recovered = on_label(pending_of(resolve(SCORE_REFERENCE + b"40", b"e", topic.get)), label)
+    assert recovered == direct and recovered["features"] == BAD
+    # A score gone from the topic, or another key's at that offset: the label waits as one that came first.
+    assert resolve(SCORE_REFERENCE + b"39", b"e", topic.get) is None
+    assert resolve(SCORE_REFERENCE + b"41", b"e", topic.get) is None
+    with pytest.raises(ValueError, match="must be resolved"):
+        pending_of(SCORE_REFERENCE + b"40")
+    # A score read again (a redelivery, a worker that re-scores after a crash) replaces the reference.
+    joined = ScoreJoin(lambda partition, key: SCORE_REFERENCE + b"40")
+    joined.add(0, b"e", score, 52)
+    assert joined.rows[0][b"e"] == UNLABELLED_SCORE + score and joined.logged[0][b"e"] == SCORE_REFERENCE + b"52"
+    assert joined.examples == []
 
 
 def test_model_needs_labels_of_both_classes_before_it_is_ready():
