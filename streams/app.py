@@ -48,7 +48,7 @@ from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
-from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, resolve
+from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, reference_offset, resolve
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
@@ -202,7 +202,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     labels = AssignedSource(app, settings, settings.labels_topic, fetch=BACKGROUND_FETCH)
     inputs = (events, labels)
     scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)
-    scores_read_back = ScoresReadBack(settings)  # for the label-join rows recovered as references
+    scores_read_back = ScoresReadBack.of_topic(settings)  # for label-join rows recovered as references
 
     async def commit(positions: list[tuple[AssignedSource, dict[int, int]]], write_all_held: bool = True) -> None:
         """Commits input positions once every write of the records before them is in the log
@@ -221,12 +221,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         round 24). A crash then scores again up to an interval's events more, each counted
         once (records remember the last offset they applied)."""
         held_from = None if write_all_held else reads.held.unwritten_from()
-        await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted())], write_all_held)
+        await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted(scores_read_back.held_from()))],
+                     write_all_held)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # committed before the group moves on, so the next owner starts where this one stopped
-        await commit([(source, source.on_revoked(revoked)) for source in inputs])
+        await commit([(source, source.on_revoked(revoked, scores_read_back.held_from() if source is labels else None))
+                      for source in inputs])
         await flush_writer()
         reads.forget_owned_stores()
 
@@ -323,11 +325,36 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, violation)
             return
         key = label["event_id"].encode()
-        row = resolve(pending_db(origin.partition).get(key), key, scores_read_back.at(origin.partition))
+        row = pending_db(origin.partition).get(key)
+        reference = reference_offset(row)
+        if scores_read_back.waiting(origin.partition, key):  # behind an earlier label of its key, read back
+            scores_read_back.request(origin.partition, origin.offset, key, label, None)
+            return
+        if reference is not None:
+            scores_read_back.request(origin.partition, origin.offset, key, label, reference)
+            return
+        finish_label(origin.partition, key, label, row)
+
+    def finish_label(partition: int, key: bytes, label: dict[str, Any], row: bytes | None) -> None:
         pending, example = on_label(pending_of(row), label)
-        writer.put(label_join, origin.partition, key, orjson.dumps(pending))
+        writer.put(label_join, partition, key, orjson.dumps(pending))
         if example is not None:
             send_example(key, example)
+
+    def join_read_back_labels() -> None:
+        """Joins the labels whose recovered rows' scores have been read back, in their order."""
+        for read in scores_read_back.completed():
+            if read.partition not in labels.owned:  # moved away meanwhile: its next owner reads the label again
+                continue
+            row = pending_db(read.partition).get(read.key)
+            reference = reference_offset(row)
+            if reference is not None and reference != read.reference:  # recovered again meanwhile
+                scores_read_back.request(read.partition, read.offset, read.key, read.label, reference)
+                continue
+            if reference is not None:
+                row = resolve(row, read.key, lambda offset: read.found)
+            finish_label(read.partition, read.key, read.label, row)
+        writer.poll()
 
     def follow_scores() -> None:
         """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""
@@ -361,6 +388,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
                     ("join-risk-scores", LEARNING_POLL_S, follow_scores),
+                    ("join-read-back-labels", LEARNING_POLL_S, join_read_back_labels),
                     ("models-from-learner", LEARNING_POLL_S, learner.poll),
                     ("reload-rules", RULES_POLL_S, reload_rules)]
     last_run = {name: 0.0 for name, _, _ in housekeeping}

@@ -167,12 +167,14 @@ class AssignedSource:
             self.next_offset[partition] = self.committed[partition] = offset
         self.owned = owned
 
-    def on_revoked(self, revoked: Any) -> dict[int, int]:
-        """Call from ``on_partitions_revoked``: stops reading them; returns their positions to commit."""
+    def on_revoked(self, revoked: Any, before: Mapping[int, int] | None = None) -> dict[int, int]:
+        """Call from ``on_partitions_revoked``: stops reading them; returns their positions to
+        commit, each partition's at most its offset in ``before`` if it has one there."""
         gone = {tp.partition for tp in revoked if tp.topic == self.topic} & self.owned
         self.owned -= gone
         self.follower.follow(self.owned, lambda partition: None)  # only drops partitions
-        positions = {p: self.next_offset.pop(p) for p in gone if p in self.next_offset}
+        before = before or {}
+        positions = {p: min(self.next_offset.pop(p), before.get(p, 1 << 62)) for p in gone if p in self.next_offset}
         for p in gone:
             self.committed.pop(p, None)
         return positions

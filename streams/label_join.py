@@ -38,8 +38,12 @@ sets its retention to the label TTL).
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any, Callable
+import queue
+import threading
+import time
+from typing import Any, Callable, NamedTuple
 
 import orjson
 
@@ -130,39 +134,159 @@ class ScoreJoin:
             self.examples.append((key, example))
 
 
-class ScoresReadBack:
-    """Reads back the risk scores that recovered rows refer to (``resolve``), one at a time:
-    only labels that come for rows recovered from the changelog (a worker that took a
-    partition over, or restarted after a crash) pay a read, about 0.5 ms each on a local broker
-    (docs/performance.md, round 38). Counts what it read and what was gone, for the worker's
-    ``/replica/`` page."""
+READ_BACK_RETRY_S = 1.0
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._reader: PartitionReader | None = None  # made at the first reference: most workers never need one
+ScoreAt = Callable[[int, int], "tuple[bytes | None, bytes] | None"]  # (partition, offset) -> (key, value)
+
+
+class ReadBack(NamedTuple):
+    """A label whose row was a reference when it came, with the score read back for it."""
+    partition: int  # of the labels topic, the row's and the score's
+    offset: int  # the label's
+    key: bytes
+    label: dict[str, Any]
+    reference: int | None  # the score's offset; None: queued behind an earlier label of its key
+    found: tuple[bytes | None, bytes] | None  # (key, value) read at ``reference``; None: gone, or none asked
+
+
+class ScoresReadBack:
+    """Reads back, on a thread of its own, the risk scores that labels' recovered rows refer to.
+
+    Only labels that come for rows recovered from the changelog (a worker that took a
+    partition over, or restarted after a crash) need a read: about 0.5 ms each on a local
+    broker (docs/performance.md, round 38), off the scoring thread. The worker queues such a
+    label (``request``), and any later label of the same key behind it (``waiting``), and
+    joins them in order once read (``completed``). A label's position is committed only
+    once it has been joined (``held_from``): a crash reads it again. Counts the scores read
+    and those gone, for the worker's ``/replica/`` page.
+
+    >>> topic = {(0, 7): (b"e1", b'{"event_id": "e1"}')}
+    >>> back = ScoresReadBack(lambda partition, offset: topic.get((partition, offset)))
+    >>> back.request(0, 30, b"e1", {"label": "abuse"}, 7)
+    >>> back.waiting(0, b"e1"), back.held_from()
+    (True, {0: 30})
+    >>> back.request(0, 31, b"e1", {"label": "benign"}, None)  # behind the first
+    >>> back.drain()
+    >>> [(r.offset, r.reference, r.found) for r in back.completed()]
+    [(30, 7, (b'e1', b'{"event_id": "e1"}')), (31, None, None)]
+    >>> back.waiting(0, b"e1"), back.held_from(), back.view()
+    (False, {}, {'recovered_scores_read': 1, 'recovered_scores_gone': 0, 'recovered_scores_waiting': 0})
+    >>> back.close()
+    """
+
+    def __init__(self, score_at: ScoreAt, start: bool = True) -> None:
+        self._score_at = score_at
+        self._requests: queue.SimpleQueue[ReadBack | None] = queue.SimpleQueue()
+        self._done: collections.deque[ReadBack] = collections.deque()
+        self._waiting: collections.Counter[tuple[int, bytes]] = collections.Counter()  # labels queued per key
+        self._in_flight: dict[int, dict[int, None]] = {}  # per labels partition, their offsets, oldest first
         self.read = 0
         self.gone = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="scores-read-back", daemon=True)
+            self._thread.start()
 
-    def at(self, partition: int) -> Callable[[int], tuple[bytes | None, bytes] | None]:
-        """``score_at(offset)`` of one risk-scores partition, for ``resolve``."""
-        def score_at(offset: int) -> tuple[bytes | None, bytes] | None:
-            if self._reader is None:
-                self._reader = PartitionReader(self._settings, self._settings.scores_topic,
-                                               group_id=self._settings.app_id, single_records=True)
-            records = self._reader.read_range(partition, offset, offset + 1)
+    @classmethod
+    def of_topic(cls, settings: Settings) -> "ScoresReadBack":
+        """Reads ``settings.scores_topic``, with a reader made at the first request."""
+        readers: list[PartitionReader] = []
+
+        def score_at(partition: int, offset: int) -> tuple[bytes | None, bytes] | None:
+            if not readers:
+                readers.append(PartitionReader(settings, settings.scores_topic, group_id=settings.app_id,
+                                               single_records=True))
+            records = readers[0].read_range(partition, offset, offset + 1)
             if records and records[0][0] == offset and records[0][2] is not None:
-                self.read += 1
                 return records[0][1], records[0][2]
-            self.gone += 1
-            log.warning("risk score %s[%d]@%d, which a recovered label-join row refers to, is no longer "
-                        "in the topic: its label waits for a score as if none had come (keep the topic's "
-                        "retention.ms at least label_ttl_s)", self._settings.scores_topic, partition, offset)
+            log.warning("risk score %s[%d]@%d, which a recovered label-join row refers to, is no longer in "
+                        "the topic: its label waits for a score as if none had come (keep the topic's "
+                        "retention.ms at least label_ttl_s)", settings.scores_topic, partition, offset)
             return None
-        return score_at
+
+        back = cls(score_at)
+        back._readers = readers  # closed with it
+        return back
+
+    def waiting(self, partition: int, key: bytes) -> bool:
+        """Whether a label of ``key`` is queued: a later label of the key must queue behind it."""
+        return self._waiting[partition, key] > 0
+
+    def request(self, partition: int, offset: int, key: bytes, label: dict[str, Any], reference: int | None) -> None:
+        """Queues the label at ``offset`` of labels partition ``partition``, to read the score at
+        ``reference`` for it (None: nothing to read, it waits for the labels of its key before it)."""
+        self._waiting[partition, key] += 1
+        self._in_flight.setdefault(partition, {})[offset] = None
+        self._requests.put(ReadBack(partition, offset, key, label, reference, None))
+
+    def completed(self) -> list[ReadBack]:
+        """The labels whose reads are done, in the order they were queued."""
+        done = []
+        while self._done:
+            read = self._done.popleft()
+            key = (read.partition, read.key)
+            self._waiting[key] -= 1
+            if self._waiting[key] <= 0:
+                del self._waiting[key]
+            in_flight = self._in_flight.get(read.partition)
+            if in_flight is not None:
+                in_flight.pop(read.offset, None)
+                if not in_flight:
+                    del self._in_flight[read.partition]
+            done.append(read)
+        return done
+
+    def held_from(self) -> dict[int, int]:
+        """Per labels partition, the offset of its oldest label not joined yet: where its commits stop."""
+        return {partition: next(iter(offsets)) for partition, offsets in self._in_flight.items()}
+
+    def drain(self) -> None:
+        """Waits until every label queued so far is read (tests, and a thread-less instance)."""
+        if self._thread is None:
+            while not self._requests.empty():
+                self._read(self._requests.get())
+            return
+        finished = threading.Event()
+        self._requests.put(ReadBack(-1, -1, b"", {"finished": finished}, None, None))
+        finished.wait()
 
     def view(self) -> dict[str, int]:
-        return {"recovered_scores_read": self.read, "recovered_scores_gone": self.gone}
+        return {"recovered_scores_read": self.read, "recovered_scores_gone": self.gone,
+                "recovered_scores_waiting": sum(self._waiting.values())}
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
+        self._closing = True
+        if self._thread is not None:
+            self._requests.put(None)
+            self._thread.join(timeout=10)
+        for reader in getattr(self, "_readers", ()):
+            reader.close()
+
+    def _run(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            if request.partition < 0:
+                request.label["finished"].set()
+                continue
+            while not self._closing:
+                try:
+                    self._read(request)
+                    break
+                except Exception:  # e.g. the broker unreachable for the reader's timeout: its commit waits too
+                    log.exception("reading back risk score %s of partition %d for the label at %d failed; "
+                                  "retrying in %.0fs", request.reference, request.partition, request.offset,
+                                  READ_BACK_RETRY_S)
+                    time.sleep(READ_BACK_RETRY_S)
+
+    def _read(self, request: ReadBack) -> None:
+        found = None
+        if request.reference is not None:
+            found = self._score_at(request.partition, request.reference)
+            if found is None:
+                self.gone += 1
+            else:
+                self.read += 1
+        self._done.append(request._replace(found=found))

@@ -165,16 +165,35 @@ def test_labels_join_the_scores_of_a_label_join_recovered_from_its_changelog(set
     worker.stop()
     shutil.rmtree(settings.data_dir)  # the label join's rows come back from the changelog only
     worker.start()
-    produce(settings.labels_topic, [moderator_label(e, e["ts"] + MINUTE) for e in sent])
-    learned = examples.wait_for(lambda r: len(r) >= len(sent), timeout=90, worker=worker)
-    assert sorted(x[1]["event_id"] for x in learned) == sorted(scored)
+    # Each label's score is read back on a thread of its own; an appeal right behind the
+    # first label of its event waits for it, and corrects it.
+    appealed = sent[0]
+    appeal = orjson.dumps({"event_id": appealed["event_id"], "label": "benign", "source": "appeal",
+                           "ts": appealed["ts"] + 2 * MINUTE, "schema_version": 1})
+    produce(settings.labels_topic, [moderator_label(e, e["ts"] + MINUTE) for e in sent]
+            + [(appealed["event_id"].encode(), appeal)])
+    learned = examples.wait_for(lambda r: len(r) >= len(sent) + 1, timeout=90, worker=worker)
+    assert sorted(x[1]["event_id"] for x in learned) == sorted([*scored, appealed["event_id"]])
     for _, example, _, _ in learned:
         score = scored[example["event_id"]]
         assert (example["features"], example["detectors"]) == (score["features"], score["detectors"])
-        assert example["label"] == ("abuse" if example["event_id"].startswith("bad") else "benign")
+    of_appealed = [(x[1]["label"], x[1]["previous_label"]) for x in learned if x[1]["event_id"] == appealed["event_id"]]
+    assert of_appealed == [("abuse", None), ("benign", "abuse")]
+    assert all(x[1]["label"] == ("abuse" if x[1]["event_id"].startswith("bad") else "benign")
+               for x in learned if x[1]["event_id"] != appealed["event_id"])
     page = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/replica/", timeout=10).read())
-    assert page["label_join"]["recovered_scores_read"] == len(sent)
-    assert page["label_join"]["recovered_scores_gone"] == 0
+    joined = page["label_join"]
+    assert (joined["recovered_scores_read"], joined["recovered_scores_gone"], joined["recovered_scores_waiting"]) \
+        == (len(sent), 0, 0)
+    # Every label joined: their positions commit to the end (a label still read back holds them).
+    deadline = time.monotonic() + 20
+    while True:
+        page = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/replica/", timeout=10).read())
+        offsets = page["label_join"]["labels_partitions"]["offsets"].values()
+        if sum(o["committed"] or 0 for o in offsets) == len(sent) + 1:
+            break
+        assert time.monotonic() < deadline, page["label_join"]
+        time.sleep(0.5)
 
 
 def _score_of_sixth_post(settings, worker, scores, produce, user: str) -> dict:
