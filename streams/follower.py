@@ -173,8 +173,9 @@ class AssignedSource:
         gone = {tp.partition for tp in revoked if tp.topic == self.topic} & self.owned
         self.owned -= gone
         self.follower.follow(self.owned, lambda partition: None)  # only drops partitions
-        before = before or {}
-        positions = {p: min(self.next_offset.pop(p), before.get(p, 1 << 62)) for p in gone if p in self.next_offset}
+        positions = {p: self.next_offset.pop(p) for p in gone if p in self.next_offset}
+        if before:
+            positions = {p: min(o, before.get(p, o)) for p, o in positions.items()}
         for p in gone:
             self.committed.pop(p, None)
         return positions

@@ -17,8 +17,8 @@ one read (a redelivery) joins with itself as it would have one write after the o
 A new row's changelog record is not the score but where it is: ``SCORE_REFERENCE`` and the
 score's offset in the risk-scores topic, the same partition as the row (``ScoreJoin.logged``).
 The store keeps the score itself; the changelog, which only recovery and standby replicas
-read, would otherwise copy every risk score a second time (1.7 KB an event, the worker's CPU
-per event +5-10%, docs/performance.md, round 38). A row recovered from the changelog is then a
+read, would otherwise copy every risk score to the broker a second time (1.7 KB an event,
+431 bytes of it on disk; docs/performance.md, round 38). A row recovered from the changelog is then a
 reference, and a label that comes for it reads its score back (``resolve``); the risk-scores
 topic must keep its scores as long as the join waits for their labels (``topics create``
 sets its retention to the label TTL).
@@ -160,22 +160,25 @@ class ScoresReadBack:
     once it has been joined (``held_from``): a crash reads it again. Counts the scores read
     and those gone, for the worker's ``/replica/`` page.
 
+    ``start=False`` reads nothing on its own: ``read_queued`` reads on the caller's thread.
+
     >>> topic = {(0, 7): (b"e1", b'{"event_id": "e1"}')}
-    >>> back = ScoresReadBack(lambda partition, offset: topic.get((partition, offset)))
+    >>> back = ScoresReadBack(lambda partition, offset: topic.get((partition, offset)), start=False)
     >>> back.request(0, 30, b"e1", {"label": "abuse"}, 7)
     >>> back.waiting(0, b"e1"), back.held_from()
     (True, {0: 30})
     >>> back.request(0, 31, b"e1", {"label": "benign"}, None)  # behind the first
-    >>> back.drain()
-    >>> [(r.offset, r.reference, r.found) for r in back.completed()]
-    [(30, 7, (b'e1', b'{"event_id": "e1"}')), (31, None, None)]
+    >>> back.request(1, 5, b"e9", {"label": "abuse"}, 8)  # gone from the topic
+    >>> back.read_queued()
+    >>> [(r.partition, r.offset, r.reference, r.found) for r in back.completed()]
+    [(0, 30, 7, (b'e1', b'{"event_id": "e1"}')), (0, 31, None, None), (1, 5, 8, None)]
     >>> back.waiting(0, b"e1"), back.held_from(), back.view()
-    (False, {}, {'recovered_scores_read': 1, 'recovered_scores_gone': 0, 'recovered_scores_waiting': 0})
-    >>> back.close()
+    (False, {}, {'recovered_scores_read': 1, 'recovered_scores_gone': 1, 'recovered_scores_waiting': 0})
     """
 
-    def __init__(self, score_at: ScoreAt, start: bool = True) -> None:
+    def __init__(self, score_at: ScoreAt, start: bool = True, on_close: Callable[[], None] | None = None) -> None:
         self._score_at = score_at
+        self._on_close = on_close
         self._requests: queue.SimpleQueue[ReadBack | None] = queue.SimpleQueue()
         self._done: collections.deque[ReadBack] = collections.deque()
         self._waiting: collections.Counter[tuple[int, bytes]] = collections.Counter()  # labels queued per key
@@ -205,9 +208,11 @@ class ScoresReadBack:
                         "retention.ms at least label_ttl_s)", settings.scores_topic, partition, offset)
             return None
 
-        back = cls(score_at)
-        back._readers = readers  # closed with it
-        return back
+        def close_reader() -> None:
+            for reader in readers:
+                reader.close()
+
+        return cls(score_at, on_close=close_reader)
 
     def waiting(self, partition: int, key: bytes) -> bool:
         """Whether a label of ``key`` is queued: a later label of the key must queue behind it."""
@@ -241,15 +246,12 @@ class ScoresReadBack:
         """Per labels partition, the offset of its oldest label not joined yet: where its commits stop."""
         return {partition: next(iter(offsets)) for partition, offsets in self._in_flight.items()}
 
-    def drain(self) -> None:
-        """Waits until every label queued so far is read (tests, and a thread-less instance)."""
-        if self._thread is None:
-            while not self._requests.empty():
-                self._read(self._requests.get())
-            return
-        finished = threading.Event()
-        self._requests.put(ReadBack(-1, -1, b"", {"finished": finished}, None, None))
-        finished.wait()
+    def read_queued(self) -> None:
+        """Reads what is queued, on this thread (an instance made with ``start=False``)."""
+        while not self._requests.empty():
+            request = self._requests.get()
+            if request is not None:
+                self._read(request)
 
     def view(self) -> dict[str, int]:
         return {"recovered_scores_read": self.read, "recovered_scores_gone": self.gone,
@@ -260,17 +262,14 @@ class ScoresReadBack:
         if self._thread is not None:
             self._requests.put(None)
             self._thread.join(timeout=10)
-        for reader in getattr(self, "_readers", ()):
-            reader.close()
+        if self._on_close is not None:
+            self._on_close()
 
     def _run(self) -> None:
         while True:
             request = self._requests.get()
             if request is None:
                 return
-            if request.partition < 0:
-                request.label["finished"].set()
-                continue
             while not self._closing:
                 try:
                     self._read(request)
