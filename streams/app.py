@@ -47,7 +47,7 @@ from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
-from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
+from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter, scores_retention_problem
 from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, reference_offset, resolve
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
@@ -674,6 +674,13 @@ def run_worker(settings: Settings) -> None:
         log.warning("the detector runs from its Python source, ~1.4x slower than its compiled build: "
                     "install a C compiler and reinstall (`make install`)")
     app = build_app(settings)
+    try:
+        problem = scores_retention_problem(settings)
+    except Exception as exc:  # the broker may be starting: the worker waits for it anyway
+        problem = None
+        log.info("could not check the retention of topic %r: %s", settings.scores_topic, exc)
+    if problem:
+        log.warning(problem)
 
     class ScoringWorker(Worker):
         async def on_stop(self) -> None:  # before the app's stop, which closes the table stores

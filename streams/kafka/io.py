@@ -9,7 +9,7 @@ import uuid
 from typing import Any, Iterator, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 from rocksdict import WriteBatch, WriteOptions
 
 from streams.config import Settings
@@ -63,6 +63,32 @@ def create_topics(settings: Settings, recreate: bool = False, timeout: float = 3
                 raise
     _wait_for_topics(admin, names, present=True, timeout=timeout)
     return wanted
+
+
+def scores_retention_problem(settings: Settings, timeout: float = 10.0) -> str | None:
+    """What is wrong, if anything, with how long the risk-scores topic keeps its records: the
+    label join's rows recovered from their changelog refer to their scores there until their
+    labels come, up to ``label_ttl_s`` (streams/label_join.py). None if the topic keeps them
+    that long, or does not exist yet."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    resource = ConfigResource(ResourceType.TOPIC, settings.scores_topic)
+    try:
+        configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
+    except KafkaException as exc:
+        if "UNKNOWN_TOPIC" in str(exc):
+            return None
+        raise
+    retention_ms = int(configs["retention.ms"].value)
+    needed_ms = settings.label_ttl_s * 1000
+    if 0 <= retention_ms < needed_ms or int(configs["retention.bytes"].value) >= 0:
+        return (f"topic {settings.scores_topic!r} keeps its records {retention_ms} ms "
+                f"(retention.bytes {configs['retention.bytes'].value}), but a label may come up to "
+                f"ABUSE_LABEL_TTL_S={settings.label_ttl_s} s after its score, and a worker that recovers "
+                f"the label join from its changelog reads the scores back from this topic: set its "
+                f"retention.ms to at least {needed_ms} and retention.bytes to -1 (kafka-configs.sh --alter "
+                f"--entity-type topics --entity-name {settings.scores_topic} --add-config "
+                f"retention.ms={needed_ms}), or their labels will train nothing after a recovery")
+    return None
 
 
 def delete_topics(settings: Settings, names: list[str], timeout: float = 30.0) -> None:

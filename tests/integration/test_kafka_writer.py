@@ -10,10 +10,10 @@ import os
 
 import faust
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType
 from faust.types import TP
 
-from streams.kafka.io import KafkaWriter, PartitionReader
+from streams.kafka.io import KafkaWriter, PartitionReader, scores_retention_problem
 
 pytestmark = pytest.mark.integration
 
@@ -201,3 +201,25 @@ def test_flush_waits_for_earlier_writes_only_and_reports_failures(settings):
     with pytest.raises(RuntimeError, match="not delivered"):
         writer.flush()
     writer.close()
+
+
+def test_a_risk_scores_topic_that_keeps_scores_shorter_than_the_label_ttl_is_reported(settings):
+    """The label join's recovered rows read their scores back from the risk-scores topic."""
+    assert scores_retention_problem(settings) is None  # as `topics create` makes it
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+
+    def set_retention(ms: int, bytes_: int = -1) -> None:
+        resource = ConfigResource(ResourceType.TOPIC, settings.scores_topic, incremental_configs=[
+            ConfigEntry(name, str(value), incremental_operation=AlterConfigOpType.SET)
+            for name, value in (("retention.ms", ms), ("retention.bytes", bytes_))])
+        for future in admin.incremental_alter_configs([resource]).values():
+            future.result(30)
+
+    set_retention(7 * 86_400_000)
+    problem = scores_retention_problem(settings)
+    assert problem and f"retention.ms to at least {settings.label_ttl_s * 1000}" in problem
+    set_retention(-1, 10**9)  # kept forever, but only a GB of it
+    assert "retention.bytes to -1" in scores_retention_problem(settings)
+    set_retention(-1)
+    assert scores_retention_problem(settings) is None
+    assert scores_retention_problem(settings.replace(scores_topic="no-such-topic")) is None
