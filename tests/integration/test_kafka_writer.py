@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import faust
 import pytest
@@ -214,6 +215,15 @@ def test_a_risk_scores_topic_that_keeps_scores_shorter_than_the_label_ttl_is_rep
             for name, value in (("retention.ms", ms), ("retention.bytes", bytes_))])
         for future in admin.incremental_alter_configs([resource]).values():
             future.result(30)
+        # the broker applies a topic's new config a moment after the controller took it
+        described = ConfigResource(ResourceType.TOPIC, settings.scores_topic)
+        deadline = time.monotonic() + 30
+        while True:
+            configs = admin.describe_configs([described])[described].result(30)
+            if (configs["retention.ms"].value, configs["retention.bytes"].value) == (str(ms), str(bytes_)):
+                return
+            assert time.monotonic() < deadline, configs
+            time.sleep(0.1)
 
     set_retention(7 * 86_400_000)
     problem = scores_retention_problem(settings)
