@@ -48,7 +48,7 @@ from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter, scores_retention_problem
-from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, reference_offset, resolve
+from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
@@ -325,11 +325,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             reject(origin, violation)
             return
         key = label["event_id"].encode()
-        row = pending_db(origin.partition).get(key)
-        reference = reference_offset(row)
         if scores_read_back.waiting(origin.partition, key):  # behind an earlier label of its key, read back
             scores_read_back.request(origin.partition, origin.offset, key, label, None)
             return
+        row = pending_db(origin.partition).get(key)
+        reference = reference_offset(row)
         if reference is not None:
             scores_read_back.request(origin.partition, origin.offset, key, label, reference)
             return
@@ -343,7 +343,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
 
     def join_read_back_labels() -> None:
         """Joins the labels whose recovered rows' scores have been read back, in their order."""
-        for read in scores_read_back.completed():
+        completed = scores_read_back.completed()
+        for read in completed:
             if read.partition not in labels.owned:  # moved away meanwhile: its next owner reads the label again
                 continue
             row = pending_db(read.partition).get(read.key)
@@ -352,9 +353,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 scores_read_back.request(read.partition, read.offset, read.key, read.label, reference)
                 continue
             if reference is not None:
-                row = resolve(row, read.key, lambda offset: read.found)
+                row = read_back_row(read.key, read.found)
             finish_label(read.partition, read.key, read.label, row)
-        writer.poll()
+        if completed:
+            writer.poll()
 
     def follow_scores() -> None:
         """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""

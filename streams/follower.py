@@ -127,6 +127,12 @@ class PartitionFollower:
         self.consumer.close()
 
 
+def _at_most(positions: Mapping[int, int], before: Mapping[int, int] | None) -> dict[int, int]:
+    """Each partition's position, at most its offset in ``before`` if it has one there."""
+    before = before or {}
+    return {p: min(o, before.get(p, o)) for p, o in positions.items()}
+
+
 class AssignedSource:
     """The partitions of ``topic`` Faust's group assigned this worker, read by a ``PartitionFollower``.
 
@@ -173,9 +179,7 @@ class AssignedSource:
         gone = {tp.partition for tp in revoked if tp.topic == self.topic} & self.owned
         self.owned -= gone
         self.follower.follow(self.owned, lambda partition: None)  # only drops partitions
-        positions = {p: self.next_offset.pop(p) for p in gone if p in self.next_offset}
-        if before:
-            positions = {p: min(o, before.get(p, o)) for p, o in positions.items()}
+        positions = _at_most({p: self.next_offset.pop(p) for p in gone if p in self.next_offset}, before)
         for p in gone:
             self.committed.pop(p, None)
         return positions
@@ -191,9 +195,7 @@ class AssignedSource:
     def uncommitted(self, before: Mapping[int, int] | None = None) -> dict[int, int]:
         """Positions processed since the last commit, each partition's at most its offset in
         ``before`` if it has one there. Capture them *before* flushing the writes."""
-        positions = self.next_offset.items() if not before else (
-            (p, min(o, before.get(p, o))) for p, o in self.next_offset.items())
-        return {p: o for p, o in positions if self.committed.get(p) != o}
+        return {p: o for p, o in _at_most(self.next_offset, before).items() if self.committed.get(p) != o}
 
     async def commit(self, positions: dict[int, int]) -> None:
         """Commits ``positions`` to the worker's consumer group (through Faust's consumer, a member)."""

@@ -19,7 +19,7 @@ score's offset in the risk-scores topic, the same partition as the row (``ScoreJ
 The store keeps the score itself; the changelog, which only recovery and standby replicas
 read, would otherwise copy every risk score to the broker a second time (1.7 KB an event,
 431 bytes of it on disk; docs/performance.md, round 38). A row recovered from the changelog is then a
-reference, and a label that comes for it reads its score back (``resolve``); the risk-scores
+reference, and a label that comes for it reads its score back (``ScoresReadBack``); the risk-scores
 topic must keep its scores as long as the join waits for their labels (``topics create``
 sets its retention to the label TTL).
 
@@ -74,7 +74,7 @@ def reference_offset(raw: bytes | None) -> int | None:
 
 def pending_of(raw: bytes | None) -> dict[str, Any] | None:
     """The join's pending record of a stored row (None for no row). A reference must be
-    resolved first (``resolve``)."""
+    read back first (``ScoresReadBack``, ``read_back_row``)."""
     if not raw:
         return None
     if raw[:1] == SCORE_REFERENCE:
@@ -84,20 +84,15 @@ def pending_of(raw: bytes | None) -> dict[str, Any] | None:
     return orjson.loads(raw)
 
 
-def resolve(raw: bytes | None, key: bytes, score_at: Callable[[int], tuple[bytes | None, bytes] | None]) -> bytes | None:
-    """A stored row with a reference replaced by the score it refers to, read with
-    ``score_at(offset)`` ((key, value) of that risk-scores record, None if the topic no longer
-    has it). A score gone, or not this key's, leaves no row: the label then waits for a score as
-    one that came first does. Any other row is returned as it is.
+def read_back_row(key: bytes, found: tuple[bytes | None, bytes] | None) -> bytes | None:
+    """The row a reference stands for, given what was read at its offset: ``found`` is (key,
+    value) of that risk-scores record, None if the topic no longer has it. A score gone, or
+    not this key's, leaves no row: the label then waits for a score as one that came first does.
 
     >>> scores = {7: (b"e1", b'{"event_id": "e1"}')}
-    >>> resolve(b"r7", b"e1", scores.get), resolve(b"r8", b"e1", scores.get), resolve(b"r7", b"e2", scores.get)
+    >>> read_back_row(b"e1", scores.get(7)), read_back_row(b"e1", scores.get(8)), read_back_row(b"e2", scores.get(7))
     (b's{"event_id": "e1"}', None, None)
     """
-    offset = reference_offset(raw)
-    if offset is None:
-        return raw
-    found = score_at(offset)
     if found is None or found[0] != key:
         return None
     return UNLABELLED_SCORE + found[1]

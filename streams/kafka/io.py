@@ -377,12 +377,9 @@ class KafkaWriter:
             db.write(writes)
         self._tables[topic] = table
         self._changelogs_written.add((topic, partition))
-        if logged_as:
-            for key, value in items:
-                self.send(topic, key, logged_as.get(key, value), partition)
-        else:
-            for key, value in items:
-                self.send(topic, key, value, partition)
+        logged = logged_as or {}
+        for key, value in items:
+            self.send(topic, key, logged.get(key, value), partition)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         while True:

@@ -21,7 +21,7 @@ from detectors.model import OnlineRiskModel, Standardiser
 from detectors.pipeline import Detector, LocalStore, StaticRules
 from detectors.reputation import add_label, reputation_features
 from detectors.rules import RulesError, RulesWatcher, parse_rules
-from streams.label_join import SCORE_REFERENCE, UNLABELLED_SCORE, ScoreJoin, pending_of, resolve
+from streams.label_join import SCORE_REFERENCE, UNLABELLED_SCORE, ScoreJoin, pending_of, read_back_row
 
 BAD = {"user_login_failures_1h": 8.0, "ip_new_for_user": 1.0, "login_failed": 1.0}
 GOOD = {"user_login_failures_1h": 0.0, "ip_new_for_user": 0.0, "login_failed": 0.0}
@@ -125,11 +125,11 @@ def test_a_recovered_reference_joins_a_label_as_the_score_it_refers_to_would():
     topic = {40: (b"e", score), 41: (b"other", score)}
     label = _label("e", "abuse")
     _, direct = on_label(pending_of(UNLABELLED_SCORE + score), label)
-    _, recovered = on_label(pending_of(resolve(SCORE_REFERENCE + b"40", b"e", topic.get)), label)
+    _, recovered = on_label(pending_of(read_back_row(b"e", topic.get(40))), label)
     assert recovered == direct and recovered["features"] == BAD
     # A score gone from the topic, or another key's at that offset: the label waits as one that came first.
-    assert resolve(SCORE_REFERENCE + b"39", b"e", topic.get) is None
-    assert resolve(SCORE_REFERENCE + b"41", b"e", topic.get) is None
+    assert read_back_row(b"e", topic.get(39)) is None
+    assert read_back_row(b"e", topic.get(41)) is None
     with pytest.raises(ValueError, match="must be resolved"):
         pending_of(SCORE_REFERENCE + b"40")
     # A score read again (a redelivery, a worker that re-scores after a crash) replaces the reference.
