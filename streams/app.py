@@ -168,7 +168,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     label_join = app.Table(
         "label-join", default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
         options={**table_options, "ttl": settings.label_ttl_s},
-        extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_s * 1000)},
+        extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_ms)},
     )
     pace_background_writes(label_join, settings.label_join_write_mb_s)
     budget = memtable_budget(settings.state_memtable_mb)  # shared by every store of the worker

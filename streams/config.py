@@ -55,6 +55,11 @@ class Settings:
     kafka_controller_port: int = field(default=9093, metadata={"help": "controller port of the local broker"})
 
     @property
+    def label_ttl_ms(self) -> int:
+        """How long the label join's rows, and the risk scores they refer to, must be kept."""
+        return self.label_ttl_s * 1000
+
+    @property
     def home_path(self) -> Path:
         return Path(self.home).expanduser().resolve()
 

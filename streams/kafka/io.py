@@ -51,7 +51,7 @@ def create_topics(settings: Settings, recreate: bool = False, timeout: float = 3
             # The label join's rows recovered from its changelog refer to their scores here
             # (streams/label_join.py): the topic keeps them as long as the join waits for labels.
             new_topics.append(NewTopic(name, settings.partitions, 1,
-                                       config={"retention.ms": str(settings.label_ttl_s * 1000)}))
+                                       config={"retention.ms": str(settings.label_ttl_ms)}))
         else:
             new_topics.append(NewTopic(name, settings.partitions, 1))
     futures = admin.create_topics(new_topics, operation_timeout=timeout)
@@ -79,7 +79,7 @@ def scores_retention_problem(settings: Settings, timeout: float = 10.0) -> str |
             return None
         raise
     retention_ms = int(configs["retention.ms"].value)
-    needed_ms = settings.label_ttl_s * 1000
+    needed_ms = settings.label_ttl_ms
     if 0 <= retention_ms < needed_ms or int(configs["retention.bytes"].value) >= 0:
         return (f"topic {settings.scores_topic!r} keeps its records {retention_ms} ms "
                 f"(retention.bytes {configs['retention.bytes'].value}), but a label may come up to "
