@@ -14,7 +14,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 # The modules each scored event runs through; the rest of detectors/ stays interpreted.
-COMPILED = ("catalog", "sketches", "entities", "reputation", "features", "events",
+COMPILED = ("catalog", "sketches", "entities", "reputation", "features", "contracts", "events",
             "rounding", "model", "anomaly", "content", "rules", "fusion", "decisions", "pipeline", "worker_state")
 
 extensions = cythonize(

@@ -17,15 +17,16 @@ schemas.ContractViolation: invalid_field: label: 'maybe' is not one of ['abuse',
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import copy
 
 import fastjsonschema
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 
 CURRENT_VERSION = 1
@@ -65,10 +66,46 @@ def _registry(version: int) -> Registry:
 
 
 @cache
+def pattern_regex(pattern: str) -> re.Pattern:
+    """A contract's ``pattern`` as Python compiles it, with ``$`` as ECMA-262 (which JSON Schema
+    names) reads it: the end of the string only, where Python's ``$`` also matches before a last
+    newline ("USD\\n" would pass ``^[A-Z]{3}$``). Other escapes keep Python's meaning.
+
+    >>> bool(pattern_regex("^[A-Z]{3}$").search("USD\\n")), bool(pattern_regex("^[$]+$").search("$$"))
+    (False, True)
+    """
+    out, escaped, in_class = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _ecma_pattern(checker: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    if checker.is_type(instance, "string") and not pattern_regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# The reference: draft 2020-12 as python-jsonschema implements it, ``pattern`` read as above.
+Reference = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@cache
 def validator(name: str, version: int = CURRENT_VERSION) -> Draft202012Validator:
+    """The reference validator of contract ``name``: the final word on a record, and what explains a rejection."""
     schema = load(name, version)
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, registry=_registry(version))
+    Reference.check_schema(schema)
+    return Reference(schema, registry=_registry(version))
 
 
 def bundled(name: str, version: int = CURRENT_VERSION) -> dict[str, Any]:
@@ -95,9 +132,25 @@ def bundled(name: str, version: int = CURRENT_VERSION) -> dict[str, Any]:
 
 @cache
 def _fast(name: str, version: int = CURRENT_VERSION) -> Any:
-    # Code-generated validator (~2 µs per event instead of ~60 µs); the contracts
+    # Code-generated validator (~3 µs per event instead of ~60 µs); the contracts
     # only use keywords whose meaning is the same in draft 7 and 2020-12.
     return fastjsonschema.compile(bundled(name, version), use_formats=False)
+
+
+@cache
+def fast_acceptor(name: str, version: int = CURRENT_VERSION) -> Callable[[Any], bool]:
+    """Whether a record honours contract ``name``, by fastjsonschema's generated validator
+    (the input events' hot path uses ``detectors.contracts``' check trees instead)."""
+    validate = _fast(name, version)
+
+    def accepts(record: Any) -> bool:
+        try:
+            validate(record)
+        except fastjsonschema.JsonSchemaException:
+            return False
+        return True
+
+    return accepts
 
 
 def _path(error: Any) -> str:
@@ -106,15 +159,16 @@ def _path(error: Any) -> str:
 
 def check(name: str, record: Any, version: int = CURRENT_VERSION) -> None:
     """Raises :class:`ContractViolation` naming the first problem, or returns None."""
-    try:
-        _fast(name, version)(record)
-        return
-    except fastjsonschema.JsonSchemaException as fast_error:
-        fast_message = fast_error.message
-    # Rejected: the reference validator explains why, field by field.
+    if not fast_acceptor(name, version)(record):
+        explain(name, record, version)
+
+
+def explain(name: str, record: Any, version: int = CURRENT_VERSION) -> None:
+    """Raises :class:`ContractViolation` naming the first problem the reference validator finds in
+    ``record``; returns None if it finds none (the reference is the contract's final word)."""
     error = next(iter(sorted(validator(name, version).iter_errors(record), key=_error_rank)), None)
     if error is None:
-        raise ContractViolation("invalid_field", fast_message)
+        return
     if error.context:  # anyOf/oneOf: name the branch that came closest, not the whole record
         error = best_match(error.context)
     message = error.message if len(error.message) <= 300 else error.message[:300] + "..."

@@ -78,6 +78,7 @@ def test_valid_events_decode(record):
     (orjson.dumps(BASE | {"type": "signup", "ip": 1234}), "invalid_field", "ip"),
     (orjson.dumps(BASE | {"type": "payment", "amount": -1, "currency": "USD", "merchant_id": "m"}), "invalid_field", "amount"),
     (orjson.dumps(BASE | {"type": "payment", "amount": 1, "currency": "usd", "merchant_id": "m"}), "invalid_field", "currency"),
+    (orjson.dumps(BASE | {"type": "payment", "amount": 1, "currency": "USD\n", "merchant_id": "m"}), "invalid_field", "currency"),
     (orjson.dumps(BASE | {"type": "payment", "amount": 1, "currency": "USD"}), "missing_field", "merchant_id"),
     (orjson.dumps(BASE | {"type": "report", "target_id": "x", "reason": "meh"}), "invalid_field", "reason"),
     (orjson.dumps(BASE | {"type": "post", "text": "x" * 70_000}), "oversized", "65536"),
@@ -141,33 +142,105 @@ def test_simulated_stream_honours_contracts_and_outputs_do_too():
     assert alerts > 0
 
 
-def test_fast_validator_agrees_with_the_reference_validator():
-    """The compiled validator on the hot path must accept and reject exactly what
-    the draft 2020-12 reference validator does."""
-    from jsonschema import Draft202012Validator
+# JSON values a producer might send in any field: the types, bounds and lengths the contracts test
+PALETTE = (None, True, False, 0, 1, -1, 1.0, 1.5, -0.0, 2 ** 63, 253402300799999, 253402300799999.0,
+           253402300800000, "", "a", "x" * 8, "x" * 9, "x" * 64, "x" * 65, "x" * 128, "x" * 129, "é" * 128,
+           "é" * 129, "USD", "usd", "USD\n", "US", "approved", "spam", "login", "signup", [], ["a"], {}, {"a": 1})
 
-    from detectors.events import _load_object
 
-    cases = [orjson.dumps(BASE | r) for r in (
-        {"type": "signup"}, {"type": "login", "success": True}, {"type": "login", "success": 1},
-        {"type": "payment", "amount": 1, "currency": "USD"}, {"type": "payment", "amount": 1, "currency": "USD", "merchant_id": None},
-        {"type": "payment", "amount": 1, "currency": "USD", "terminal_id": "t"}, {"type": "post", "text": 5},
-        {"type": "comment", "text": "x"}, {"type": "message", "text": "x", "recipient_id": ""},
-        {"type": "follow", "target_user_id": "x", "ip": None, "device_id": 7}, {"type": "report", "target_id": "t", "reason": "spam"},
-    )] + [rec.value for rec in simulate(SMALL) if rec.kind != "label"]
+def _mutations(record: dict) -> list:
+    """``record`` with each of its fields and every field its contracts name dropped, or set to each
+    value of ``PALETTE``."""
+    names = set(record)
+    for kind in schemas.EVENT_TYPES + ("envelope", "label"):
+        names |= set(schemas.load(kind).get("properties", {}))
+    out = [{k: v for k, v in record.items() if k != name} for name in record]
+    out += [record | {name: value} for name in sorted(names) for value in PALETTE]
+    return out
+
+
+def _fast_validators_agree_with_the_reference(records: list, contract_of) -> int:
+    from detectors.contracts import acceptor
+
     checked = 0
-    for raw in cases:
-        try:
-            record = _load_object(raw, 65536)
-        except ContractViolation:
-            continue
-        kind = record.get("type") if record.get("type") in schemas.EVENT_TYPES else "envelope"
-        reference = Draft202012Validator(schemas.load(kind), registry=schemas._registry(1)).is_valid(record)
-        try:
-            schemas._fast(kind)(record)
-            fast = True
-        except Exception:
-            fast = False
-        assert fast == reference, raw[:200]
+    for record in records:
+        kind = contract_of(record)
+        reference = schemas.validator(kind).is_valid(record)
+        assert acceptor(kind)(record) == reference, (kind, record)
+        assert schemas.fast_acceptor(kind)(record) == reference, (kind, record)
         checked += 1
-    assert checked > 100
+    return checked
+
+
+def test_fast_validators_agree_with_the_reference_validator():
+    """The check trees (``detectors.contracts``) and fastjsonschema's code must accept and reject
+    exactly what the draft 2020-12 reference validator does: simulated events, and each of them
+    with every field dropped or set to a value of every JSON type, at and beyond its bounds."""
+    bases = [BASE | r for r in (
+        {"type": "signup"}, {"type": "login", "success": True},
+        {"type": "payment", "amount": 1, "currency": "USD", "merchant_id": "m"},
+        {"type": "payment", "amount": 1.25, "currency": "USD", "terminal_id": "t", "status": None},
+        {"type": "post", "text": "x"}, {"type": "comment", "text": "x", "target_id": "p"},
+        {"type": "message", "text": "x", "recipient_id": "r"}, {"type": "follow", "target_user_id": "x"},
+        {"type": "like", "target_id": "t"}, {"type": "report", "target_id": "t", "reason": "spam"},
+    )]
+    simulated = [orjson.loads(rec.value) for rec in simulate(SMALL) if rec.kind == "event"]
+    records = simulated + [m for base in bases for m in _mutations(base)]
+
+    def contract_of(record: dict) -> str:
+        return record["type"] if record.get("type") in schemas.EVENT_TYPES else "envelope"
+
+    assert _fast_validators_agree_with_the_reference(records, contract_of) > 10_000
+    accepted = sum(schemas.validator(contract_of(r)).is_valid(r) for r in records)
+    assert 0.2 * len(records) < accepted < 0.9 * len(records), accepted  # both answers well exercised
+
+
+def test_fast_label_validators_agree_with_the_reference_validator():
+    base = {"event_id": "e1", "label": "abuse", "source": "chargeback", "ts": 5, "schema_version": 1,
+            "user_id": "u1", "category": "spam"}
+    assert _fast_validators_agree_with_the_reference(_mutations(base), lambda _: "label") > 1_000
+
+
+@pytest.mark.parametrize("schema, value, valid", [
+    ({"const": 1}, True, False), ({"const": 1}, 1.0, True), ({"const": True}, 1, False),
+    ({"enum": ["a", None]}, None, True), ({"enum": ["a", None]}, False, False), ({"enum": [0]}, False, False),
+    ({"type": "integer"}, 2.0, True), ({"type": "integer"}, 2.5, False), ({"type": "integer"}, True, False),
+    ({"type": "number"}, True, False), ({"type": ["string", "null"], "maxLength": 2}, "abc", False),
+    ({"maxLength": 2}, 12345, True), ({"minimum": 0}, "a", True), ({"minimum": 0}, -0.5, False),
+    ({"maximum": 10}, 10.0, True), ({"pattern": "^[A-Z]{3}$"}, "ABC\n", False), ({"pattern": "B"}, "ABC", True),
+    ({"required": ["a"]}, [], True), ({"required": ["a"]}, {"b": 1}, False),
+    ({"properties": {"a": {"type": "string"}}}, {"a": None}, False), ({"properties": {"a": False}}, {}, True),
+    ({"anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, {"b": 1}, True),
+    ({"anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, {"c": 1}, False),
+    ({"allOf": [{"minLength": 1}, {"maxLength": 1}]}, "ab", False), ({"title": "t", "format": "email"}, "x", True),
+])
+def test_a_check_tree_means_what_its_schema_means(schema, value, valid):
+    from detectors.contracts import compile_schema
+
+    assert schemas.Reference(schema).is_valid(value) == valid  # the reference's meaning...
+    assert compile_schema(schema).accepts(value) == valid  # ...is the tree's
+
+
+def test_a_contract_the_tree_cannot_compile_is_checked_by_fastjsonschema():
+    from detectors.contracts import UnsupportedSchema, acceptor, compile_schema
+
+    for schema in ({"type": "string", "contentEncoding": "base64"}, {"properties": {"a": {"uniqueItems": True}}},
+                   {"enum": [[1]]}, {"type": "decimal"}, {"$ref": "#/x"}):
+        with pytest.raises(UnsupportedSchema):
+            compile_schema(schema)
+    acceptor.cache_clear()
+    try:
+        schemas._fast("label")  # compiled before the contract is "changed" below
+        original = schemas.bundled
+
+        def with_an_unknown_keyword(name, version=1):
+            return original(name, version) | {"uniqueItems": True}
+
+        schemas.bundled = with_an_unknown_keyword
+        accepts = acceptor("label")
+        assert accepts.__qualname__.startswith("fast_acceptor")
+        assert accepts({"event_id": "e1", "label": "abuse", "source": "qa_sample", "ts": 1, "schema_version": 1})
+        assert not accepts({"event_id": "e1", "label": "maybe", "source": "qa_sample", "ts": 1, "schema_version": 1})
+    finally:
+        schemas.bundled = original
+        acceptor.cache_clear()
