@@ -739,8 +739,9 @@ def shard_features(
 ) -> dict[str, float]:
     """``entity_features`` of ``merge_records(entity, shards)``, read from the shards as they
     are: no merged record is built and thrown away per event (docs/performance.md, round 14).
-    ``zeroed`` says ``out`` holds 0.0 for each of the entity's features already (``extract``'s
-    dict does): only the others are set then, as most of an event's features are 0 (round 17).
+    ``zeroed`` says ``out`` needs no 0.0 set: it holds one for each of the entity's features
+    already, or reads an absent feature as 0 (``extract``'s dict): only the others are set then,
+    as most of an event's features are 0 (rounds 17 and 39).
 
     Window sums add every shard's buckets in the window (the merged buckets' sums, but for
     the rounding to cents that merging does per bucket: equal within a double's precision);

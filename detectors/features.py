@@ -3,11 +3,10 @@
 ``extract`` is the single function the live worker, offline tools and tests use
 to turn an event and its entities' state into features and updated state.
 
->>> from detectors.catalog import FEATURE_NAMES
 >>> event = {"event_id": "e1", "type": "signup", "ts": 0, "user_id": "u1", "device_id": "d1"}
 >>> result = extract(event, {})
->>> tuple(result.features) == FEATURE_NAMES
-True
+>>> result.features["is_signup"], result.features["device_signups_10m"], result.features.get("is_login", 0.0)
+(1.0, 1.0, 0.0)
 >>> sorted(result.updates)
 ['device', 'user']
 """
@@ -21,7 +20,7 @@ import cython
 import orjson
 from cython.cimports.libc.math import copysign
 
-from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, FEATURE_NAMES, Entity, Event
+from detectors.catalog import ENTITIES, EVENT_FEATURES, CONTENT_TYPES, Entity, Event
 from detectors.entities import Record, apply_event, channel_amounts, is_idle, shard_features
 from detectors.reputation import reputation_features
 from detectors.sketches import simhash
@@ -63,7 +62,9 @@ class EntityState:
 @cython.cclass
 class Extraction:
     """One event's features and the records it changed (see ``extract``)."""
-    features = cython.declare(dict, visibility="readonly")  # every name of FEATURE_NAMES, in its order
+    # the features that are not 0 (-0.0 is kept: it prints as -0.0) in catalogue order; a
+    # catalogue name absent is 0, as every reader of features takes it (see ``extract``)
+    features = cython.declare(dict, visibility="readonly")
     records = cython.declare(dict, visibility="readonly")  # entity name -> its own shard's record, if changed
     keys = cython.declare(dict, visibility="readonly")  # entity name -> key in this event
     _updates = cython.declare(object)
@@ -124,20 +125,25 @@ def entity_keys(event: Event) -> dict[str, str]:
 def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, int] | None = None) -> Extraction:
     """Features of ``event`` and the new bytes of each entity record it changes.
 
+    The features are those that are not 0, in catalogue order: most of an event's are 0 (70 of
+    101 on a typical event), every reader takes an absent one as 0, and a risk score carries these
+    very ones (docs/performance.md, rounds 21 and 39).
+
     ``source`` is the input record's (partition, offset). Each record remembers
     the last input it applied, so a redelivered event (at-least-once after a
     crash or rebalance) is scored again but never counted twice.
     """
-    features = dict(_NO_FEATURES)  # in catalogue order; an entity absent from the event keeps its zeros
+    features = {}
     type_feature = _TYPE_FEATURES.get(event["type"])
     if type_feature is not None:
         features[type_feature] = 1.0
     for name, compute in _EVENT_FEATURES:
         value = compute(event)
-        if value != 0.0 or copysign(1.0, value) < 0:  # most are 0.0, as set (-0.0 prints as -0.0: set)
+        if value != 0.0 or copysign(1.0, value) < 0:  # most are 0.0: left out (-0.0 prints as -0.0: set)
             features[name] = value
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     records: dict[str, dict] = {}
+    reputations = None  # label counts come last in the catalogue: added after every entity's features
     keys = entity_keys(event)
     amounts = channel_amounts(event)
     for name, entity in ENTITIES.items():
@@ -161,32 +167,17 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
         shard_features(entity, [own, *others], event, previous_last, novelty, fingerprint, features, True)
         state_reputation = state.reputation
         if state_reputation:  # most entities never had a label: their counts stay 0
-            features.update(reputation_features(name, orjson.loads(state_reputation), event["ts"]))
+            if reputations is None:
+                reputations = []
+            reputations.append(reputation_features(name, orjson.loads(state_reputation), event["ts"]))
+    if reputations is not None:
+        for counts in reputations:
+            for name, count in counts.items():
+                if count != 0.0:  # never negative
+                    features[name] = count
     return Extraction(features, records, keys)
 
 
-@cython.locals(value=cython.double, carried=dict)
-def score_features(features: dict[str, float]) -> dict[str, float]:
-    """The features a risk score carries: those that are not 0, in catalogue order.
-
-    Most of an event's features are 0 (70 of 101 on a typical event), and every reader of a
-    risk score's features (the label join, the models learning its example, ``bootstrap``)
-    reads an absent catalogue feature as 0: a score 1.8 KB smaller on average, encoded, sent,
-    read back and stored until its label (docs/performance.md, round 21). -0.0 is kept, as it
-    prints.
-
-    >>> score_features({"a": 0.0, "b": 2.5, "c": -0.0, "d": 0.0})
-    {'b': 2.5, 'c': -0.0}
-    """
-    carried = {}
-    for name, number in features.items():
-        value = number
-        if value != 0.0 or copysign(1.0, value) < 0:
-            carried[name] = number  # the very float object: no new one per value
-    return carried
-
-
-_NO_FEATURES = dict.fromkeys(FEATURE_NAMES, 0.0)
 _EVENT_FEATURES = tuple((f.name, f.compute) for f in EVENT_FEATURES if f.of_type is None)
 _TYPE_FEATURES = {f.of_type: f.name for f in EVENT_FEATURES if f.of_type is not None}
 _NO_STATE = EntityState()

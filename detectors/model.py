@@ -60,43 +60,31 @@ def _feature_matrix(rows: Sequence[Mapping[str, float]]) -> np.ndarray:
     return np.array(values, dtype=float).reshape(len(values), len(FEATURE_NAMES))
 
 
-_MISSING = object()
+_COLUMNS = {name: j for j, name in enumerate(FEATURE_NAMES)}
 
 
 @cython.boundscheck(False)
 @cython.wraparound(False)
-@cython.locals(matrix=cython.double[:, ::1], i=cython.Py_ssize_t, j=cython.Py_ssize_t, values=dict, names=tuple)
+@cython.locals(matrix=cython.double[:, ::1], i=cython.Py_ssize_t, j=cython.Py_ssize_t, values=dict, columns=dict)
 def _feature_matrix_compiled(rows: Sequence[Mapping[str, float]]) -> np.ndarray | None:
     """``_feature_matrix`` filled in C, only called when compiled (tests/unit/test_compiled.py
-    compares the two); None for a row that is not a dict or a value that is not a number
-    (numpy's own conversion decides those)."""
-    names, missing = FEATURE_NAMES, _MISSING
-    x = np.empty((len(rows), len(names)))
+    compares the two); None for a row that is not a dict or a catalogue value that is not a number
+    (numpy's own conversion decides those). A row holds the features that are not 0
+    (``features.extract``, a risk score's): each is put in its column, the rest stay 0."""
+    columns = _COLUMNS
+    x = np.zeros((len(rows), len(columns)))
     matrix = x
     for i, row in enumerate(rows):
         if type(row) is not dict:
             return None
         values = row
-        j = 0
-        if len(values) == len(names):
-            # An extracted row holds the catalogue's own name objects in catalogue order
-            # (features.extract): its values are read in order, without a lookup per name.
-            for name, value in values.items():
-                if name is not names[j]:
-                    break
-                if type(value) is float or type(value) is int:
-                    matrix[i, j] = value
-                else:
-                    return None
-                j += 1
-        if j == len(names):
-            continue
-        for j in range(len(names)):
-            value = values.get(names[j], missing)
+        for name, value in values.items():
+            column = columns.get(name)
+            if column is None:  # not a catalogue feature
+                continue
+            j = column
             if type(value) is float or type(value) is int:
                 matrix[i, j] = value
-            elif value is missing:
-                matrix[i, j] = 0.0
             else:
                 return None
     return x

@@ -25,7 +25,7 @@ from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
 from detectors.content import ngram_counts
 from detectors.decisions import alert_id, build_alert, score_id, severity
-from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract, score_features
+from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract
 from detectors.lifecycle import ModelSet
 from detectors.model import log_feature_matrix
 from detectors.reputation import add_label_stored, label_deltas
@@ -149,7 +149,7 @@ class Detector:
                 "reasons": self._reasons(extraction.features, scores, matched,
                                          explanations[i] if explanations is not None else []),
                 "entities": extraction.keys,
-                "features": score_features(extraction.features),
+                "features": extraction.features,  # those that are not 0: every reader takes an absent one as 0
             }
             if counts is not None:
                 risk_score["inputs"] = {"text": counts}  # the label join learns from their shares

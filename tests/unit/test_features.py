@@ -302,20 +302,27 @@ def test_the_sweeps_reading_of_stored_records_agrees_with_decoding_them(seed):
     assert checked == len(ENTITIES) * 40 * 4 * 3
 
 
-def test_extract_emits_the_catalogue_in_order_with_all_entities():
+def test_extract_emits_the_features_that_are_not_zero_in_catalogue_order():
+    """What a risk score carries as they are: every reader takes an absent feature as 0."""
+    from detectors.reputation import add_label_stored
+
     event = {"event_id": "e", "type": "payment", "ts": 5, "user_id": "u", "ip": "1.1.1.1", "device_id": "d",
              "amount": 1.0, "currency": "USD", "merchant_id": "m", "card_fingerprint": "c"}
     result = extract(event, {})
-    assert tuple(result.features) == FEATURE_NAMES
     assert set(result.updates) == set(ENTITIES)
     assert result.features["ip_events_1m"] == 1 and result.features["card_payments_1h"] == 1
-    again = extract(dict(event, event_id="f", ts=6), {k: EntityState(v) for k, v in result.updates.items()})
+    again = extract(dict(event, event_id="f", ts=6),
+                    {k: EntityState(v, reputation=add_label_stored(None, 1, 1) if k in ("card", "user") else None)
+                     for k, v in result.updates.items()})
     assert again.features["merchant_payments_10m"] == 2 and again.features["user_secs_since_last"] == 0.001
-    assert len(EVENT_FEATURES) < len(FEATURE_NAMES)
-    # keyed by the catalogue's own name objects, so the models read the values in order (model.py)
-    assert all(name is catalogued for name, catalogued in zip(result.features, FEATURE_NAMES))
+    # label counts, last in the catalogue, come after every entity's features
+    assert again.features["user_abuse_labels_1d"] == again.features["card_abuse_labels_28d"] == 1.0
     only_a_user = extract({"event_id": "g", "type": "signup", "ts": 7, "user_id": "v"}, {}).features
-    assert tuple(only_a_user) == FEATURE_NAMES and only_a_user["ip_events_1m"] == 0.0  # absent entities: zeros
+    assert not any(name.startswith(("ip_", "device_")) for name in only_a_user)  # absent entities: none
+    for features in (result.features, again.features, only_a_user):
+        assert tuple(features) == tuple(name for name in FEATURE_NAMES if name in features)
+        assert all(value != 0.0 or math.copysign(1.0, value) < 0 for value in features.values())
+        assert 5 < len(features) < len(FEATURE_NAMES)
 
 
 def test_extract_sets_each_event_feature_as_the_catalogue_computes_it():
@@ -329,7 +336,7 @@ def test_extract_sets_each_event_feature_as_the_catalogue_computes_it():
     for event in events:
         features = extract(event, {}).features
         want = {f.name: repr(f.compute(event)) for f in EVENT_FEATURES}
-        assert {name: repr(features[name]) for name in want} == want, event
+        assert {name: repr(features.get(name, 0.0)) for name in want} == want, event
         kinds_seen.add(event["type"])
     assert repr(extract(events[-2], {}).features["payment_amount"]) == "-0.0"
     assert {f.of_type for f in EVENT_FEATURES if f.of_type} <= kinds_seen
