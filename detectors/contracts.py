@@ -40,7 +40,8 @@ _NUMBER = cython.declare(cython.int, 8)
 _STRING = cython.declare(cython.int, 16)
 _ARRAY = cython.declare(cython.int, 32)
 _OBJECT = cython.declare(cython.int, 64)
-_TYPE_BITS = {"null": 1, "boolean": 2, "integer": 4, "number": 8, "string": 16, "array": 32, "object": 64}
+_TYPE_BITS = {"null": _NULL, "boolean": _BOOLEAN, "integer": _INTEGER, "number": _NUMBER, "string": _STRING,
+              "array": _ARRAY, "object": _OBJECT}
 
 # keywords that never reject (draft 2020-12 annotations; ``format`` asserts nothing in the reference)
 _ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "default", "examples",
