@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import faust
 import orjson
+from confluent_kafka import Message
 from faust.exceptions import SameNode
 from faust.types import TP
 
@@ -285,7 +286,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         writer.poll()
 
     def sweep(partition: int) -> None:
-        """Deletes idle entities from a slice of this partition's stores (between events of a batch)."""
+        """Deletes idle entities from a slice of this partition's stores (after a batch's events are scored)."""
         watermark = sweeper.watermarks[partition]
         for name, table in tables.items():
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
@@ -368,18 +369,17 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             return None if stored is None else int(stored)
 
         scores.follow(labels.owned, position)
-        joined = ScoreJoin(lambda partition, key: pending_db(partition).get(key))
+        joined = ScoreJoin(lambda partition: pending_db(partition).get)
         read_up_to: dict[int, int] = {}
-        for msg in scores.poll():
-            origin = Origin.of(msg)
+        for msg in scores.poll():  # a few hundred a read at full load: no Origin made for each
+            partition, offset, value = msg.partition(), msg.offset(), msg.value()
             try:
                 # the worker keys scores by event id; a score written by anyone else may not be
-                joined.add(origin.partition, origin.key or orjson.loads(origin.value)["event_id"].encode(),
-                           origin.value, origin.offset)
+                joined.add(partition, msg.key() or orjson.loads(value)["event_id"].encode(), value, offset)
             except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
-                log.exception("joining risk score %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
-                reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
-            read_up_to[origin.partition] = origin.offset + 1
+                log.exception("joining risk score %s/%d@%d failed", msg.topic(), partition, offset)
+                reject(Origin.of(msg), ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+            read_up_to[partition] = offset + 1
         for partition, offset in read_up_to.items():
             rows = joined.rows.setdefault(partition, {})
             rows[POSITION_KEY] = b"%d" % offset  # the last row: the changelog has the rows it covers before it
@@ -460,61 +460,74 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             # to free (docs/performance.md, rounds 10 and 25).
             gc.set_threshold(*GC_THRESHOLDS)
 
-    def extract_one(origin: Origin, record: dict[str, Any], extracted: list[tuple[Origin, Extracted]]) -> None:
+    # A batch's events travel with their Kafka messages: an ``Origin`` is made only for a
+    # dead letter (one per event cost ~0.5 µs, docs/performance.md, round 40).
+    def extract_one(msg: Message, record: dict[str, Any], extracted: list[tuple[Message, Extracted]]) -> None:
         """An event's features and entity records; the records join the batch's at once,
         as the batch's next events of the same entities read them."""
-        partition = origin.partition
+        partition, offset = msg.partition(), msg.offset()
         try:
             keys = entity_keys(record)
             states = reads.states_for(keys, partition)
-            extraction = extract(record, states, (partition, origin.offset))
+            extraction = extract(record, states, (partition, offset))
         except Exception as exc:  # a detector bug must not stop the partition
             # A record an earlier event of the batch changed keeps what this event changed in
             # it before the error; any other is read again (held or stored bytes).
             log.exception("feature extraction failed for event %s", record.get("event_id"))
-            reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
+            reject(Origin.of(msg), ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
         for name, entity_record in extraction.records.items():
-            reads.hold(name, partition, keys[name], entity_record, origin.offset)
-        extracted.append((origin, (record, states, extraction)))
+            reads.hold(name, partition, keys[name], entity_record, offset)
+        extracted.append((msg, (record, states, extraction)))
 
-    def score_extracted(extracted: list[tuple[Origin, Extracted]]) -> None:
+    def score_extracted(extracted: list[tuple[Message, Extracted]]) -> None:
         results = score_isolating_failures(detector, [item for _, item in extracted], _now_ms())
-        for (origin, (record, _, extraction)), result in zip(extracted, results):
+        risk_scores, alerts = [], []
+        seen: dict[int, list[int]] = {}  # partition -> [events scored, latest event time]
+        for (msg, (record, _, extraction)), result in zip(extracted, results):
             if isinstance(result, Exception):  # its entity records already count it (see extract_one)
-                reject(origin, ContractViolation("processing_error", f"{type(result).__name__}: {result}"))
+                reject(Origin.of(msg), ContractViolation("processing_error", f"{type(result).__name__}: {result}"))
                 continue
-            partition = origin.partition
+            partition = msg.partition()
             for name, entity_record in result.records.items():
                 # extract_one held the records extraction changed, the very objects the alert
                 # policy updates; a redelivered event's user record is new to the hold here
                 if name not in extraction.records:
-                    reads.hold(name, partition, result.keys[name], entity_record, origin.offset)
-            writer.send(settings.scores_topic, record["event_id"].encode(), orjson.dumps(result.risk_score))
+                    reads.hold(name, partition, result.keys[name], entity_record, msg.offset())
+            risk_scores.append((record["event_id"].encode(), orjson.dumps(result.risk_score)))
             if result.alert is not None:
-                writer.send(settings.alerts_topic, record["user_id"].encode(), orjson.dumps(result.alert))
-            if sweeper.observe(partition, record["ts"]):
+                alerts.append((record["user_id"].encode(), orjson.dumps(result.alert)))
+            counted = seen.get(partition)
+            if counted is None:
+                seen[partition] = [1, record["ts"]]
+            else:
+                counted[0] += 1
+                if record["ts"] > counted[1]:
+                    counted[1] = record["ts"]
+        writer.send_many(settings.scores_topic, risk_scores)
+        writer.send_many(settings.alerts_topic, alerts)
+        for partition, (events_scored, latest_ts) in seen.items():
+            for _ in range(sweeper.observe(partition, latest_ts, events_scored)):
                 try:
                     sweep(partition)
                 except Exception:  # housekeeping must never stop scoring
                     log.exception("expiry sweep of partition %d failed", partition)
 
-    def score_batch(messages: list[Any]) -> None:
+    def score_batch(messages: list[Message]) -> None:
         """One batch of events, start to end without an await: a rebalance (which commits
         after flushing the writer) finds every event read either untouched or finished."""
         reads.begin_batch(events.owned)
-        decoded: list[tuple[Origin, dict[str, Any]]] = []
+        decoded: list[tuple[Message, dict[str, Any]]] = []
         for msg in messages:
-            origin = Origin.of(msg)
             try:
-                decoded.append((origin, decode_event(origin.value, settings.max_event_bytes)))
+                decoded.append((msg, decode_event(msg.value(), settings.max_event_bytes)))
             except ContractViolation as violation:
-                reject(origin, violation)
-        extracted: list[tuple[Origin, Extracted]] = []
+                reject(Origin.of(msg), violation)
+        extracted: list[tuple[Message, Extracted]] = []
         try:
-            for origin, record in event_time_order(decoded, partition=lambda d: d[0].partition,
-                                                   ts=lambda d: d[1]["ts"]):
-                extract_one(origin, record, extracted)
+            for msg, record in event_time_order(decoded, partition=lambda d: d[0].partition(),
+                                                ts=lambda d: d[1]["ts"]):
+                extract_one(msg, record, extracted)
             if extracted:
                 score_extracted(extracted)
         finally:  # no change is left decoded past its batch

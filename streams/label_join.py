@@ -24,13 +24,13 @@ topic must keep its scores as long as the join waits for their labels (``topics 
 sets its retention to the label TTL).
 
 >>> rows = {}
->>> join = ScoreJoin(lambda partition, key: rows.get((partition, key)))
+>>> join = ScoreJoin(lambda partition: lambda key: rows.get((partition, key)))
 >>> score = b'{"event_id": "e1", "ts": 5, "features": {"x": 1.0}, "detectors": {"model": 0.4}}'
 >>> join.add(0, b"e1", score, offset=41)
 >>> join.rows[0][b"e1"][:1] == UNLABELLED_SCORE, join.logged[0][b"e1"], join.examples
 (True, b'r41', [])
 >>> rows[0, b"e1"] = orjson.dumps({"id": "e1", "y": "abuse", "yts": 9, "src": "moderator"})  # a label came first
->>> join = ScoreJoin(lambda partition, key: rows.get((partition, key)))
+>>> join = ScoreJoin(lambda partition: lambda key: rows.get((partition, key)))
 >>> join.add(0, b"e1", score, offset=41)
 >>> [(key, example["label"], example["features"]) for key, example in join.examples]
 [(b'e1', 'abuse', {'x': 1.0})]
@@ -59,6 +59,7 @@ log = logging.getLogger("abuse_detector.label_join")
 # detectors/labels.py).
 UNLABELLED_SCORE = b"s"
 SCORE_REFERENCE = b"r"
+_REFERENCE = SCORE_REFERENCE + b"%d"  # a row's changelog value: the reference and its score's offset
 
 
 def reference_offset(raw: bytes | None) -> int | None:
@@ -101,11 +102,13 @@ def read_back_row(key: bytes, found: tuple[bytes | None, bytes] | None) -> bytes
 class ScoreJoin:
     """The rows (per partition, per key, in first-write order), their changelog values where
     they differ (``logged``: a new row's is a reference to its score) and the training
-    examples that a sequence of risk scores yields, given ``stored(partition, key)``, the
-    row each key had before it."""
+    examples that a sequence of risk scores yields, given ``reader_of(partition)``, which
+    reads the row a key of that partition had before (asked once per partition: a read of
+    scores joins a few hundred, and each look-up is then one call)."""
 
-    def __init__(self, stored: Callable[[int, bytes], bytes | None]) -> None:
-        self._stored = stored
+    def __init__(self, reader_of: Callable[[int], Callable[[bytes], bytes | None]]) -> None:
+        self._reader_of = reader_of
+        self._readers: dict[int, Callable[[bytes], bytes | None]] = {}
         self.rows: dict[int, dict[bytes, bytes]] = {}
         self.logged: dict[int, dict[bytes, bytes]] = {}
         self.examples: list[tuple[bytes, Example]] = []
@@ -114,17 +117,21 @@ class ScoreJoin:
         """Joins one risk score (its bytes as produced, at ``offset`` of the risk-scores
         partition ``partition``) kept under ``key``. Raises on a score that is not a risk
         score's JSON only if its key already had a row; nothing is kept then."""
-        rows = self.rows.setdefault(partition, {})
+        rows = self.rows.get(partition)
+        if rows is None:
+            rows = self.rows[partition] = {}
+            self.logged[partition] = {}
+            self._readers[partition] = self._reader_of(partition)
         before = rows.get(key)
         if before is None:
-            before = self._stored(partition, key)
+            before = self._readers[partition](key)
         if before is None or before[:1] == SCORE_REFERENCE:  # a reference: this very event's score
             rows[key] = UNLABELLED_SCORE + score
-            self.logged.setdefault(partition, {})[key] = SCORE_REFERENCE + b"%d" % offset
+            self.logged[partition][key] = _REFERENCE % offset
             return
         pending, example = on_score(pending_of(before), orjson.loads(score))
         rows[key] = orjson.dumps(pending)
-        self.logged.get(partition, {}).pop(key, None)
+        self.logged[partition].pop(key, None)
         if example is not None:
             self.examples.append((key, example))
 

@@ -342,13 +342,15 @@ class ExpirySweeper:
     _cursors: dict[tuple[str, int], bytes | None] = field(default_factory=dict)
     deleted: int = 0
 
-    def observe(self, partition: int, ts: int) -> bool:
-        """Records an event; True when a sweep of this partition is due."""
+    def observe(self, partition: int, ts: int, events: int = 1) -> int:
+        """Records ``events`` events of ``partition``, the latest at event time ``ts`` (a
+        batch's are recorded at once); returns how many slices of the partition are due
+        for a sweep (one every ``every_events`` events)."""
         if ts > self.watermarks.get(partition, -1):
             self.watermarks[partition] = ts
-        count = self._seen.get(partition, 0) + 1
-        self._seen[partition] = count
-        return count % self.every_events == 0
+        before = self._seen.get(partition, 0)
+        self._seen[partition] = before + events
+        return (before + events) // self.every_events - before // self.every_events
 
     def next_slice(self, table_name: str, partition: int,
                    items: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

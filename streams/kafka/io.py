@@ -378,8 +378,23 @@ class KafkaWriter:
         self._tables[topic] = table
         self._changelogs_written.add((topic, partition))
         logged = logged_as or {}
-        for key, value in items:
-            self.send(topic, key, logged.get(key, value), partition)
+        self.send_many(topic, [(key, logged.get(key, value)) for key, value in items], partition)
+
+    def send_many(self, topic: str, records: list[tuple[bytes | None, bytes | None]],
+                  partition: int | None = None) -> None:
+        """``send`` of each (key, value) of ``records``, in order: one call for a batch's risk
+        scores or a read's label-join rows, where a ``send`` each cost ~0.3 µs more an event."""
+        produce, waited = self.producer.produce, 0
+        for key, value in records:
+            try:
+                if partition is None:
+                    produce(topic, value, key)
+                else:
+                    produce(topic, value, key, partition)
+            except BufferError:  # librdkafka's queue is full: ``send`` waits for it to drain (and counts)
+                self.send(topic, key, value, partition)
+                waited += 1
+        self.written += len(records) - waited
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         while True:

@@ -98,6 +98,37 @@ def test_keys_logged_as_another_value_keep_their_own_in_the_store(settings, tmp_
     writer.close()
 
 
+def test_a_full_producer_queue_mid_rows_loses_none_and_keeps_their_order(settings, tmp_path):
+    """put_many produces the changelog records itself; one refused with BufferError (librdkafka's
+    queue full) is sent again once the queue drains, in its place, and counted once."""
+    table = _table(settings, tmp_path)
+    writer = KafkaWriter(settings)
+
+    class QueueFullOnce:
+        def __init__(self, producer):
+            self.producer, self.calls = producer, 0
+
+        def produce(self, *args):
+            self.calls += 1
+            if self.calls == 2:
+                raise BufferError("Local: Queue full")
+            return self.producer.produce(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.producer, name)
+
+    writer.producer = QueueFullOnce(writer.producer)
+    writer.put_many(table, 0, [(b"e1", b"s1"), (b"e2", b"s2"), (b"e3", b"s3")], logged_as={b"e2": b"r7"})
+    assert writer.written == 3 and writer.producer.calls == 4
+    asyncio.run(asyncio.to_thread(writer.flush))
+    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
+    try:
+        assert reader.read_range(0, 0, 3) == [(0, b"e1", b"s1"), (1, b"e2", b"r7"), (2, b"e3", b"s3")]
+    finally:
+        reader.close()
+    writer.close()
+
+
 def test_writes_larger_than_one_store_batch_land_whole_and_in_order(settings, tmp_path, monkeypatch):
     """put_many writes the store in batches of about WRITE_BATCH_BYTES: every row lands,
     an empty value too, and a key written in two batches keeps its last value."""

@@ -83,7 +83,7 @@ def test_a_read_of_scores_joins_as_one_score_after_the_other():
     one_at_a_time, expected_examples = dict(store), []
     for partition, key, score in scores:
         expected_examples += _join_one_score_at_a_time(one_at_a_time, partition, key, score)
-    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    joined = ScoreJoin(lambda partition: lambda key: store.get((partition, key)))
     for offset, (partition, key, score) in enumerate(scores):
         joined.add(partition, key, score, offset)
     batched = dict(store)
@@ -98,7 +98,7 @@ def test_a_read_of_scores_joins_as_one_score_after_the_other():
 
 def test_a_score_that_cannot_be_joined_raises_and_changes_no_row():
     store = {(0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0])}
-    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    joined = ScoreJoin(lambda partition: lambda key: store.get((partition, key)))
     joined.add(0, b"new", orjson.dumps(_score("new", BAD)), 0)
     with pytest.raises(orjson.JSONDecodeError):
         joined.add(0, b"labelled", b"{not json", 1)
@@ -107,7 +107,7 @@ def test_a_score_that_cannot_be_joined_raises_and_changes_no_row():
 
 def test_a_new_rows_changelog_record_is_where_its_score_is_and_a_joined_rows_is_the_row():
     store = {(0, b"labelled"): orjson.dumps(on_label(None, _label("labelled", "abuse"))[0])}
-    joined = ScoreJoin(lambda partition, key: store.get((partition, key)))
+    joined = ScoreJoin(lambda partition: lambda key: store.get((partition, key)))
     new, labelled = orjson.dumps(_score("new", BAD)), orjson.dumps(_score("labelled", BAD))
     joined.add(0, b"new", new, 17)
     joined.add(0, b"labelled", labelled, 18)
@@ -133,7 +133,7 @@ def test_a_recovered_reference_joins_a_label_as_the_score_it_refers_to_would():
     with pytest.raises(ValueError, match="must be resolved"):
         pending_of(SCORE_REFERENCE + b"40")
     # A score read again (a redelivery, a worker that re-scores after a crash) replaces the reference.
-    joined = ScoreJoin(lambda partition, key: SCORE_REFERENCE + b"40")
+    joined = ScoreJoin(lambda partition: lambda key: SCORE_REFERENCE + b"40")
     joined.add(0, b"e", score, 52)
     assert joined.rows[0][b"e"] == UNLABELLED_SCORE + score and joined.logged[0][b"e"] == SCORE_REFERENCE + b"52"
     assert joined.examples == []
