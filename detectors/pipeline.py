@@ -82,6 +82,12 @@ class ReputationDelta:
     delta: int
 
 
+def _quiet(alert_state: dict[str, Any]) -> bool:
+    """An account's alert state holds nothing: never alerted, no evidence kept, none suppressed."""
+    return alert_state["until"] is None and alert_state["id"] is None and not alert_state["recent"] \
+        and not alert_state["suppressed"]
+
+
 class Detector:
     def __init__(self, models: ModelSet, rules: RulesSource | None = None, anomaly: AnomalyModel | None = None):
         self.models = models
@@ -180,9 +186,11 @@ class Detector:
         alert_states: dict[str, dict[str, Any]],
     ) -> dict[str, Any] | None:
         """The alert policy: per-type thresholds, one alert per account per cooldown,
-        evidence from the account's recent high scores. Its state lives in the user record;
-        ``alert_states`` holds it for users decided earlier in the batch, whose records the
-        batch's later events were extracted from before those decisions."""
+        evidence from the account's recent high scores. Its state lives in the user record
+        while it holds anything (a quiet one, no alert and no evidence, is left out: most
+        accounts never score near a threshold); ``alert_states`` holds it for users decided
+        earlier in the batch, whose records the batch's later events were extracted from
+        before those decisions."""
         policy = rules.policy
         threshold = policy.threshold_for(event["type"])
         user = records.get("user")
@@ -191,9 +199,16 @@ class Detector:
             user = stored.own_record() if stored is not None else None
             if user is None:
                 return None
-        state = (alert_states.get(event["user_id"]) or user.get("a")
-                 or {"until": None, "id": None, "recent": [], "suppressed": 0})
+        state = alert_states.get(event["user_id"]) or user.get("a")
         ts, score = event["ts"], risk_score["score"]
+        if score < EVIDENCE_SHARE * threshold and (state is None or _quiet(state)):
+            # Most events: quiet before, and nothing this score leaves to remember or alert on
+            if "a" in user:  # a quiet state stored before round 40: left out from now on
+                del user["a"]
+                records["user"] = user
+            return None
+        if state is None:
+            state = {"until": None, "id": None, "recent": [], "suppressed": 0}
         recent = [r for r in state["recent"] if r[2] > ts - policy.cooldown_ms and r[0] != event["event_id"]]
         if score >= EVIDENCE_SHARE * threshold:
             recent = (recent + [[event["event_id"], score, ts]])[-MAX_EVIDENCE:]
@@ -213,7 +228,10 @@ class Detector:
                 alert["suppressed_before"] = state["suppressed"]
                 state.update(until=ts + policy.cooldown_ms, id=this_alert, suppressed=0)
         alert_states[event["user_id"]] = state
-        user["a"] = dict(state)  # as of this event: the batch's later decisions update ``state``
+        if _quiet(state):
+            user.pop("a", None)
+        else:
+            user["a"] = dict(state)  # as of this event: the batch's later decisions update ``state``
         records["user"] = user
         return alert
 

@@ -14,7 +14,7 @@ from river import optim
 from detectors.catalog import FEATURE_NAMES
 from detectors.content import ContentModel, ngram_counts, text_inputs
 from detectors.decisions import alert_id, score_id, severity
-from detectors.features import extract
+from detectors.features import encode_record, extract
 from detectors.labels import on_label, on_score
 from detectors.lifecycle import CheckpointError, ModelSet
 from detectors.model import OnlineRiskModel, Standardiser
@@ -294,6 +294,23 @@ def test_redelivered_alerting_event_yields_the_same_alert():
     first = store.score(detector, _login(2), now_ms=0).alert
     again = store.score(detector, _login(2), now_ms=0).alert
     assert first is not None and again is not None and again["alert_id"] == first["alert_id"]
+
+
+def test_an_accounts_alert_state_is_stored_only_while_it_holds_something():
+    """Most accounts never score near a threshold: their user record carries no alert state.
+    An alert's cooldown (or evidence kept) is stored; a quiet state stored by an older version
+    is dropped at the account's next quiet event, and decides nothing differently."""
+    detector = Detector(ModelSet.new(), rules=StaticRules(parse_rules(RULES)))
+    store = LocalStore()
+    user_record = lambda user: orjson.loads(store.records[("user", user)])  # noqa: E731
+    quiet = store.score(detector, dict(_login(0, user="calm"), event_id="c0", success=True), now_ms=0)
+    assert quiet.alert is None and "a" not in user_record("calm")
+    outs = [store.score(detector, _login(i), now_ms=0) for i in range(3)]
+    assert outs[2].alert is not None and user_record("victim")["a"]["id"] == alert_id("l2")
+    stored_quiet = dict(user_record("calm"), a={"until": None, "id": None, "recent": [], "suppressed": 0})
+    store.records[("user", "calm")] = encode_record(stored_quiet)
+    again = store.score(detector, dict(_login(1, user="calm"), event_id="c1", success=True), now_ms=0)
+    assert again.alert is None and "a" not in user_record("calm")
 
 
 def test_risk_score_carries_every_detector_and_the_shadow():
