@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import cython
+import orjson
 
 from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
@@ -58,11 +59,16 @@ class Scored:
     keys = cython.declare(dict, visibility="readonly")  # entity name -> key
     risk_score = cython.declare(dict, visibility="readonly")
     alert = cython.declare(object, visibility="readonly")  # dict[str, Any] | None
+    # their JSON, when ``score_many`` was asked for it (``with_json``); else None
+    risk_score_json = cython.declare(object, visibility="readonly")  # bytes | None
+    alert_json = cython.declare(object, visibility="readonly")  # bytes | None
     _updates = cython.declare(object)
 
     def __init__(self, records: dict[str, dict], keys: dict[str, str], risk_score: dict[str, Any],
-                 alert: dict[str, Any] | None) -> None:
+                 alert: dict[str, Any] | None, risk_score_json: bytes | None = None,
+                 alert_json: bytes | None = None) -> None:
         self.records, self.keys, self.risk_score, self.alert = records, keys, risk_score, alert
+        self.risk_score_json, self.alert_json = risk_score_json, alert_json
         self._updates = None
 
     @property
@@ -102,9 +108,12 @@ class Detector:
         """``source`` (partition, offset) makes state updates idempotent under redelivery."""
         return self.score_many([(event, states, extract(event, states, source))], now_ms)[0]
 
-    def score_many(self, batch: Sequence[Extracted], now_ms: int | None) -> list[Scored]:
+    def score_many(self, batch: Sequence[Extracted], now_ms: int | None, with_json: bool = False) -> list[Scored]:
         """Scores a batch of events already through ``features.extract``, in order;
         ``now_ms`` None scores each as of its own event time (evaluation, replays).
+        ``with_json`` gives each result its risk score's and alert's JSON as well, made as
+        each is decided, while its objects are in the CPU's caches: a live worker that made it
+        after the batch took twice as long per score (docs/performance.md, round 40).
 
         Feature extraction is per event, as each event's entity state includes the
         events before it (the caller threads the records through); the models then
@@ -161,7 +170,11 @@ class Detector:
                 risk_score["inputs"] = {"text": counts}  # the label join learns from their shares
             records = dict(extraction.records)
             alert = self._decide(event, risk_score, rules, states, records, risk_score["scored_at"], alert_states)
-            scored.append(Scored(records, extraction.keys, risk_score, alert))
+            if with_json:
+                scored.append(Scored(records, extraction.keys, risk_score, alert, orjson.dumps(risk_score),
+                                     None if alert is None else orjson.dumps(alert)))
+            else:
+                scored.append(Scored(records, extraction.keys, risk_score, alert))
         return scored
 
     def _reasons(self, features: dict[str, float], scores: dict[str, float], matched: list,

@@ -89,16 +89,16 @@ def _applied(raw: bytes | None) -> int:
 
 
 def score_isolating_failures(detector: Detector, batch: list[Extracted], now_ms: int) -> list[Scored | Exception]:
-    """``detector.score_many(batch)``; if that raises (a detector bug), each event alone, so
-    only the events the bug hits fail, each with its exception in its place."""
+    """``detector.score_many(batch)``, with each result's JSON; if that raises (a detector bug),
+    each event alone, so only the events the bug hits fail, each with its exception in its place."""
     try:
-        return list(detector.score_many(batch, now_ms))
+        return list(detector.score_many(batch, now_ms, with_json=True))
     except Exception:
         log.exception("scoring a batch of %d events failed; scoring them one at a time", len(batch))
     results: list[Scored | Exception] = []
     for item in batch:
         try:
-            results.append(detector.score_many([item], now_ms)[0])
+            results.append(detector.score_many([item], now_ms, with_json=True)[0])
         except Exception as exc:
             log.exception("scoring failed for event %s", item[0].get("event_id"))
             results.append(exc)
@@ -494,9 +494,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 # policy updates; a redelivered event's user record is new to the hold here
                 if name not in extraction.records:
                     reads.hold(name, partition, result.keys[name], entity_record, msg.offset())
-            risk_scores.append((record["event_id"].encode(), orjson.dumps(result.risk_score)))
+            risk_scores.append((record["event_id"].encode(), result.risk_score_json))
             if result.alert is not None:
-                alerts.append((record["user_id"].encode(), orjson.dumps(result.alert)))
+                alerts.append((record["user_id"].encode(), result.alert_json))
             counted = seen.get(partition)
             if counted is None:
                 seen[partition] = [1, record["ts"]]

@@ -505,15 +505,16 @@ def plain_loop(settings: Settings, events: int, state_dir: Path, broker_pid: int
             for name, record in extraction.records.items():
                 records[state_keys[name]] = record
             extracted.append((event, states, extraction))
-        for (event, _, _), scored in zip(extracted, detector.score_many(extracted, int(time.time() * 1000))):
+        for (event, _, _), scored in zip(extracted, detector.score_many(extracted, int(time.time() * 1000),
+                                                                       with_json=True)):
             for name, record in scored.records.items():
                 records[f"{name}|{scored.keys[name]}".encode()] = record
-            score = orjson.dumps(scored.risk_score)
+            score = scored.risk_score_json
             producer.produce(settings.scores_topic, key=event["event_id"].encode(), value=score)
             if len(scores) < FLOOR_OUTPUTS:
                 scores.append(score)
             if scored.alert is not None:
-                producer.produce(settings.alerts_topic, key=event["user_id"].encode(), value=orjson.dumps(scored.alert))
+                producer.produce(settings.alerts_topic, key=event["user_id"].encode(), value=scored.alert_json)
             producer.poll(0)
             done += 1
         for key, record in records.items():

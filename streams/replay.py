@@ -335,13 +335,13 @@ def run_replay(settings: Settings, topic: str, start: str, end: str, run_id: str
         batch: list[Extracted] = []
 
         def score_batch() -> None:
-            for scored in detector.score_many(batch, now_ms=None):  # stamped with event time
+            for scored in detector.score_many(batch, now_ms=None, with_json=True):  # stamped with event time
                 for name, raw in scored.updates.items():
                     state.put(_record_key(name, scored.keys[name]), raw)
                 risk_score = scored.risk_score
-                producer.produce(outputs.scores, key=risk_score["event_id"].encode(), value=orjson.dumps(risk_score))
+                producer.produce(outputs.scores, key=risk_score["event_id"].encode(), value=scored.risk_score_json)
                 if scored.alert is not None:
-                    producer.produce(outputs.alerts, key=risk_score["user_id"].encode(), value=orjson.dumps(scored.alert))
+                    producer.produce(outputs.alerts, key=risk_score["user_id"].encode(), value=scored.alert_json)
                     progress["alerts"] += 1
                 progress["events"] += 1
                 producer.poll(0)

@@ -71,8 +71,11 @@ def _score_keeping_records_decoded(detector: Detector, store: LocalStore, events
         for name, record in extraction.records.items():
             kept[(name, keys[name])] = record
         batch.append((event, states, extraction))
-    scored = detector.score_many(batch, now_ms=None)
+    scored = detector.score_many(batch, now_ms=None, with_json=True)  # as the worker asks
     for (_, _, extraction), result in zip(batch, scored):
+        # made as each event was decided: what its dicts held then, as the worker sends them
+        assert result.risk_score_json == orjson.dumps(result.risk_score)
+        assert result.alert_json == (None if result.alert is None else orjson.dumps(result.alert))
         for name, record in result.records.items():
             if name in extraction.records:  # the worker keeps these once, at extraction: the same objects
                 assert record is extraction.records[name]
@@ -104,6 +107,7 @@ def _run(stream, sizes: list[int], batched: bool, keep_decoded: bool = False,
         else:
             results = store.score_many(detector, events, now_ms=None)
         for scored in results:
+            assert keep_decoded or scored.risk_score_json is scored.alert_json is None  # only when asked
             updates = [] if keep_decoded else sorted((k, v.decode()) for k, v in scored.updates.items())
             outputs.append(orjson.dumps([scored.risk_score, scored.alert, updates]))
             event_id = scored.risk_score["event_id"]
@@ -196,10 +200,10 @@ def test_a_batch_the_detector_fails_on_costs_only_the_events_it_fails_on():
     from streams.app import score_isolating_failures
 
     class Fragile(Detector):
-        def score_many(self, batch, now_ms):
+        def score_many(self, batch, now_ms, with_json=False):
             if any(event["event_id"] == "bad" for event, _, _ in batch):
                 raise ValueError("a detector bug")
-            return super().score_many(batch, now_ms)
+            return super().score_many(batch, now_ms, with_json)
 
     events = [{"event_id": event_id, "type": "signup", "ts": 0, "user_id": f"u-{event_id}", "schema_version": 1}
               for event_id in ("a", "bad", "c")]
@@ -207,3 +211,4 @@ def test_a_batch_the_detector_fails_on_costs_only_the_events_it_fails_on():
     results = score_isolating_failures(Fragile(ModelSet.new()), batch, now_ms=1)
     assert isinstance(results[1], ValueError)
     assert [r.risk_score["event_id"] for r in (results[0], results[2])] == ["a", "c"]
+    assert all(r.risk_score_json == orjson.dumps(r.risk_score) for r in (results[0], results[2]))  # what it sends
