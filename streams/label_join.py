@@ -118,10 +118,10 @@ class ScoreJoin:
         partition ``partition``) kept under ``key``. Raises on a score that is not a risk
         score's JSON only if its key already had a row; nothing is kept then."""
         rows = self.rows.get(partition)
-        if rows is None:
+        if rows is None:  # the partition's first score of this read (its reader first: it may raise)
+            self._readers[partition] = self._reader_of(partition)
             rows = self.rows[partition] = {}
             self.logged[partition] = {}
-            self._readers[partition] = self._reader_of(partition)
         before = rows.get(key)
         if before is None:
             before = self._readers[partition](key)
