@@ -30,6 +30,15 @@ def _table(settings, tmp_path) -> faust.Table:
     return table
 
 
+def _read(settings, topic: str, partition: int, start: int, end: int) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Records ``start`` to ``end`` (excluded) of a partition, as (offset, key, value)."""
+    reader = PartitionReader(settings, topic, f"{settings.app_id}-check")
+    try:
+        return reader.read_range(partition, start, end)
+    finally:
+        reader.close()
+
+
 def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tombstones(settings, tmp_path):
     table = _table(settings, tmp_path)
     writer = KafkaWriter(settings)
@@ -46,11 +55,7 @@ def test_table_writes_land_in_store_and_changelog_partition_and_deletes_are_tomb
     assert store._db_for_partition(1).get(b"u1") is None
     assert store._db_for_partition(1).get(b"u2") == b'{"l":2}'
     assert store._db_for_partition(0).get(b"u3") == b'{"l":3}'
-    reader = PartitionReader(settings, topic, f"{settings.app_id}-check")
-    try:
-        log = reader.read_range(1, 0, 3)
-    finally:
-        reader.close()
+    log = _read(settings, topic, 1, 0, 3)
     assert log == [(0, b"u1", b'{"l":1}'), (1, b"u2", b'{"l":2}'), (2, b"u1", None)]
     assert store.persisted_offset(TP(topic, 1)) == 2 and store.persisted_offset(TP(topic, 0)) == 0
     assert writer.written == 4
@@ -67,11 +72,7 @@ def test_several_writes_of_one_partition_land_in_store_and_changelog_in_order(se
 
     db = table.data._db_for_partition(1)
     assert (db.get(b"u1"), db.get(b"u2")) == (b'{"l":3}', b'{"l":2}')  # the last write of a key wins
-    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
-    try:
-        log = reader.read_range(1, 0, 3)
-    finally:
-        reader.close()
+    log = _read(settings, table.changelog_topic_name, 1, 0, 3)
     assert log == [(0, b"u1", b'{"l":1}'), (1, b"u2", b'{"l":2}'), (2, b"u1", b'{"l":3}')]
     assert table.data.persisted_offset(TP(table.changelog_topic_name, 1)) == 2
     # Faust's own write of that offset skipped RocksDB's log too: a crash loses the offset
@@ -90,11 +91,8 @@ def test_keys_logged_as_another_value_keep_their_own_in_the_store(settings, tmp_
     asyncio.run(asyncio.to_thread(writer.flush))
     db = table.data._db_for_partition(0)
     assert [db.get(k) for k in (b"e1", b"e2", b"e3", b"elsewhere")] == [b"s{score 1}", b"{pending}", b"s{score 3}", None]
-    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
-    try:
-        assert reader.read_range(0, 0, 3) == [(0, b"e1", b"r10"), (1, b"e2", b"{pending}"), (2, b"e3", b"r12")]
-    finally:
-        reader.close()
+    assert _read(settings, table.changelog_topic_name, 0, 0, 3) == [
+        (0, b"e1", b"r10"), (1, b"e2", b"{pending}"), (2, b"e3", b"r12")]
     writer.close()
 
 
@@ -121,11 +119,8 @@ def test_a_full_producer_queue_mid_rows_loses_none_and_keeps_their_order(setting
     writer.put_many(table, 0, [(b"e1", b"s1"), (b"e2", b"s2"), (b"e3", b"s3")], logged_as={b"e2": b"r7"})
     assert writer.written == 3 and writer.producer.calls == 4
     asyncio.run(asyncio.to_thread(writer.flush))
-    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
-    try:
-        assert reader.read_range(0, 0, 3) == [(0, b"e1", b"s1"), (1, b"e2", b"r7"), (2, b"e3", b"s3")]
-    finally:
-        reader.close()
+    assert _read(settings, table.changelog_topic_name, 0, 0, 3) == [
+        (0, b"e1", b"s1"), (1, b"e2", b"r7"), (2, b"e3", b"s3")]
     writer.close()
 
 
@@ -143,11 +138,7 @@ def test_writes_larger_than_one_store_batch_land_whole_and_in_order(settings, tm
     db = table.data._db_for_partition(0)
     assert {key: db.get(key) for key, _ in rows} == dict(rows)
     assert db.get(b"k0") == b"" and db.get(b"k3") == b"last"
-    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
-    try:
-        log = reader.read_range(0, 0, len(rows))
-    finally:
-        reader.close()
+    log = _read(settings, table.changelog_topic_name, 0, 0, len(rows))
     assert [(key, value) for _, key, value in log] == rows
     writer.close()
 
@@ -166,11 +157,7 @@ def test_a_flush_after_close_still_delivers_and_does_not_raise(settings, tmp_pat
     writer.put(table, 0, b"u2", b'{"l":2}')  # e.g. the label join's timer, between the two
     writer.flush()
     assert writer._offsets_reader is None  # nothing opened again that no one would close
-    reader = PartitionReader(settings, table.changelog_topic_name, f"{settings.app_id}-check")
-    try:
-        assert [key for _, key, _ in reader.read_range(0, 0, 2)] == [b"u1", b"u2"]
-    finally:
-        reader.close()
+    assert [key for _, key, _ in _read(settings, table.changelog_topic_name, 0, 0, 2)] == [b"u1", b"u2"]
 
 
 def test_keyed_outputs_land_on_the_partition_faust_would_choose(settings):
