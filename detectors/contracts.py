@@ -4,7 +4,7 @@ Every input event is checked against its contract (``schemas/``). A schema is co
 a tree of ``Check`` nodes, one per schema object, each holding the keywords it uses as C fields;
 ``accepts`` walks the tree. Compiled with Cython, an event takes ~0.8 µs where the code
 fastjsonschema generates takes ~2.9 µs (docs/performance.md, round 39). It only answers yes or no:
-a rejected record is explained by the reference validator (``schemas.explain``), which is also
+a rejected record is explained by the reference validator (``schemas.check``), which is also
 the final word.
 
 The tree knows the keywords the contracts use, with the reference's meaning (draft 2020-12):

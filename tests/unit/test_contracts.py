@@ -244,3 +244,15 @@ def test_a_contract_the_tree_cannot_compile_is_checked_by_fastjsonschema():
     finally:
         schemas.bundled = original
         acceptor.cache_clear()
+
+
+def test_the_reference_is_the_final_word_when_a_fast_check_rejects(caplog):
+    """A fast check (the check tree, or fastjsonschema) that rejects a record the reference
+    accepts is overruled, with a warning to report it; a record the reference rejects too is
+    refused with the reference's reason."""
+    label = {"event_id": "e1", "label": "abuse", "source": "qa_sample", "ts": 1, "schema_version": 1}
+    with caplog.at_level("WARNING", logger="schemas"):
+        schemas.check("label", label, accepts=lambda record: False)
+    assert "label contract's fast check rejected a record its reference validator accepts" in caplog.text
+    with pytest.raises(ContractViolation, match="'maybe' is not one of"):
+        schemas.check("label", dict(label, label="maybe"), accepts=lambda record: False)
