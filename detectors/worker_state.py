@@ -348,7 +348,11 @@ class EntityReads:
 
     ``store_of(entity, partition)`` reads a key of the worker's store of that table partition;
     ``replica_shards(entity, key, partitions)`` gives the replicated shards of the partitions
-    the worker does not own; ``reputation_of(entity, key)`` the entity's label-derived record.
+    the worker does not own (asked only when there are such partitions); ``reputation_of(entity,
+    key)`` the entity's label-derived record, and ``reputations_kept``, if given, what it keeps
+    (``None`` for an entity without one), read first: ``reputation_of`` is then asked only for
+    an entity it does not keep (each was a Python call per entity per event, as was the replica's
+    with no partition to read: 3.5% of a worker's scoring thread, docs/performance.md, round 41).
     Call ``begin_batch`` with the owned partitions before each batch (ownership never changes
     within one) and ``end_batch`` after it; ``forget_owned_stores`` whenever ownership may
     change. ``held`` is the records held until written; ``stored_bytes`` what the owned
@@ -362,6 +366,7 @@ class EntityReads:
     _store_of = cython.declare(object)
     _replica_shards = cython.declare(object)
     _reputation_of = cython.declare(object)
+    _reputations_kept = cython.declare(KeptPerEntity)  # may be None
     _partitions = cython.declare(cython.int)
     _owned = cython.declare(object)  # the owned partitions, as of the batch
     # per batch: for each partition with events, the other owned partitions (shards read from
@@ -372,12 +377,14 @@ class EntityReads:
     def __init__(self, store_of: Callable[[str, int], Callable[[bytes], bytes | None]],
                  replica_shards: Callable[[str, str, list[int]], tuple[bytes, ...]],
                  reputation_of: Callable[[str, str], bytes | None], partitions: int, interval_s: float,
-                 stored_entries: int = STORED_BYTES_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
+                 stored_entries: int = STORED_BYTES_ENTRIES, clock: Callable[[], float] = time.monotonic,
+                 reputations_kept: KeptPerEntity | None = None) -> None:
         self.held = HeldRecords(interval_s, clock=clock)
         self.stored_bytes = KeptPerEntity(stored_entries)
         self._changes = BatchChanges()
         self._presence = ShardPresence()
         self._store_of, self._replica_shards, self._reputation_of = store_of, replica_shards, reputation_of
+        self._reputations_kept = reputations_kept
         self._partitions = partitions
         self._owned = frozenset()
         self._layout = {}
@@ -463,9 +470,19 @@ class EntityReads:
                         shard = self.stored(entity, shard_key(p, key), p)
                         if shard is not None:
                             local.append(shard)
-                others = self._replica_shards(entity, key, remote_partitions) + tuple(local)
-            states[entity] = EntityState(None, others, self._reputation_of(entity, key), record=own)
+                others = tuple(local)
+                if remote_partitions:
+                    others = self._replica_shards(entity, key, remote_partitions) + others
+            states[entity] = EntityState(None, others, self._reputation(entity, key), own)
         return states
+
+    @cython.cfunc
+    def _reputation(self, entity: str, key: str) -> object:
+        if self._reputations_kept is not None:
+            kept = self._reputations_kept.get(entity, key, _UNREAD)
+            if kept is not _UNREAD:
+                return kept
+        return self._reputation_of(entity, key)
 
     @cython.ccall
     def hold(self, entity: str, partition: int, key: str, record: dict, offset: int) -> None:

@@ -265,10 +265,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     # written once it has been held state_write_interval_s (and before every flush): a hot IP
     # costs one JSON encoding, one store write and one changelog record per interval, not one
     # per event or per small batch (detectors/worker_state.py).
+    reputations = learner.reputation_reader()
     reads = EntityReads(
         lambda name, partition: tables[name].data._db_for_partition(partition).get,  # minus Faust's table layers
-        replica.shards, learner.reputation_reader().reputation_of, settings.partitions,
-        settings.state_write_interval_s)
+        replica.shards, reputations.reputation_of, settings.partitions, settings.state_write_interval_s,
+        reputations_kept=reputations.kept)
 
     def write_records(records: list[tuple[HeldKey, bytes, int]]) -> None:
         by_store: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}

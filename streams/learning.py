@@ -279,6 +279,12 @@ class ReputationReader:
         return Rdict(str(self._path / REPUTATION_STORE), options=store_options(self._budget),
                      access_type=AccessType.secondary(str(self._path / _REPUTATION_READER)))
 
+    @property
+    def kept(self) -> KeptPerEntity:
+        """What ``reputation_of`` keeps (None for an entity without a reputation): the scoring
+        thread's ``EntityReads`` looks here first, and asks ``reputation_of`` on a miss."""
+        return self._kept
+
     def reputation_of(self, entity: str, key: str) -> bytes | None:
         """An entity's stored reputation, None if it never had a label."""
         stored = self._kept.get(entity, key, _UNREAD)

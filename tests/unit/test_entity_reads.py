@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import orjson
 
-from detectors.worker_state import EntityReads, shard_key
+from detectors.worker_state import EntityReads, KeptPerEntity, shard_key
 
 
 class Stores:
@@ -110,7 +110,7 @@ def test_a_batch_after_a_rebalance_reads_the_partitions_owned_then():
     reads.forget_owned_stores()  # as the worker does whenever partitions move
     reads.begin_batch({0, 1, 2, 3})
     reads.states_for({"device": "d1"}, 0)
-    assert asked == [[2, 3], []]
+    assert asked == [[2, 3]], "owning every partition, the replica has none to read: not asked"
     assert {(entity, p) for entity, p, _ in stores.reads} == {("device", 0), ("device", 1), ("device", 2), ("device", 3)}
 
 
@@ -121,3 +121,21 @@ def test_records_are_held_encoded_as_the_store_keeps_them():
     reads.end_batch()
     assert orjson.loads(reads.held.get(("user", b"u1"))) == record
     assert reads.held.unwritten_from() == {0: 1}
+
+
+def test_reputations_kept_are_read_first_and_the_reader_asked_only_for_the_others():
+    kept = KeptPerEntity(capacity=10)
+    kept.put("user", "u1", b"rep-u1")
+    kept.put("ip", "1.2.3.4", None)  # known to have none
+    asked = []
+
+    def reputation_of(entity, key):
+        asked.append((entity, key))
+        return b"read-" + key.encode()
+
+    reads = EntityReads(Stores({}).of, lambda entity, key, partitions: (), reputation_of, partitions=4,
+                        interval_s=1.0, reputations_kept=kept)
+    reads.begin_batch({0, 1})
+    states = reads.states_for({"user": "u1", "ip": "1.2.3.4", "device": "d1"}, 0)
+    assert [states[name].reputation for name in ("user", "ip", "device")] == [b"rep-u1", None, b"read-d1"]
+    assert asked == [("device", "d1")]
