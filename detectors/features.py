@@ -122,7 +122,8 @@ def entity_keys(event: Event) -> dict[str, str]:
 
 
 @cython.locals(state=EntityState)
-def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, int] | None = None) -> Extraction:
+def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, int] | None = None,
+            keys: dict[str, str] | None = None) -> Extraction:
     """Features of ``event`` and the new bytes of each entity record it changes.
 
     The features are those that are not 0, in catalogue order: most of an event's are 0 (70 of
@@ -131,7 +132,8 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
 
     ``source`` is the input record's (partition, offset). Each record remembers
     the last input it applied, so a redelivered event (at-least-once after a
-    crash or rebalance) is scored again but never counted twice.
+    crash or rebalance) is scored again but never counted twice. ``keys`` is the event's
+    ``entity_keys``, if the caller has them already (it read the states by them).
     """
     features = {}
     type_feature = _TYPE_FEATURES.get(event["type"])
@@ -144,7 +146,8 @@ def extract(event: Event, states: Mapping[str, EntityState], source: tuple[int, 
     fingerprint = simhash(event["text"]) if event["type"] in CONTENT_TYPES else None
     records: dict[str, dict] = {}
     reputations = None  # label counts come last in the catalogue: added after every entity's features
-    keys = entity_keys(event)
+    if keys is None:
+        keys = entity_keys(event)
     amounts = channel_amounts(event)
     for name, entity in ENTITIES.items():
         if name not in keys:

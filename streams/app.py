@@ -38,7 +38,7 @@ import detectors
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, merge_records, readable
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import entity_keys, extract, stored_is_idle
+from detectors.features import stored_is_idle
 from detectors.labels import Example, on_label
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -466,19 +466,14 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     def extract_one(msg: Message, record: dict[str, Any], extracted: list[tuple[Message, Extracted]]) -> None:
         """An event's features and entity records; the records join the batch's at once,
         as the batch's next events of the same entities read them."""
-        partition, offset = msg.partition(), msg.offset()
         try:
-            keys = entity_keys(record)
-            states = reads.states_for(keys, partition)
-            extraction = extract(record, states, (partition, offset))
+            states, extraction = reads.extract(record, msg.partition(), msg.offset())
         except Exception as exc:  # a detector bug must not stop the partition
             # A record an earlier event of the batch changed keeps what this event changed in
             # it before the error; any other is read again (held or stored bytes).
             log.exception("feature extraction failed for event %s", record.get("event_id"))
             reject(Origin.of(msg), ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
             return
-        for name, entity_record in extraction.records.items():
-            reads.hold(name, partition, keys[name], entity_record, offset)
         extracted.append((msg, (record, states, extraction)))
 
     def score_extracted(extracted: list[tuple[Message, Extracted]]) -> None:

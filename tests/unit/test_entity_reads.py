@@ -139,3 +139,22 @@ def test_reputations_kept_are_read_first_and_the_reader_asked_only_for_the_other
     states = reads.states_for({"user": "u1", "ip": "1.2.3.4", "device": "d1"}, 0)
     assert [states[name].reputation for name in ("user", "ip", "device")] == [b"rep-u1", None, b"read-d1"]
     assert asked == [("device", "d1")]
+
+
+def test_an_event_is_extracted_over_the_states_it_reads_and_its_changed_records_are_held():
+    from detectors.features import entity_keys, extract
+
+    stores = Stores({})
+    reads = reads_over(stores)
+    event = {"event_id": "e1", "type": "login", "ts": 60_000, "user_id": "u1", "ip": "1.2.3.4", "success": True}
+    states, extraction = reads.extract(event, 0, 41)
+    assert set(states) == set(entity_keys(event)) == set(extraction.records)
+    assert extraction.features == extract(event, {}).features, "what extract gives over no state"
+    assert extraction.keys == entity_keys(event)
+    user = extraction.records["user"]
+    assert user["o"] == [0, 41], "the input it applied"
+    assert reads.states_for({"user": "u1"}, 0)["user"].record is user, "held: the batch's next event reads it"
+    reads.end_batch()
+    assert reads.held.unwritten_from() == {0: 41}
+    _, repeated = reads.extract(event, 0, 41)  # redelivered: scored again, counted once
+    assert repeated.records == {} and repeated.features["user_logins_1h"] == extraction.features["user_logins_1h"] == 1
