@@ -51,6 +51,7 @@ from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFoll
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter, scores_retention_problem
 from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
 from streams.learner import Learner, LearnerConfig
+from streams.heap import keep_freed_heap
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
@@ -684,6 +685,7 @@ def run_worker(settings: Settings) -> None:
     if not detectors.compiled_modules() and not detectors.pure_python_requested():
         log.warning("the detector runs from its Python source, ~1.4x slower than its compiled build: "
                     "install a C compiler and reinstall (`make install`)")
+    keep_freed_heap(settings.heap_keep_mb)
     app = build_app(settings)
     try:
         problem = scores_retention_problem(settings)

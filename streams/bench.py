@@ -58,6 +58,7 @@ from detectors.pipeline import Detector
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.demo import free_port, start_worker, stop_worker
+from streams.heap import keep_freed_heap
 from streams.kafka.io import create_topics, delete_topics, make_producer, produce_waiting
 from streams.kafka.local import LocalKafka
 from streams.simulator import SimulationConfig, simulate
@@ -485,6 +486,7 @@ class PlainLoop(NamedTuple):
 def plain_loop(settings: Settings, events: int, state_dir: Path, broker_pid: int | None = None) -> PlainLoop:
     """The ceiling: consume -> decode -> same Detector over RocksDB state -> produce, no Faust.
     Its CPU is this process's (all threads) from its first event to its last delivery."""
+    keep_freed_heap(settings.heap_keep_mb)  # as the worker's process does (streams/heap.py)
     producer = make_producer(settings)
     db = Rdict(str(state_dir / PLAIN_LOOP_STATE))
     detector = Detector(ModelSet.new(settings.min_labels_per_class))

@@ -17,7 +17,8 @@ CONNECTION_FLAGS = ["bootstrap_servers", "partitions", "events_topic", "labels_t
                     "alerts_topic", "dead_letter_topic", "examples_topic", "checkpoint_topic"]
 WORKER_FLAGS = ["app_id", "data_dir", "web_port", "log_level", "rules_file", "warm_start", "min_labels_per_class",
                 "max_event_bytes", "label_ttl_s", "label_join_write_mb_s", "state_memtable_mb", "sweep_every_events", "batch_max_events",
-                "batch_wait_s", "batch_interval_s", "state_write_interval_s", "fetch_bytes", "fetch_wait_ms", "checkpoint_interval_s"]
+                "batch_wait_s", "batch_interval_s", "state_write_interval_s", "fetch_bytes", "fetch_wait_ms", "checkpoint_interval_s",
+                "heap_keep_mb"]
 
 
 def _parser() -> argparse.ArgumentParser:

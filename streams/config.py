@@ -48,6 +48,7 @@ class Settings:
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "seconds between two checkpoints of the models, while they learn (each pickles every model in the learner process: ~80 ms for a text model whose n-grams fill 200,000 buckets, which hold up its handoffs); a restart replays the training examples since the last"})
     state_memtable_mb: int = field(default=0, metadata={"help": "MB of memtables all of the worker's RocksDB stores may hold together: past it the store written to flushes its memtable (0: no budget, each store's own 64 MB, Faust's)"})
+    heap_keep_mb: int = field(default=256, metadata={"help": "MB of freed memory the worker's process keeps for its next batches instead of handing it back to the OS (glibc only; 0: glibc's defaults, which made each batch fault its pages in again)"})
     label_join_write_mb_s: int = field(default=48, metadata={"help": "MB/s each partition's label-join store may write in its flushes and compactions (0: no cap): spreads each flush over a few tenths of a second instead of taking a core in a burst"})
     # Local Kafka
     home: str = field(default=".abuse", metadata={"help": "cache and state folder (Kafka jars, broker data, logs)"})
