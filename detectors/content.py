@@ -24,7 +24,11 @@ from collections import Counter
 from typing import Mapping
 
 import cython
+import orjson
 from river import linear_model, optim
+
+if cython.compiled:  # a text's counts written as JSON bytes in place (see _scored_counts_compiled)
+    from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
 
 from detectors.model import HoldsWeights, held_weights, logistic_of, logistic_proba
 from detectors.sketches import normalize_text
@@ -89,23 +93,26 @@ _CRC32_TABLE = cython.declare(cython.uint[256], _crc32_table())
 _BUCKET_NAMES: list[str | None] = [None] * BUCKETS if cython.compiled else []
 
 
+@cython.cfunc
 @cython.locals(data=cython.p_uchar, length=cython.Py_ssize_t, grams=cython.Py_ssize_t, start=cython.Py_ssize_t,
                end=cython.Py_ssize_t, k=cython.Py_ssize_t, crc=cython.uint, bucket=cython.uint, size=cython.Py_ssize_t,
-               slot=cython.Py_ssize_t, distinct=cython.Py_ssize_t, at=cython.Py_ssize_t, scratch_words=cython.p_uint,
+               slot=cython.Py_ssize_t, distinct=cython.Py_ssize_t, scratch_words=cython.p_uint,
                slots=cython.p_uint, buckets=cython.p_uint, counts=cython.p_uint,
                ngram=cython.Py_ssize_t, mask=cython.uint, all_ones=cython.uint)
-def _counts_compiled(normalized: bytes) -> dict[str, int]:
-    """``_counts_of_ngrams`` as a C loop, only called when compiled (tests/unit/test_compiled.py
-    compares the two): CRC-32s from a table, buckets counted in a small open-addressing table in
-    the order they first appear (as ``Counter`` keeps them), no Python object per n-gram."""
+def _count_buckets(normalized: bytes) -> tuple:
+    """The C loop of ``_counts_compiled``: CRC-32s from a table, buckets counted in a small
+    open-addressing table in the order they first appear (as ``Counter`` keeps them), no Python
+    object per n-gram. Returns (scratch, distinct): ``_buckets`` and ``_counts`` of the scratch
+    are the distinct buckets and their counts."""
     data, length, ngram, mask, all_ones = normalized, len(normalized), NGRAM, BUCKETS - 1, 0xFFFFFFFF
     grams = max(1, length - ngram + 1)
     size = 16
     while size < 2 * grams:
         size *= 2
-    scratch = bytearray(4 * (size + 2 * grams))  # zeroed: slot 0 means empty
+    scratch = bytearray(4 * (2 + size + 2 * grams))  # zeroed: slot 0 means empty
     scratch_words = cython.cast(cython.p_uint, cython.cast(cython.p_uchar, scratch))
-    slots, buckets, counts = scratch_words, scratch_words + size, scratch_words + size + grams
+    scratch_words[0], scratch_words[1] = 2 + size, 2 + size + grams  # where the buckets and counts are
+    slots, buckets, counts = scratch_words + 2, scratch_words + scratch_words[0], scratch_words + scratch_words[1]
     distinct = 0
     for start in range(grams):
         end = min(start + ngram, length)
@@ -123,14 +130,94 @@ def _counts_compiled(normalized: bytes) -> dict[str, int]:
             counts[distinct] = 1
             distinct += 1
             slots[slot] = distinct
-    found = {}
+    return scratch, distinct
+
+
+@cython.cfunc
+@cython.inline
+def _buckets(scratch: bytearray) -> cython.p_uint:
+    words = cython.cast(cython.p_uint, cython.cast(cython.p_uchar, scratch))
+    return words + words[0]
+
+
+@cython.cfunc
+@cython.inline
+def _counts(scratch: bytearray) -> cython.p_uint:
+    words = cython.cast(cython.p_uint, cython.cast(cython.p_uchar, scratch))
+    return words + words[1]
+
+
+@cython.cfunc
+@cython.inline
+def _bucket_name(bucket: cython.uint) -> str:
     names = _BUCKET_NAMES
+    name = names[bucket]
+    if name is None:
+        name = names[bucket] = str(bucket)
+    return name
+
+
+@cython.locals(distinct=cython.Py_ssize_t, at=cython.Py_ssize_t, buckets=cython.p_uint, counts=cython.p_uint)
+def _counts_compiled(normalized: bytes) -> dict[str, int]:
+    """``_counts_of_ngrams`` from ``_count_buckets``, only called when compiled
+    (tests/unit/test_compiled.py compares the two)."""
+    scratch, distinct = _count_buckets(normalized)
+    buckets, counts = _buckets(scratch), _counts(scratch)
+    found = {}
     for at in range(distinct):
-        name = names[buckets[at]]
-        if name is None:
-            name = names[buckets[at]] = str(buckets[at])
-        found[name] = counts[at]
+        found[_bucket_name(buckets[at])] = counts[at]
     return found
+
+
+@cython.cdivision(True)  # IEEE division, as Python's floats (the total is never 0: a text has an n-gram)
+@cython.locals(weights=dict, distinct=cython.Py_ssize_t, at=cython.Py_ssize_t, buckets=cython.p_uint,
+               counts=cython.p_uint, total=cython.double, count=cython.double, weight=cython.double,
+               z=cython.double, written=cython.Py_ssize_t, out=cython.p_uchar)
+def _scored_counts_compiled(weights: dict, intercept: float, normalized: bytes) -> tuple:
+    """``ContentModel.score_text`` with JSON, only called when compiled (tests/unit/test_compiled.py
+    compares it with the reference): the probability as ``_logistic_proba_of_counts`` gives it, and
+    the JSON orjson makes of ``_counts_compiled``'s dict, both read from ``_count_buckets``' arrays:
+    no dict of ~80 counts made, walked, encoded and freed per text (docs/performance.md, round 41)."""
+    scratch, distinct = _count_buckets(normalized)
+    buckets, counts = _buckets(scratch), _counts(scratch)
+    total = 0.0
+    for at in range(distinct):
+        total += counts[at]
+    z = 0.0
+    for at in range(distinct):
+        count = counts[at]
+        weight = weights.get(_bucket_name(buckets[at]), 0.0)
+        z += weight * (count / total)
+    text = bytearray(2 + distinct * 20)  # '"' + 6 digits + '":' + 10 digits + ',' at most per bucket
+    out = text
+    out[0] = 123  # {
+    written = 1
+    for at in range(distinct):
+        if at:
+            out[written] = 44  # ,
+            written += 1
+        out[written] = 34  # "
+        written = _write_digits(out, written + 1, buckets[at])
+        out[written] = 34
+        out[written + 1] = 58  # :
+        written = _write_digits(out, written + 2, counts[at])
+    out[written] = 125  # }
+    return logistic_of(z + intercept), PyBytes_FromStringAndSize(cython.cast(cython.p_char, out), written + 1)
+
+
+@cython.cfunc
+@cython.inline
+@cython.locals(digits=cython.int, rest=cython.uint, k=cython.int)
+def _write_digits(out: cython.p_uchar, at: cython.Py_ssize_t, number: cython.uint) -> cython.Py_ssize_t:
+    """Writes ``number`` in decimal at ``at``; returns where it ends."""
+    digits, rest = 1, number // 10
+    while rest:
+        digits += 1
+        rest //= 10
+    for k in range(digits - 1, -1, -1):
+        out[at + k] = 48 + number % 10
+        number //= 10
+    return at + digits
 
 
 LEARNING_RATE = 0.1
@@ -174,6 +261,28 @@ class ContentModel(HoldsWeights):
         if weights is None:
             return self.predict_proba_one(shares_of(counts))
         return _logistic_proba_of_counts(weights, self.classifier.intercept, counts)
+
+    def score_text(self, text: str, as_json: bool = False) -> tuple[float, dict[str, int] | bytes]:
+        """``predict_proba_counts(ngram_counts(text))`` and the counts: the dict, or with ``as_json``
+        the JSON orjson makes of it, which a risk score carries. Compiled, that JSON and the
+        probability are read from the counting's own arrays, with no dict of the text's ~80
+        counts made, walked, encoded and freed (docs/performance.md, round 41).
+
+        >>> m = ContentModel()
+        >>> m.learn_one(text_inputs("free phone"), True)
+        >>> proba, counts = m.score_text("free phone now")
+        >>> (proba, counts) == (m.predict_proba_counts(ngram_counts("free phone now")), ngram_counts("free phone now"))
+        True
+        >>> m.score_text("free phone now", as_json=True) == (proba, orjson.dumps(counts))
+        True
+        """
+        if as_json and cython.compiled:
+            weights = held_weights(self, self.classifier)
+            if weights is not None:
+                normalized = f" {normalize_text(text)} ".encode()  # as ngram_counts normalizes it
+                return _scored_counts_compiled(weights, self.classifier.intercept, normalized)
+        counts = ngram_counts(text)
+        return self.predict_proba_counts(counts), orjson.dumps(counts) if as_json else counts
 
     def learn_one(self, inputs: Mapping[str, float], is_abuse: bool) -> None:
         if is_abuse:

@@ -24,7 +24,6 @@ import orjson
 
 from detectors.anomaly import AnomalyModel
 from detectors.catalog import CONTENT_TYPES, ENTITIES
-from detectors.content import ngram_counts
 from detectors.decisions import alert_id, build_alert, score_id, severity
 from detectors.features import EntityState, Extraction, encode_record, entity_keys, extract
 from detectors.lifecycle import ModelSet
@@ -113,7 +112,9 @@ class Detector:
         ``now_ms`` None scores each as of its own event time (evaluation, replays).
         ``with_json`` gives each result its risk score's and alert's JSON as well, made as
         each is decided, while its objects are in the CPU's caches: a live worker that made it
-        after the batch took twice as long per score (docs/performance.md, round 40).
+        after the batch took twice as long per score (docs/performance.md, round 40). The risk
+        score's text counts (``inputs.text``) are then their JSON (an ``orjson.Fragment``), made
+        without their dict (round 41).
 
         Feature extraction is per event, as each event's entity state includes the
         events before it (the caller threads the records through); the models then
@@ -136,13 +137,14 @@ class Detector:
         scored = []
         for i, (event, states, extraction) in enumerate(batch):
             has_text = event["type"] in CONTENT_TYPES
-            counts = ngram_counts(event["text"]) if has_text else None
+            # the text's n-gram counts as a dict, or with ``with_json`` as their JSON
+            content, counts = models.content.score_text(event["text"], with_json) if has_text else (0.0, None)
             matched = rules.matches(extraction.features, event["type"])
             scores = {
                 "model": rounded(model_scores[i], 6),
                 "anomaly": rounded(anomaly_scores[i], 6),
                 "rules": max((r.score for r in matched), default=0.0),
-                "content": rounded(models.content.predict_proba_counts(counts), 6) if counts else 0.0,
+                "content": rounded(content, 6) if has_text else 0.0,
             }
             fused = models.fusion.fuse(scores, model_ready, content_ready, has_text)
             risk_score = {
@@ -166,8 +168,8 @@ class Detector:
                 "entities": extraction.keys,
                 "features": extraction.features,  # those that are not 0: every reader takes an absent one as 0
             }
-            if counts is not None:
-                risk_score["inputs"] = {"text": counts}  # the label join learns from their shares
+            if counts is not None:  # the label join learns from their shares
+                risk_score["inputs"] = {"text": orjson.Fragment(counts) if with_json else counts}
             records = dict(extraction.records)
             alert = self._decide(event, risk_score, rules, states, records, risk_score["scored_at"], alert_states)
             if with_json:

@@ -111,7 +111,9 @@ def _run(stream, sizes: list[int], batched: bool, keep_decoded: bool = False,
             updates = [] if keep_decoded else sorted((k, v.decode()) for k, v in scored.updates.items())
             outputs.append(orjson.dumps([scored.risk_score, scored.alert, updates]))
             event_id = scored.risk_score["event_id"]
-            pending[event_id], _ = on_score(pending.get(event_id), scored.risk_score)
+            # the live join reads the score's JSON back (with_json's text counts are JSON only)
+            joined = orjson.loads(scored.risk_score_json) if keep_decoded else scored.risk_score
+            pending[event_id], _ = on_score(pending.get(event_id), joined)
 
     def end_segment() -> None:
         nonlocal offset

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import orjson
 import pytest
 
 import detectors
@@ -317,6 +318,8 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
         inputs = text_inputs(texts[step - 1])
         assert content.predict_proba_one(inputs).hex() == river(content, inputs), step
         assert content.predict_proba_counts(ngram_counts(texts[step - 1])).hex() == river(content, inputs), step
+        scored = content.score_text(texts[step - 1], as_json=True)  # from the counting's arrays, no dict
+        assert (scored[0].hex(), scored[1]) == (river(content, inputs), orjson.dumps(ngram_counts(texts[step - 1]))), step
         assert fusion.fuse(scores, True, True, has_text).hex() == river(fusion, fusion_inputs(scores, has_text)), step
         if step == 200:  # a checkpoint, restored: the held dicts are made again
             content, fusion = pickle.loads(pickle.dumps(content)), pickle.loads(pickle.dumps(fusion))
@@ -331,6 +334,7 @@ def test_compiled_content_and_fusion_scores_are_rivers_predictions():
             inputs = text_inputs(text)
             assert content.predict_proba_one(inputs).hex() == river(content, inputs), (intercept, text)
             assert content.predict_proba_counts(ngram_counts(text)).hex() == river(content, inputs), (intercept, text)
+            assert content.score_text(text, as_json=True)[0].hex() == river(content, inputs), (intercept, text)
         for rules in (0.0, 0.1, 0.5, 0.9, 1.0):
             scores = {"model": rng.random(), "anomaly": rng.random(), "rules": rules, "content": rng.random()}
             assert fusion.fuse(scores, True, True, True).hex() == river(fusion, fusion_inputs(scores, True)), rules
