@@ -13,7 +13,6 @@ to turn an event and its entities' state into features and updated state.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import cython
@@ -88,15 +87,12 @@ def encode_record(record: Record) -> bytes:
     return orjson.dumps(record)
 
 
-# How ``encode_record`` starts a record: orjson keeps the keys in the order ``new_record`` made
-# them, first and last event time first, so the last one is read without decoding the rest.
-_FIRST_AND_LAST = re.compile(rb'\{"f":(?:-?\d+|null),"l":(-?\d+|null)[,}]')
-
-
 def stored_is_idle(entity: Entity, raw: bytes, watermark_ms: int) -> bool:
-    """``is_idle`` of a record as stored. The expiry sweep asks it of ~2 records per event:
-    a match of the record's first bytes costs ~0.4 µs where decoding it cost ~1.7 µs. Bytes
-    that do not start as ``encode_record`` writes them are decoded whole.
+    """``is_idle`` of a record as stored. The expiry sweep asks it of ~2 records per event: its
+    last event time is read from the record's first bytes (orjson keeps the keys in the order
+    ``new_record`` made them, first and last event time first), in C when compiled, where a
+    regular expression took ~0.4 µs and decoding the record ~1.7 (docs/performance.md, round
+    41). Bytes that do not start as ``encode_record`` writes them are decoded whole.
 
     >>> from detectors.catalog import IP
     >>> stored_is_idle(IP, b'{"f":5,"l":10,"r":{}}', 10 + IP.idle_expiry_ms + 1)
@@ -104,11 +100,55 @@ def stored_is_idle(entity: Entity, raw: bytes, watermark_ms: int) -> bool:
     >>> stored_is_idle(IP, b'{"l":10,"f":5}', 10 + IP.idle_expiry_ms), stored_is_idle(IP, b'{"f":null,"l":null}', 10**15)
     (False, False)
     """
-    start = _FIRST_AND_LAST.match(raw)
-    if start is None:
+    last = _stored_last(raw)
+    if last is _NOT_AS_ENCODED:
         return is_idle(entity, orjson.loads(raw), watermark_ms)
-    last = start.group(1)
-    return last != b"null" and int(last) < watermark_ms - entity.idle_expiry_ms
+    return last is not None and last < watermark_ms - entity.idle_expiry_ms
+
+
+_NOT_AS_ENCODED = object()
+_FIRST, _LAST = b'{"f":', b',"l":'
+
+
+@cython.locals(n=cython.Py_ssize_t, at=cython.Py_ssize_t, end=cython.Py_ssize_t, k=cython.Py_ssize_t,
+               value=cython.longlong, negative=cython.bint)
+def _stored_last(raw: bytes) -> object:
+    """The last event time of a stored record that starts ``{"f":<int|null>,"l":<int|null>``
+    followed by ``,`` or ``}``: an int, or None for null; ``_NOT_AS_ENCODED`` for other bytes."""
+    n = len(raw)
+    if n < 12 or not raw.startswith(_FIRST):
+        return _NOT_AS_ENCODED
+    at = _after_time(raw, 5, n)
+    if at < 0 or not raw.startswith(_LAST, at):
+        return _NOT_AS_ENCODED
+    end = _after_time(raw, at + 5, n)
+    if end < 0 or end >= n or (raw[end] != 44 and raw[end] != 125):  # "," or "}"
+        return _NOT_AS_ENCODED
+    if raw[at + 5] == 110:  # "n": null
+        return None
+    negative = raw[at + 5] == 45
+    k = at + 5 + negative
+    if end - k > 18:  # beyond a C long long
+        return int(raw[at + 5:end])
+    value = 0
+    while k < end:
+        value = value * 10 + (raw[k] - 48)
+        k += 1
+    return -value if negative else value
+
+
+@cython.cfunc
+@cython.locals(at=cython.Py_ssize_t, n=cython.Py_ssize_t, start=cython.Py_ssize_t)
+def _after_time(raw: bytes, at, n) -> cython.Py_ssize_t:
+    """Where the time at ``at`` (``null`` or ``-?[0-9]+``) ends in ``raw``; -1 if there is none."""
+    if at + 4 <= n and raw[at] == 110 and raw[at + 1] == 117 and raw[at + 2] == 108 and raw[at + 3] == 108:
+        return at + 4  # null
+    if at < n and raw[at] == 45:  # "-"
+        at += 1
+    start = at
+    while at < n and 48 <= raw[at] <= 57:
+        at += 1
+    return at if at > start else -1
 
 
 def entity_keys(event: Event) -> dict[str, str]:

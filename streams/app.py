@@ -38,7 +38,6 @@ import detectors
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, merge_records, readable
 from detectors.events import dead_letter, decode_event, decode_label
-from detectors.features import stored_is_idle
 from detectors.labels import Example, on_label
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
@@ -293,13 +292,13 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         for name, table in tables.items():
             store = table.data  # Faust's RocksDB store: one DB per partition, plus its own offset key
             db = store._db_for_partition(partition)
-            for key, raw in sweeper.next_slice(name, partition, db.items(from_key=sweeper.cursor(name, partition))):
-                if key == store.offset_key or reads.is_held((name, key)):
-                    continue
-                if stored_is_idle(ENTITIES[name], raw, watermark):
-                    writer.put(table, partition, key, None)
-                    reads.deleted(name, key)
-                    sweeper.deleted += 1
+            idle, last_key = reads.idle_among(name, db.items(from_key=sweeper.cursor(name, partition)), watermark,
+                                              sweeper.slice_keys, store.offset_key)
+            sweeper.advance(name, partition, last_key)
+            for key in idle:
+                writer.put(table, partition, key, None)
+                reads.deleted(name, key)
+                sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
         record = dead_letter(violation, value=origin.value, key=origin.key, topic=origin.topic,

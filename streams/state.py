@@ -352,17 +352,11 @@ class ExpirySweeper:
         self._seen[partition] = before + events
         return (before + events) // self.every_events - before // self.every_events
 
-    def next_slice(self, table_name: str, partition: int,
-                   items: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Up to ``slice_keys`` (key, value) pairs of ``items``, a store's from this table's
-        cursor on, in key order; advances the cursor."""
-        taken: list[tuple[bytes, bytes]] = []
-        for item in items:
-            taken.append(item)
-            if len(taken) >= self.slice_keys:
-                break
-        self._cursors[(table_name, partition)] = (taken[-1][0] + b"\x00") if len(taken) >= self.slice_keys else None
-        return taken
-
     def cursor(self, table_name: str, partition: int) -> bytes | None:
+        """Where this table's next slice in ``partition`` starts (None: at the store's first key)."""
         return self._cursors.get((table_name, partition))
+
+    def advance(self, table_name: str, partition: int, last_key: bytes | None) -> None:
+        """A slice of ``slice_keys`` ended at ``last_key`` (None: at the store's end): the next
+        starts after it (at the store's first key again)."""
+        self._cursors[(table_name, partition)] = None if last_key is None else last_key + b"\x00"
