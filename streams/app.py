@@ -47,10 +47,10 @@ from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
+from streams.heap import keep_freed_heap
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter, scores_retention_problem
 from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
 from streams.learner import Learner, LearnerConfig
-from streams.heap import keep_freed_heap
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
