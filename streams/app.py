@@ -684,7 +684,10 @@ def run_worker(settings: Settings) -> None:
     if not detectors.compiled_modules() and not detectors.pure_python_requested():
         log.warning("the detector runs from its Python source, ~1.4x slower than its compiled build: "
                     "install a C compiler and reinstall (`make install`)")
-    keep_freed_heap(settings.heap_keep_mb)
+    try:
+        keep_freed_heap(settings.heap_keep_mb)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     app = build_app(settings)
     try:
         problem = scores_retention_problem(settings)

@@ -35,7 +35,8 @@ def keep_freed_heap(megabytes: int) -> bool:
     whether the allocator took the settings: False for 0, or with an allocator other than
     glibc's (musl, macOS), which is left as it is."""
     if not 0 <= megabytes <= MAX_MB:
-        raise ValueError(f"the freed heap to keep must be 0 to {MAX_MB} MB, got {megabytes}")
+        raise ValueError(f"the freed heap to keep (ABUSE_HEAP_KEEP_MB, --heap-keep-mb) must be 0 to {MAX_MB} MB, "
+                         f"got {megabytes}")
     if megabytes == 0:
         return False
     try:
