@@ -4,9 +4,10 @@ A worker's batch makes and frees a few megabytes of objects larger than Python's
 allocator serves (each risk score's JSON is ~2 KB, and orjson grows its buffer with
 ``realloc``; numpy's matrices of a batch are hundreds of KB). glibc gives the top of its heap
 back to the OS once 128 KB of it is free, and serves blocks over 128 KB from fresh mappings,
-so every batch faulted the same pages in again: a live worker took 1.1 page faults per event,
-45% of them in the risk scores' JSON (docs/performance.md, round 41). ``keep_freed_heap`` raises
-both limits, once per process, so freed memory stays mapped for the next batch.
+so every batch faulted the same pages in again: ``perf`` counted 337,861 page faults in a
+worker over the bench's (a), 45% of them in the risk scores' JSON, and 154,501 with the limits
+raised (docs/performance.md, round 41). ``keep_freed_heap`` raises both limits, once per
+process, so freed memory stays mapped for the next batch.
 
 >>> keep_freed_heap(0)  # 0: glibc's defaults, nothing changed
 False
