@@ -27,6 +27,7 @@ from pathlib import Path
 
 PURE_PYTHON_ENV = "ABUSE_PURE_PYTHON"
 BUILD_RECORD = "_build.json"  # module -> sha256 of the .py it was compiled from, written by setup.py
+BUILD_PROFILE_RECORD = "_build_profile.json"  # written after a profile-guided build (streams/profiled_build.py)
 
 _HERE = Path(__file__).parent
 
@@ -80,6 +81,15 @@ _BUILT = built_modules(_HERE)
 _FROM_SOURCE = modules_from_source(_HERE, _BUILT)
 if _FROM_SOURCE:
     sys.meta_path.insert(0, _SourceFinder(_FROM_SOURCE))
+
+
+def build_profile() -> dict | None:
+    """What the compiled modules' profile-guided build trained on (``streams/profiled_build.py``),
+    or None: built without a profile, or not built."""
+    try:
+        return json.loads((_HERE / BUILD_PROFILE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def compiled_modules() -> tuple[str, ...]:

@@ -414,7 +414,8 @@ def detector_build() -> str:
     compiled = detectors.compiled_modules()
     if not compiled:
         return f"pure Python (not compiled, or {detectors.PURE_PYTHON_ENV}=1)"
-    return f"compiled with Cython ({len(compiled)} modules)"
+    guided = ", profile-guided (make install)" if detectors.build_profile() else ", without a profile"
+    return f"compiled with Cython ({len(compiled)} modules{guided})"
 
 
 # How long a plain loop's consume waits to fill a batch of 1,000: librdkafka waits the whole of
