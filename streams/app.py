@@ -2,22 +2,22 @@
 
 Path of an event::
 
-    events (key user_id) --process-inputs--> risk-scores (key event_id) --PartitionFollower--+
-       |   <entity>-state tables (RocksDB + changelog)   alerts (key user_id)             |
-       |   shard replica (other workers' partitions)         labels (key event_id) --process-inputs
+    events (key user_id) --process-inputs--> risk-scores (key event_id), alerts (key user_id)
+       |   <entity>-state tables (RocksDB + changelog)
+       |   shard replica (other workers' partitions)
        +-> dead-letters (anything that breaks its contract)
 
-``process-inputs`` reads the events and labels of the partitions Faust assigned with
-librdkafka (``AssignedSource``, ``streams/follower.py``). For an event it reads the
-user's record and, for IP/device/merchant/card, its own partition's shard from the
-tables (the shards of the worker's other partitions too) plus the other workers' shards
-from the replica (see ``streams/state.py``), scores, and
-writes back one record per entity. The label join keeps the scoring-time features per
-event id in the label-join table (bounded lifetime) and trains the model when both a
-score and a label are present; the risk scores of the labels' partitions
-(co-partitioned by event id) come through a ``PartitionFollower``. Faust's consumer
-assigns the partitions and recovers the tables but delivers no record. All writes
-(tables and outputs) go through one ``KafkaWriter``, not Faust's producer."""
+``process-inputs`` reads the events of the partitions Faust assigned with librdkafka
+(``AssignedSource``, ``streams/follower.py``). For an event it reads the user's record and,
+for IP/device/merchant/card, its own partition's shard from the tables (the shards of the
+worker's other partitions too) plus the other workers' shards from the replica (see
+``streams/state.py``), scores, and writes back one record per entity. Faust's consumer
+assigns the partitions and recovers the tables but delivers no record. All writes (tables
+and outputs) go through one ``KafkaWriter``, not Faust's producer.
+
+The label join (risk scores and labels in, training examples out) is a Faust app of its own
+in a process beside the worker (``streams/join_app.py``), and learning another
+(``streams/learner.py``): the scoring thread does neither."""
 
 from __future__ import annotations
 
@@ -37,8 +37,7 @@ from faust.types import TP
 import detectors
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, merge_records, readable
-from detectors.events import dead_letter, decode_event, decode_label
-from detectors.labels import Example, on_label
+from detectors.events import dead_letter, decode_event
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
@@ -46,15 +45,15 @@ from detectors.worker_state import EntityReads, HeldKey, shard_key
 from schemas import ContractViolation
 from streams.config import Settings
 from streams.consumer import Consumer
-from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
+from streams.follower import AssignedSource, Origin
 from streams.heap import keep_freed_heap
-from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter, scores_retention_problem
-from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
+from streams.join_app import LabelJoinProcess
+from streams.kafka.io import KafkaWriter, scores_retention_problem
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
     BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
-    pace_background_writes, within,
+    within,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -62,6 +61,7 @@ log = logging.getLogger("abuse_detector.worker")
 REPLICA_POLL_S = 0.05
 LEARNING_POLL_S = 0.05
 RULES_POLL_S = 1.0
+LABEL_JOIN_POLL_S = 1.0  # what the label join's process reports, and whether it is alive
 COMMIT_INTERVAL_S = 1.0  # the input positions' commits
 EVENTS_FETCH_MIN_BYTES = 65_536  # ~160 events: at 5,000 events/s a fetch is full in ~30 ms
 # The young generation's (Python's default: 700, 10, 10). Python counts the tracked objects made
@@ -109,8 +109,10 @@ def table_name(entity: str) -> str:
     return f"{entity}-state"
 
 
-def build_app(settings: Settings, detector: Detector | None = None) -> faust.App:
-    """A Faust app wired to ``settings``; ``detector`` defaults to fresh models and the rules file."""
+def build_app(settings: Settings, detector: Detector | None = None,
+              label_join: LabelJoinProcess | None = None) -> faust.App:
+    """A Faust app wired to ``settings``; ``detector`` defaults to fresh models and the rules file;
+    ``label_join`` is the label join's process, kept alive and shown on the ``/replica/`` page."""
     rules = RulesWatcher(Path(settings.rules_file) if settings.rules_file else None)
     detector = detector or Detector(ModelSet.new(settings.min_labels_per_class), rules=rules)
     app = faust.App(
@@ -131,10 +133,10 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         autodiscover=False,
     )
     app.transport.Consumer = Consumer  # without the per-message task race (streams/consumer.py)
-    app.read_elsewhere = {settings.events_topic, settings.labels_topic}  # type: ignore[attr-defined]  # by AssignedSource
+    app.read_elsewhere = {settings.events_topic}  # type: ignore[attr-defined]  # by AssignedSource
     app.detector = detector  # type: ignore[attr-defined]
 
-    # Scores, alerts, dead letters, examples and every table write go through one
+    # Scores, alerts, dead letters and every table write go through one
     # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
     # the largest cost after the detector). Faust flushes its producer before every
     # offset commit and at shutdown: the writer is flushed first.
@@ -164,16 +166,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                         partitions=settings.partitions, options=dict(table_options))
         for name in ENTITIES
     }
-    # Scoring-time features per event id. RocksDB TTL and changelog retention
-    # bound their lifetime, so labels that never come cost nothing forever.
-    label_join = app.Table(
-        "label-join", default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-        options={**table_options, "ttl": settings.label_ttl_s},
-        extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_ms)},
-    )
-    pace_background_writes(label_join, settings.label_join_write_mb_s)
     budget = memtable_budget(settings.state_memtable_mb)  # shared by every store of the worker
-    for table in (*tables.values(), label_join):
+    for table in tables.values():
         amend_table_stores(table, filter_memtable_misses)
         amend_table_stores(table, within(budget))
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
@@ -189,30 +183,24 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     learner.start()
     app.replica, app.sweeper, app.entity_tables = replica, sweeper, tables  # type: ignore[attr-defined]
 
-    # The events and labels of the partitions Faust assigns, read with librdkafka
-    # (streams/follower.py). The events' owned partitions are also the ones whose shards
+    # The events of the partitions Faust assigns, read with librdkafka (streams/follower.py).
+    # The events' owned partitions are also the ones whose shards
     # are read from the local stores (exact, written by this process); only the others
     # come from the replica (one replication delay old).
     # The events in fetches the broker may hold fetch_wait_ms to fill: answered at the first
     # byte, as before round 19, a loaded worker fetched a few events at a time, back to back, and
     # at 5,000 events/s offered the fetches cost the broker a third of its CPU and librdkafka's
     # threads a quarter of theirs, which the cores' other work then waited for (p99 98-164 ms
-    # against 292-375; at 1,500 events/s p50 went from 5 to 9 ms). Labels wait in the background.
+    # against 292-375; at 1,500 events/s p50 went from 5 to 9 ms).
     events_fetch = {"fetch.min.bytes": EVENTS_FETCH_MIN_BYTES, "fetch.wait.max.ms": settings.fetch_wait_ms}
     events = AssignedSource(app, settings, settings.events_topic, fetch=events_fetch)
-    labels = AssignedSource(app, settings, settings.labels_topic, fetch=BACKGROUND_FETCH)
-    inputs = (events, labels)
-    scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)
-    scores_read_back = ScoresReadBack.of_topic(settings)  # for label-join rows recovered as references
 
-    async def commit(positions: list[tuple[AssignedSource, dict[int, int]]], write_all_held: bool = True) -> None:
-        """Commits input positions once every write of the records before them is in the log
+    async def commit(offsets: dict[int, int], write_all_held: bool = True) -> None:
+        """Commits the events' positions once every write of the records before them is in the log
         (``write_all_held=False``: the positions stop before every change still held)."""
-        if any(offsets for _, offsets in positions):
+        if offsets:
             await flush_writer(write_all_held)
-            for source, offsets in positions:
-                if offsets:
-                    await source.commit(offsets)
+            await events.commit(offsets)
 
     async def commit_processed(write_all_held: bool) -> None:
         """Commits what was processed. Without ``write_all_held`` (the periodic commits) an
@@ -222,14 +210,12 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         round 24). A crash then scores again up to an interval's events more, each counted
         once (records remember the last offset they applied)."""
         held_from = None if write_all_held else reads.held.unwritten_from()
-        await commit([(events, events.uncommitted(held_from)), (labels, labels.uncommitted(scores_read_back.held_from()))],
-                     write_all_held)
+        await commit(events.uncommitted(held_from), write_all_held)
 
     @app.on_partitions_revoked.connect
     async def forget_partitions(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # committed before the group moves on, so the next owner starts where this one stopped
-        await commit([(source, source.on_revoked(revoked, scores_read_back.held_from() if source is labels else None))
-                      for source in inputs])
+        await commit(events.on_revoked(revoked, None))
         await flush_writer()
         reads.forget_owned_stores()
 
@@ -241,8 +227,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_partitions_assigned.connect
     async def own_partitions(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         reads.forget_owned_stores()
-        for source in inputs:
-            await source.on_assigned()
+        await events.on_assigned()
         replica.own(events.owned, local_partition)
 
     def local_partition(entity: str, partition: int) -> tuple[Iterable[tuple[bytes, bytes]], int | None]:
@@ -312,88 +297,11 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         elif rules.error and rules.error != error_before:
             log.error("rules file rejected, keeping version %s: %s", rules.rules.version, rules.error)
 
-    def pending_db(partition: int) -> Any:
-        """The label-join store of a partition (scores and labels are co-partitioned)."""
-        return label_join.data._db_for_partition(partition)
-
-    def send_example(key: bytes, example: Example) -> None:
-        # every worker learns it, in the same order (see streams/learning.py)
-        writer.send(settings.examples_topic, key, orjson.dumps(example), partition=0)
-
-    def join_label(origin: Origin) -> None:
-        try:
-            label = decode_label(origin.value, settings.max_event_bytes)
-        except ContractViolation as violation:
-            reject(origin, violation)
-            return
-        key = label["event_id"].encode()
-        if scores_read_back.waiting(origin.partition, key):  # behind an earlier label of its key, read back
-            scores_read_back.request(origin.partition, origin.offset, key, label, None)
-            return
-        row = pending_db(origin.partition).get(key)
-        reference = reference_offset(row)
-        if reference is not None:
-            scores_read_back.request(origin.partition, origin.offset, key, label, reference)
-            return
-        finish_label(origin.partition, key, label, row)
-
-    def finish_label(partition: int, key: bytes, label: dict[str, Any], row: bytes | None) -> None:
-        pending, example = on_label(pending_of(row), label)
-        writer.put(label_join, partition, key, orjson.dumps(pending))
-        if example is not None:
-            send_example(key, example)
-
-    def join_read_back_labels() -> None:
-        """Joins the labels whose recovered rows' scores have been read back, in their order."""
-        completed = scores_read_back.completed()
-        for read in completed:
-            if read.partition not in labels.owned:  # moved away meanwhile: its next owner reads the label again
-                continue
-            row = pending_db(read.partition).get(read.key)
-            reference = reference_offset(row)
-            if reference is not None and reference != read.reference:  # recovered again meanwhile
-                scores_read_back.request(read.partition, read.offset, read.key, read.label, reference)
-                continue
-            if reference is not None:
-                row = read_back_row(read.key, read.found)
-            finish_label(read.partition, read.key, read.label, row)
-        if completed:
-            writer.poll()
-
-    def follow_scores() -> None:
-        """Joins the risk scores of the labels partitions this worker owns (streams/follower.py)."""
-        if app.rebalancing:  # a new partition's rows, its position among them, may still be recovering
-            return
-
-        def position(partition: int) -> int | None:
-            stored = pending_db(partition).get(POSITION_KEY)
-            return None if stored is None else int(stored)
-
-        scores.follow(labels.owned, position)
-        joined = ScoreJoin(lambda partition: pending_db(partition).get)
-        read_up_to: dict[int, int] = {}
-        for msg in scores.poll():  # a few hundred a read at full load: no Origin made for each
-            partition, offset, value = msg.partition(), msg.offset(), msg.value()
-            try:
-                # the worker keys scores by event id; a score written by anyone else may not be
-                joined.add(partition, msg.key() or orjson.loads(value)["event_id"].encode(), value, offset)
-            except Exception as exc:  # e.g. a score someone else wrote without a key or an event id
-                log.exception("joining risk score %s/%d@%d failed", msg.topic(), partition, offset)
-                reject(Origin.of(msg), ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
-            read_up_to[partition] = offset + 1
-        for partition, offset in read_up_to.items():
-            rows = joined.rows.setdefault(partition, {})
-            rows[POSITION_KEY] = b"%d" % offset  # the last row: the changelog has the rows it covers before it
-            writer.put_many(label_join, partition, list(rows.items()), joined.logged.get(partition))
-        for key, example in joined.examples:
-            send_example(key, example)
-        writer.poll()
-
     housekeeping = [("replicate-shards", REPLICA_POLL_S, replica.poll),
-                    ("join-risk-scores", LEARNING_POLL_S, follow_scores),
-                    ("join-read-back-labels", LEARNING_POLL_S, join_read_back_labels),
                     ("models-from-learner", LEARNING_POLL_S, learner.poll),
                     ("reload-rules", RULES_POLL_S, reload_rules)]
+    if label_join is not None:
+        housekeeping.append(("label-join-process", LABEL_JOIN_POLL_S, label_join.keep_alive))
     last_run = {name: 0.0 for name, _, _ in housekeeping}
 
     def keep_up() -> None:
@@ -432,18 +340,16 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
     @app.on_before_shutdown.connect
     async def release(app: faust.App, **kwargs: Any) -> None:
         await stop_scoring()  # done already when run by run_worker's Worker; commits nothing new then
-        for source in inputs:
-            source.close()
+        events.close()
         learner.stop()  # after a last checkpoint: a restart then replays nothing it already learned
         writer.close()
-        scores.close()
-        scores_read_back.close()
         replica.close()
 
     warmed_up = False
 
     def warm_up() -> None:
-        """Before the first event: shards replicated and models current, like Faust's table recovery."""
+        """Before the first event: shards replicated, models current and the label join assigned
+        its partitions, like Faust's table recovery."""
         nonlocal warmed_up
         if not warmed_up:
             # The worker's logging setup filters at its handlers, leaving these loggers at
@@ -453,6 +359,8 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 logging.getLogger(name).setLevel(settings.log_level.upper())
             replica.catch_up()
             learner.wait_for_models()
+            if label_join is not None:
+                label_join.wait_until_ready()
             warmed_up = True
             # What is alive now lives as long as the worker: out of the cyclic collector's full
             # scans, which the many short-lived objects of a batch trigger (+5-7% events/s).
@@ -531,17 +439,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
         write_held_if_due()
         events.processed(messages)
 
-    def join_labels(messages: list[Any]) -> None:
-        for msg in messages:
-            origin = Origin.of(msg)
-            try:
-                join_label(origin)
-            except Exception as exc:  # a bug in the join must not stop the partition
-                log.exception("joining label %s/%d@%d failed", origin.topic, origin.partition, origin.offset)
-                reject(origin, ContractViolation("processing_error", f"{type(exc).__name__}: {exc}"))
-        writer.poll()
-        labels.processed(messages)
-
     # Inputs are processed in batches of what has arrived: under a backlog a full batch
     # is waiting (librdkafka fetches while the previous one is scored), a busy worker
     # takes a batch at most every batch_interval_s, and an idle one looks again every
@@ -564,10 +461,6 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 # the periodic steps run join this batch instead of waiting for the next one
                 # (docs/performance.md, round 26).
                 keep_up()
-            new_labels = labels.poll(settings.batch_max_events)
-            if new_labels:
-                warm_up()
-                join_labels(new_labels)
             if busy:
                 wait_s = pacing.wait_s(time.monotonic())
                 if wait_s:  # the next batch gathers what arrives meanwhile
@@ -579,7 +472,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 warm_up()
                 pacing.started(time.monotonic())
                 score_batch(new_events)
-            busy = bool(new_labels or new_events)
+            busy = bool(new_events)
             if busy:
                 # Lets the loop's other tasks (Faust's timers and services) run; Faust's consumer
                 # thread, which since round 8 reads only changelogs and heartbeats, gets the GIL
@@ -591,10 +484,9 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
                 write_held_if_due()  # idle too: other workers read the shards at most an interval late
                 await asyncio.sleep(settings.batch_wait_s)
 
-    # Faust's group assigns the events and labels partitions (with the tables' partitions of
-    # the same numbers), so the topics stay subscribed; their records go to the
-    # AssignedSources, never here.
-    @app.agent(_raw_topic(app, settings.events_topic, settings.labels_topic), name="inputs-assignment")
+    # Faust's group assigns the events partitions (with the tables' partitions of the same
+    # numbers), so the topic stays subscribed; its records go to the AssignedSource, never here.
+    @app.agent(_raw_topic(app, settings.events_topic), name="inputs-assignment")
     async def assign_inputs(stream: faust.StreamT) -> None:
         async for event in stream:  # pragma: no cover - the consumer never delivers them
             raise RuntimeError(f"Faust delivered a record of {event.message.topic}, which the worker reads itself")
@@ -670,8 +562,7 @@ def build_app(settings: Settings, detector: Detector | None = None) -> faust.App
             "replication_lag": stats.lag_summary(),
             "idle_entities_deleted": sweeper.deleted,
             "events_partitions": events.view(),
-            "label_join": {"labels_partitions": labels.view(), "risk_scores": scores.view(),
-                           **scores_read_back.view()},
+            "label_join": label_join.view() if label_join is not None else None,
         })
 
     return app
@@ -688,7 +579,8 @@ def run_worker(settings: Settings) -> None:
         keep_freed_heap(settings.heap_keep_mb)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    app = build_app(settings)
+    label_join = LabelJoinProcess(settings)
+    app = build_app(settings, label_join=label_join)
     try:
         problem = scores_retention_problem(settings)
     except Exception as exc:  # the broker may be starting: the worker waits for it anyway
@@ -700,6 +592,8 @@ def run_worker(settings: Settings) -> None:
     class ScoringWorker(Worker):
         async def on_stop(self) -> None:  # before the app's stop, which closes the table stores
             await app.stop_scoring()  # type: ignore[attr-defined]
+            await asyncio.get_running_loop().run_in_executor(None, label_join.stop)
             await super().on_stop()
 
+    label_join.start()
     ScoringWorker(app, loglevel=settings.log_level).execute_from_commandline()

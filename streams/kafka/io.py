@@ -121,7 +121,10 @@ def _wait_for_topics(admin: AdminClient, names: list[str], present: bool, timeou
 # one byte was there (librdkafka's default), each fetched a few records at a time, back to
 # back: the broker then took 4% more CPU per event at 5,000 events/s offered and 16% more
 # at 1,500 (docs/performance.md, round 19).
-BACKGROUND_FETCH = {"fetch.min.bytes": 262_144, "fetch.wait.max.ms": 50}
+# Once a consumer's local queue passes queued.max.messages.kbytes (16 MB here: ~10,000 risk scores),
+# librdkafka stops fetching its partitions for fetch.queue.backoff.ms, 1 s by default: the label
+# join, which empties it in a tenth of that, then read nothing for 0.8-0.9 s at a time (round 42).
+BACKGROUND_FETCH = {"fetch.min.bytes": 262_144, "fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 10}
 
 
 def make_producer(settings: Settings, **extra: object) -> Producer:
