@@ -43,7 +43,7 @@ from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
 from detectors.worker_state import EntityReads, HeldKey, shard_key
 from schemas import ContractViolation
-from streams.config import Settings
+from streams.config import Settings, quiet_library_loggers
 from streams.consumer import Consumer
 from streams.follower import AssignedSource, Origin
 from streams.heap import keep_freed_heap
@@ -352,11 +352,7 @@ def build_app(settings: Settings, detector: Detector | None = None,
         its partitions, like Faust's table recovery."""
         nonlocal warmed_up
         if not warmed_up:
-            # The worker's logging setup filters at its handlers, leaving these loggers at
-            # DEBUG: aiokafka and Faust then build a log record for every message sent
-            # (~9% of a loaded worker's CPU in a profile) only for the handler to drop it.
-            for name in ("aiokafka", "faust", "mode"):
-                logging.getLogger(name).setLevel(settings.log_level.upper())
+            quiet_library_loggers(settings.log_level)
             replica.catch_up()
             learner.wait_for_models()
             if label_join is not None:

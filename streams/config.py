@@ -9,6 +9,7 @@ the same variable names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -113,3 +114,12 @@ def add_settings_arguments(parser: Any, names: list[str]) -> None:
             default=None,
             help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{name.upper()}, default {f.default!r})",
         )
+
+
+def quiet_library_loggers(level: str) -> None:
+    """Sets Faust's, mode's and aiokafka's loggers to ``level``. A Faust worker's logging setup
+    filters at its handlers and leaves them at DEBUG: they then build a log record for every
+    message sent or restored only for the handler to drop it (~9% of a loaded worker's CPU in a
+    profile, and most of a label join's standby replica's in round 42)."""
+    for name in ("aiokafka", "faust", "mode"):
+        logging.getLogger(name).setLevel(level.upper())

@@ -48,7 +48,7 @@ import orjson
 from detectors.events import dead_letter, decode_label
 from detectors.labels import Example, on_label
 from schemas import ContractViolation
-from streams.config import Settings
+from streams.config import Settings, quiet_library_loggers
 from streams.consumer import Consumer
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
@@ -261,6 +261,7 @@ def build_join_app(settings: Settings, report: Any = None) -> faust.App:
     async def join() -> None:
         joined_at = reported_at = 0.0
         was_ready = False
+        quiet_library_loggers(settings.log_level)  # set up by Faust's worker before its tasks start
         gc.freeze()  # what is alive now lives as long as the process (as the scoring worker does)
         while not stopping:
             now = time.monotonic()
