@@ -245,23 +245,28 @@ def _ms_per_event(cpu_before_s: float | None, cpu_after_s: float | None, events:
 
 
 def _wait_for_assignment(worker_settings: list[Settings], procs: list[Any], timeout: float = 180) -> None:
-    """Until the workers own every events partition between them, each some: a worker
-    joining mid-measurement would stop the group for a rebalance and count it as work."""
+    """Until the workers own every events partition between them, each some, and so do their
+    label joins the labels partitions: a worker or a join joining mid-measurement would stop
+    its group for a rebalance and count it as work."""
     deadline = time.monotonic() + timeout
+    every = list(range(worker_settings[0].partitions))
     while time.monotonic() < deadline:
-        owned = []
+        owned, joined = [], []
         for s in worker_settings:
             try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/replica/", timeout=5).read()
-                owned.append(orjson.loads(page)["events_partitions"]["assigned"])
-            except (OSError, ValueError, KeyError):
+                page = orjson.loads(urllib.request.urlopen(f"http://127.0.0.1:{s.web_port}/replica/", timeout=5).read())
+                owned.append(page["events_partitions"]["assigned"])
+                joined.append(page["label_join"]["labels_partitions"]["assigned"])
+            except (OSError, ValueError, KeyError, TypeError):
                 owned.append([])
-        if all(owned) and sorted(p for ps in owned for p in ps) == list(range(worker_settings[0].partitions)):
+                joined.append([])
+        if all(owned) and sorted(p for ps in owned for p in ps) == every \
+                and all(joined) and sorted(p for ps in joined for p in ps) == every:
             return
         if any(p.poll() is not None for p in procs):
             raise RuntimeError(f"a worker exited before its partitions were assigned; logs: {worker_settings[0].data_dir}")
         time.sleep(0.5)
-    raise RuntimeError(f"the workers did not share the events partitions within {timeout:.0f}s")
+    raise RuntimeError(f"the workers and their label joins did not share the partitions within {timeout:.0f}s")
 
 
 def _worker_throughput(settings: Settings, records: list[Any], workers: int, log_dir: Path, timeout: float,
@@ -414,8 +419,8 @@ def detector_build() -> str:
     compiled = detectors.compiled_modules()
     if not compiled:
         return f"pure Python (not compiled, or {detectors.PURE_PYTHON_ENV}=1)"
-    guided = ", profile-guided (make install)" if detectors.build_profile() else ", without a profile"
-    return f"compiled with Cython ({len(compiled)} modules{guided})"
+    guided = "with the profile of a training run" if detectors.build_profile() else "without a profile"
+    return f"compiled with Cython ({len(compiled)} modules), {guided}"
 
 
 # How long a plain loop's consume waits to fill a batch of 1,000: librdkafka waits the whole of
