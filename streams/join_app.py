@@ -67,6 +67,8 @@ RESTART_AFTER_S = 5.0  # between two starts of a join process that keeps dying
 STOP_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 120.0  # how long a starting worker waits for its join's partitions
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+PROCESS_NAME = b"label-join"  # its main thread's name in /proc (comm), by which the soak tells it from the learner
 
 
 def join_settings(settings: Settings) -> Settings:
@@ -325,7 +327,9 @@ def _die_with(parent_pid: int) -> None:
 
     threading.Thread(target=exit_when_orphaned, name="parent-watch", daemon=True).start()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, PROCESS_NAME)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the thread above ends it
         return
     if os.getppid() != parent_pid:  # the parent died before the call

@@ -3,8 +3,9 @@
 `make bench` times 30 s of load on a worker that starts with no state. A worker in production
 runs for days, and three things only show after minutes: its entities' records grow as their
 history fills (the cost per event grows until the state holds about a week of traffic,
-docs/performance.md round 30), its label-join store flushes and compacts (a third of a core
-for seconds at a time from about two minutes in at 5,000 events/s, round 31), and its learner
+docs/performance.md round 30), its label join's store flushes and compacts (a third of a core
+for seconds at a time from about two minutes in at 5,000 events/s, round 31; in the join's own
+process since round 42), and its learner
 keeps learning and checkpointing. The soak offers the simulator's traffic, its labels among
 the events as in the bench's (b''), at a fixed rate for as long as asked, and prints per
 window:
@@ -13,7 +14,7 @@ window:
   risk score's Kafka timestamp minus the event's, as the bench measures it;
 * the share of the window the worker's scoring thread was on a CPU (near 1, events queue);
 * the CPU of the worker's other threads (RocksDB's flushes and compactions, librdkafka's),
-  its learner process, the local broker and the soak's own process (the load and the score
+  its label join's process and its learner's, the local broker and the soak's own process (the load and the score
   reader), in cores.
 
 It ends with one line, the whole run's figures and how many windows broke the latency target:
@@ -45,6 +46,7 @@ from streams.bench import (
 )
 from streams.config import Settings
 from streams.demo import start_worker, stop_worker
+from streams.join_app import PROCESS_NAME
 from streams.kafka.io import make_producer
 from streams.simulator import SimulationConfig, simulate
 
@@ -96,8 +98,9 @@ class Soak:
 
 def _cpu_by_part(worker_pid: int, broker_pid: int | None) -> dict[str, float]:
     """CPU seconds so far of the worker's scoring (main) thread, its other threads by kind, its
-    learner (the processes it runs), the broker, and this process (which generates and sends the
-    load and reads the scores, on the same cores). Parts whose files are gone count nothing."""
+    label join's process and its learner's (the processes it runs), the broker, and this process
+    (which generates and sends the load and reads the scores, on the same cores). Parts whose
+    files are gone count nothing."""
     parts: dict[str, float] = {}
 
     def add(part: str, stat: Path) -> None:
@@ -122,8 +125,12 @@ def _cpu_by_part(worker_pid: int, broker_pid: int | None) -> dict[str, float]:
         except OSError:
             children = []
         for child in children:
+            try:
+                name = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                continue
             for child_task in Path(f"/proc/{child}/task").glob("*"):
-                add("learner", child_task / "stat")
+                add("label join" if name == PROCESS_NAME.decode() else "learner", child_task / "stat")
     if broker_pid is not None:
         add("broker", Path(f"/proc/{broker_pid}/stat"))
     add("load", Path("/proc/self/stat"))
@@ -254,7 +261,7 @@ def _wait_for_one_score(settings: Settings, worker: subprocess.Popen, timeout_s:
 
 
 def _report(result: Soak, report: Callable[[str], None]) -> None:
-    parts = ("scoring thread", "rocksdb", "librdkafka", "other threads", "learner", "broker", "load")
+    parts = ("scoring thread", "rocksdb", "librdkafka", "other threads", "label join", "learner", "broker", "load")
     report(f"  {'from s':>6s} {'events':>7s} {'p50 ms':>7s} {'p99 ms':>7s} {'max ms':>7s}  "
            + " ".join(f"{p:>14s}" for p in parts) + "   (CPU in cores)")
     for i, window in enumerate(result.windows):
