@@ -39,7 +39,7 @@ class Settings:
     log_level: str = field(default="warning", metadata={"help": "worker log level"})
     min_labels_per_class: int = field(default=20, metadata={"help": "labels of each class a model needs before its score is trusted"})
     batch_max_events: int = field(default=1000, metadata={"help": "most events the worker scores per batch (a batch is what has arrived, scored in event-time order)"})
-    batch_wait_s: float = field(default=0.005, metadata={"help": "how often an idle worker looks for new events and labels (adds at most this latency)"})
+    batch_wait_s: float = field(default=0.005, metadata={"help": "how often an idle worker looks for new events (adds at most this latency)"})
     batch_interval_s: float = field(default=0.01, metadata={"help": "while events keep coming, the shortest time from one batch's start to the next's: each batch gathers what arrives meanwhile (fewer, larger batches cost less per event; an event may wait up to this long for its batch); 0: the next batch as soon as the last ends"})
     fetch_wait_ms: int = field(default=5, metadata={"help": "longest the broker holds a fetch of events to fill 64 KB: longer makes fewer, larger fetches under load (less CPU for the broker and the worker), shorter answers sooner at low load"})
     fetch_bytes: int = field(default=64 * 1024, metadata={"help": "bytes the worker fetches per partition at a time: smaller keeps a lagging worker's partitions closer in event time, larger is faster"})
@@ -48,7 +48,7 @@ class Settings:
     sweep_every_events: int = field(default=500, metadata={"help": "events per partition between two idle-state expiry sweeps"})
     label_ttl_s: int = field(default=30 * 86400, metadata={"help": "seconds (wall clock) scoring-time features wait for their label"})
     checkpoint_interval_s: float = field(default=30.0, metadata={"help": "seconds between two checkpoints of the models, while they learn (each pickles every model in the learner process: ~80 ms for a text model whose n-grams fill 200,000 buckets, which hold up its handoffs); a restart replays the training examples since the last"})
-    state_memtable_mb: int = field(default=0, metadata={"help": "MB of memtables all of the worker's RocksDB stores may hold together: past it the store written to flushes its memtable (0: no budget, each store's own 64 MB, Faust's)"})
+    state_memtable_mb: int = field(default=0, metadata={"help": "MB of memtables all of the worker's RocksDB stores may hold together, and as many its label join's: past it the store written to flushes its memtable (0: no budget, each store's own 64 MB, Faust's)"})
     heap_keep_mb: int = field(default=256, metadata={"help": "MB of freed memory the worker's process keeps for its next batches instead of handing it back to the OS (glibc only; 0: glibc's defaults, which made each batch fault its pages in again)"})
     label_join_write_mb_s: int = field(default=48, metadata={"help": "MB/s each partition's label-join store may write in its flushes and compactions (0: no cap): spreads each flush over a few tenths of a second instead of taking a core in a burst"})
     # Local Kafka
