@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 import faust
 import orjson
@@ -76,7 +76,7 @@ def join_settings(settings: Settings) -> Settings:
     return settings.replace(app_id=f"{settings.app_id}-label-join")
 
 
-def build_join_app(settings: Settings, report: Any = None) -> faust.App:
+def build_join_app(settings: Settings, report: Callable[[dict[str, Any]], None] | None = None) -> faust.App:
     """The label join's Faust app for the scoring worker's ``settings``; ``report(view)`` is
     given what the join did, every VIEW_INTERVAL_S (the worker's ``/replica/`` page)."""
     changelog_name = f"{settings.app_id}-label-join-changelog"
@@ -112,9 +112,9 @@ def build_join_app(settings: Settings, report: Any = None) -> faust.App:
     app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
 
     # Scoring-time features per event id. RocksDB TTL and changelog retention bound their
-    # lifetime, so labels that never come cost nothing forever.
-    # The changelog keeps the name it had while the scoring worker joined (until round 42), so a
-    # worker upgraded in place restores from it the rows still waiting for their labels.
+    # lifetime, so labels that never come cost nothing forever. The changelog keeps the name it
+    # had while the scoring worker joined (until round 42): a worker upgraded in place restores
+    # from it the rows still waiting for their labels.
     class LabelJoinTable(faust.Table):
         def _changelog_topic_name(self) -> str:
             return changelog_name
