@@ -44,7 +44,7 @@ from detectors.rules import RulesWatcher
 from detectors.worker_state import EntityReads, HeldKey, shard_key
 from schemas import ContractViolation
 from streams.config import Settings, quiet_library_loggers
-from streams.consumer import Consumer
+from streams.consumer import flush_before_faust, new_app
 from streams.follower import AssignedSource, Origin
 from streams.heap import keep_freed_heap
 from streams.join_app import LabelJoinProcess
@@ -115,33 +115,18 @@ def build_app(settings: Settings, detector: Detector | None = None,
     ``label_join`` is the label join's process, kept alive and shown on the ``/replica/`` page."""
     rules = RulesWatcher(Path(settings.rules_file) if settings.rules_file else None)
     detector = detector or Detector(ModelSet.new(settings.min_labels_per_class), rules=rules)
-    app = faust.App(
-        settings.app_id,
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        datadir=settings.data_dir,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=1,
-        consumer_auto_offset_reset="earliest",
-        # At-least-once: a redelivered event is scored again (same ids) but never
-        # counted twice in state (records remember the last offset they applied).
-        broker_commit_interval=COMMIT_INTERVAL_S,
-        broker_max_poll_records=500,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
-        web_port=settings.web_port,
-        autodiscover=False,
-    )
-    app.transport.Consumer = Consumer  # without the per-message task race (streams/consumer.py)
-    app.read_elsewhere = {settings.events_topic}  # type: ignore[attr-defined]  # by AssignedSource
+    # At-least-once: a redelivered event is scored again (same ids) but never counted twice in
+    # state (records remember the last offset they applied). The events are read with librdkafka
+    # (AssignedSource), the consumer never delivers them.
+    app = new_app(settings, {settings.events_topic}, broker_commit_interval=COMMIT_INTERVAL_S,
+                  broker_max_poll_records=500, web_bind="127.0.0.1", web_host="127.0.0.1",
+                  web_port=settings.web_port)
     app.detector = detector  # type: ignore[attr-defined]
 
     # Scores, alerts, dead letters and every table write go through one
     # librdkafka producer, not Faust's (see KafkaWriter: Faust's per-message path was
-    # the largest cost after the detector). Faust flushes its producer before every
-    # offset commit and at shutdown: the writer is flushed first.
+    # the largest cost after the detector), flushed before Faust's.
     writer = KafkaWriter(settings)
-    faust_flush = app.producer.flush
 
     async def flush_writer(write_all_held: bool = True) -> None:
         if write_all_held:  # every flush but the periodic commit's: no held record is left out
@@ -149,11 +134,7 @@ def build_app(settings: Settings, detector: Detector | None = None,
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
 
-    async def flush_writer_then_faust() -> None:
-        await flush_writer()
-        await faust_flush()
-
-    app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
+    flush_before_faust(app, flush_writer)
 
     # Faust's tables keep 3 bits of bloom filter per key: the worker's stores 10 (BLOOM_BITS_PER_KEY)
     table_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}  # copied: Faust pops keys

@@ -20,6 +20,10 @@ worker reads with librdkafka, see ``streams/follower.py``) stay subscribed, so F
 assigns their partitions together with the tables, but Faust never takes records
 of them from the fetcher: they are never in its set of active partitions, whatever
 resumes them (recovery, flow control).
+
+``new_app`` makes a Faust app with this consumer (the scoring worker's, ``streams/app.py``, and
+its label join's, ``streams/join_app.py``), and ``flush_before_faust`` has the app's own writer
+flushed before Faust's producer, so a commit never gets ahead of the writes before it.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
+import faust
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from mode.services import WaitResults
+
+from streams.config import Settings
 
 
 class _Resumed:
@@ -108,3 +115,34 @@ class Consumer(AIOKafkaConsumer):
             return await super().wait_first(*coros, timeout=timeout)
         race = super().wait_first
         return await first_or_race(coros, lambda *c: race(*c, timeout=timeout))
+
+
+def new_app(settings: Settings, read_elsewhere: set[str], **conf: Any) -> faust.App:
+    """A Faust app of ``settings.app_id`` on RocksDB stores whose consumer is this module's and
+    never delivers a record of ``read_elsewhere`` (the topics the app reads with librdkafka).
+    ``conf`` adds to, or overrides, the settings the scoring worker and the label join share."""
+    app = faust.App(settings.app_id, **{
+        "broker": f"kafka://{settings.bootstrap_servers}",
+        "store": "rocksdb://",
+        "datadir": settings.data_dir,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": 1,
+        "consumer_auto_offset_reset": "earliest",
+        "autodiscover": False,
+        **conf,
+    })
+    app.transport.Consumer = Consumer
+    app.read_elsewhere = read_elsewhere  # type: ignore[attr-defined]
+    return app
+
+
+def flush_before_faust(app: faust.App, flush: Callable[[], Awaitable[None]]) -> None:
+    """Has ``flush`` run before Faust flushes its producer, which it does before every offset
+    commit and at shutdown: the app's writes go through a producer of its own (``KafkaWriter``)."""
+    faust_flush = app.producer.flush
+
+    async def flush_both() -> None:
+        await flush()
+        await faust_flush()
+
+    app.producer.flush = flush_both  # type: ignore[method-assign]

@@ -49,7 +49,7 @@ from detectors.events import dead_letter, decode_label
 from detectors.labels import Example, on_label
 from schemas import ContractViolation
 from streams.config import Settings, quiet_library_loggers
-from streams.consumer import Consumer
+from streams.consumer import flush_before_faust, new_app
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
@@ -81,35 +81,17 @@ def build_join_app(settings: Settings, report: Callable[[dict[str, Any]], None] 
     given what the join did, every VIEW_INTERVAL_S (the worker's ``/replica/`` page)."""
     changelog_name = f"{settings.app_id}-label-join-changelog"
     settings = join_settings(settings)
-    app = faust.App(
-        settings.app_id,
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        datadir=settings.data_dir,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=1,
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=COMMIT_INTERVAL_S,
-        web_enabled=False,  # its worker's web server shows what it reports
-        autodiscover=False,
-    )
-    app.transport.Consumer = Consumer  # labels are read with librdkafka (streams/consumer.py)
-    app.read_elsewhere = {settings.labels_topic}  # type: ignore[attr-defined]
+    app = new_app(settings, {settings.labels_topic}, broker_commit_interval=COMMIT_INTERVAL_S,
+                  web_enabled=False)  # its worker's web server shows what it reports
 
-    # Rows, examples and dead letters go through a librdkafka producer of the join's own, flushed
-    # before Faust commits (as the scoring worker's, see streams/app.py).
+    # Rows, examples and dead letters go through a librdkafka producer of the join's own.
     writer = KafkaWriter(settings)
-    faust_flush = app.producer.flush
 
     async def flush_writer() -> None:
         await asyncio.get_running_loop().run_in_executor(None, writer.flush)
         writer.persist_offsets()
 
-    async def flush_writer_then_faust() -> None:
-        await flush_writer()
-        await faust_flush()
-
-    app.producer.flush = flush_writer_then_faust  # type: ignore[method-assign]
+    flush_before_faust(app, flush_writer)
 
     # Scoring-time features per event id. RocksDB TTL and changelog retention bound their
     # lifetime, so labels that never come cost nothing forever. The changelog keeps the name it
