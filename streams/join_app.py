@@ -65,6 +65,7 @@ LABELS_MAX = 1000  # labels joined per look
 VIEW_INTERVAL_S = 0.5  # how often the process reports to its worker (the ``/replica/`` page)
 RESTART_AFTER_S = 5.0  # between two starts of a join process that keeps dying
 STOP_TIMEOUT_S = 60.0
+JOIN_NICENESS = 10  # (a) 18,791 events/s by the median of five pairs against 18,462 without (round 42)
 READY_TIMEOUT_S = 120.0  # how long a starting worker waits for its join's partitions
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -323,6 +324,9 @@ def run_join(settings: Settings, reports: Connection, parent_pid: int) -> None:
     from faust.worker import Worker
 
     _die_with(parent_pid)
+    # Joining can wait, scoring cannot: on cores the join shares with its worker (and the broker),
+    # the scoring thread goes first, as it does before the learner (streams/learner.py).
+    os.nice(JOIN_NICENESS)
 
     def report(view: dict[str, Any]) -> None:
         try:
