@@ -37,7 +37,7 @@ from faust.types import TP
 import detectors
 from detectors.catalog import ENTITIES
 from detectors.entities import entity_features, merge_records, readable
-from detectors.events import dead_letter, decode_event
+from detectors.events import decode_event
 from detectors.lifecycle import ModelSet
 from detectors.pipeline import Detector, Extracted, Scored
 from detectors.rules import RulesWatcher
@@ -74,10 +74,6 @@ GC_THRESHOLDS = (200_000, 20, 20)
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
-    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
 def _applied(raw: bytes | None) -> int:
@@ -267,9 +263,7 @@ def build_app(settings: Settings, detector: Detector | None = None,
                 sweeper.deleted += 1
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
-        record = dead_letter(violation, value=origin.value, key=origin.key, topic=origin.topic,
-                             partition=origin.partition, offset=origin.offset, now_ms=_now_ms())
-        writer.send(settings.dead_letter_topic, origin.key, orjson.dumps(record))
+        writer.send(settings.dead_letter_topic, origin.key, origin.dead_letter(violation))
 
     def reload_rules() -> None:
         error_before = rules.error
@@ -460,13 +454,6 @@ def build_app(settings: Settings, detector: Detector | None = None,
             else:
                 write_held_if_due()  # idle too: other workers read the shards at most an interval late
                 await asyncio.sleep(settings.batch_wait_s)
-
-    # Faust's group assigns the events partitions (with the tables' partitions of the same
-    # numbers), so the topic stays subscribed; its records go to the AssignedSource, never here.
-    @app.agent(_raw_topic(app, settings.events_topic), name="inputs-assignment")
-    async def assign_inputs(stream: faust.StreamT) -> None:
-        async for event in stream:  # pragma: no cover - the consumer never delivers them
-            raise RuntimeError(f"Faust delivered a record of {event.message.topic}, which the worker reads itself")
 
     def explain(kind: str, key: str) -> dict[str, Any] | None:
         warm_up()

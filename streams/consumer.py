@@ -119,7 +119,8 @@ class Consumer(AIOKafkaConsumer):
 
 def new_app(settings: Settings, read_elsewhere: set[str], **conf: Any) -> faust.App:
     """A Faust app of ``settings.app_id`` on RocksDB stores whose consumer is this module's and
-    never delivers a record of ``read_elsewhere`` (the topics the app reads with librdkafka).
+    never delivers a record of ``read_elsewhere`` (the topics the app reads with librdkafka), which
+    an agent keeps subscribed so that the group assigns their partitions.
     ``conf`` adds to, or overrides, the settings the scoring worker and the label join share."""
     app = faust.App(settings.app_id, **{
         "broker": f"kafka://{settings.bootstrap_servers}",
@@ -133,6 +134,15 @@ def new_app(settings: Settings, read_elsewhere: set[str], **conf: Any) -> faust.
     })
     app.transport.Consumer = Consumer
     app.read_elsewhere = read_elsewhere  # type: ignore[attr-defined]
+
+    # Faust's group assigns these topics' partitions (with the tables' partitions of the same
+    # numbers), so they stay subscribed; their records go to the app's own sources, never here.
+    @app.agent(app.topic(*sorted(read_elsewhere), key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw"), name="inputs-assignment")
+    async def assign_inputs(stream: faust.StreamT) -> None:
+        async for event in stream:  # pragma: no cover - the consumer never delivers them
+            raise RuntimeError(f"Faust delivered a record of {event.message.topic}, which the app reads itself")
+
     return app
 
 

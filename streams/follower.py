@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
+import orjson
 from aiokafka.structs import TopicPartition as AIOKafkaTP
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from faust.types import TP
 
+from detectors.events import dead_letter
+from schemas import ContractViolation
 from streams.config import Settings
 from streams.kafka.io import PartitionReader
 
@@ -56,6 +60,12 @@ class Origin(NamedTuple):
     @classmethod
     def of(cls, msg: Message) -> "Origin":
         return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+
+    def dead_letter(self, violation: ContractViolation) -> bytes:
+        """The dead-letter record (JSON) of this input record, rejected for ``violation``."""
+        return orjson.dumps(dead_letter(violation, value=self.value, key=self.key, topic=self.topic,
+                                        partition=self.partition, offset=self.offset,
+                                        now_ms=int(time.time() * 1000)))
 
 
 class PartitionFollower:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import faust
 import orjson
 
-from detectors.events import dead_letter, decode_label
+from detectors.events import decode_label
 from detectors.labels import Example, on_label
 from schemas import ContractViolation
 from streams.config import Settings, quiet_library_loggers
@@ -147,9 +147,7 @@ def build_join_app(settings: Settings, report: Callable[[dict[str, Any]], None] 
         return label_join.data._db_for_partition(partition)
 
     def reject(origin: Origin, violation: ContractViolation) -> None:
-        record = dead_letter(violation, value=origin.value, key=origin.key, topic=origin.topic,
-                             partition=origin.partition, offset=origin.offset, now_ms=int(time.time() * 1000))
-        writer.send(settings.dead_letter_topic, origin.key, orjson.dumps(record))
+        writer.send(settings.dead_letter_topic, origin.key, origin.dead_letter(violation))
 
     def send_example(key: bytes, example: Example) -> None:
         # every worker's learner learns it, in the same order (see streams/learning.py)
@@ -286,14 +284,6 @@ def build_join_app(settings: Settings, report: Callable[[dict[str, Any]], None] 
         writer.close()
         scores.close()
         scores_read_back.close()
-
-    # Faust's group assigns the labels partitions (with the table's); their records go to the
-    # AssignedSource, never here.
-    @app.agent(app.topic(settings.labels_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw"), name="labels-assignment")
-    async def assign_labels(stream: faust.StreamT) -> None:
-        async for event in stream:  # pragma: no cover - the consumer never delivers them
-            raise RuntimeError(f"Faust delivered a record of {event.message.topic}, which the join reads itself")
 
     return app
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from detectors import BUILD_PROFILE_RECORD
+from detectors import BUILD_PROFILE_RECORD, PURE_PYTHON_ENV
 
 PROFILE_ENV = "ABUSE_BUILD_PROFILE"  # read by setup.py: "generate" or "use", with PROFILE_DIR_ENV
 PROFILE_DIR_ENV = "ABUSE_BUILD_PROFILE_DIR"
@@ -134,7 +134,6 @@ def training_run(days: float = 1.0, seed: int = 42) -> dict[str, int]:
     return counts
 
 
-
 def _build(profile: str, profile_dir: str = "") -> None:
     """Compiles the detector's modules in place (setup.py), with gcc's profile flags for ``profile``."""
     env = {key: value for key, value in os.environ.items() if key not in (PROFILE_ENV, PROFILE_DIR_ENV)}
@@ -148,10 +147,10 @@ def _build(profile: str, profile_dir: str = "") -> None:
 _TRAINING_SCRIPT = """
 import json, sys
 from pathlib import Path
-from detectors import compiled_modules
+from detectors import BUILD_RECORD, compiled_modules
 from streams.profiled_build import training_run
 counts = training_run(float(sys.argv[1]))
-built = set(json.loads(Path("detectors/_build.json").read_text()))
+built = set(json.loads((Path("detectors") / BUILD_RECORD).read_text()))
 missing = built - set(compiled_modules())
 if missing:
     sys.exit(f"these modules ran from their source, not their build: {sorted(missing)}")
@@ -162,7 +161,7 @@ print(json.dumps(counts))
 def _train(days: float) -> dict[str, int]:
     """The training run in a fresh interpreter, whose counts gcc's runtime writes as it exits. Every
     module must run compiled: one run from its source would leave its build without counts."""
-    env = {key: value for key, value in os.environ.items() if key != "ABUSE_PURE_PYTHON"}
+    env = {key: value for key, value in os.environ.items() if key != PURE_PYTHON_ENV}
     done = subprocess.run([sys.executable, "-c", _TRAINING_SCRIPT, str(days)], cwd=ROOT, env=env, check=True,
                           capture_output=True, text=True)
     return orjson.loads(done.stdout.strip().splitlines()[-1])
