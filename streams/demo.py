@@ -17,6 +17,7 @@ import orjson
 from detectors.catalog import ENTITIES
 from streams.app import table_name
 from streams.config import ENV_PREFIX, Settings
+from streams.join_app import STOP_TIMEOUT_S as JOIN_STOP_TIMEOUT_S
 from streams.kafka.io import create_topics, make_producer, read_topic, topic_size
 from streams.kafka.local import LocalKafka
 from streams.simulator import SimulationConfig, SimulationReport, run_simulation
@@ -70,14 +71,32 @@ def start_worker(settings: Settings, log_file: Path) -> subprocess.Popen:
 
 
 def stop_worker(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    """SIGTERM, SIGKILL after ``timeout``; returns once its label join and learner have ended too."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    wait_for_worker_group(proc)
+
+
+def wait_for_worker_group(proc: subprocess.Popen, timeout: float = JOIN_STOP_TIMEOUT_S + 15) -> None:
+    """A worker's children end on their own when it dies, even by SIGKILL (streams/join_app.py),
+    but not at once: a label join still closes its store. Until they end they hold the data dir
+    and a core, which the next worker, run or test must not share. ``start_worker`` gives each
+    worker a session of its own, so its children share its process group."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of worker {proc.pid}'s group outlived it by {timeout:.0f}s: "
+                               f"see them with `ps -g {proc.pid}`")
+        time.sleep(0.2)
 
 
 def entity_state_sizes(settings: Settings) -> dict[str, tuple[int, int]]:

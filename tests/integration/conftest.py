@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from streams.config import Settings, load_settings
-from streams.demo import free_port, start_worker, stop_worker
+from streams.demo import free_port, start_worker, stop_worker, wait_for_worker_group
 from streams.kafka.io import create_topics, make_producer
 from streams.kafka.local import LocalKafka
 
@@ -92,10 +92,13 @@ class Worker:
             self.proc = None
 
     def kill(self) -> None:
-        """A crash: SIGKILL, no shutdown, nothing flushed."""
+        """A crash: SIGKILL, no shutdown, nothing flushed. Returns once the worker's label join
+        and learner, which end on their own when their worker dies, have ended too: until then
+        they may still write to the data dir (a join closing its store, say)."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
+            wait_for_worker_group(self.proc)
             self.proc = None
 
     def alive(self) -> bool:
