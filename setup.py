@@ -47,8 +47,10 @@ extensions = cythonize(
 for extension in extensions:
     extension.optional = True  # no C compiler: skip it (cythonize drops this if given to Extension)
 
-# Written again by streams/profiled_build.py after a build with a profile; any other build has none.
-Path("detectors/_build_profile.json").unlink(missing_ok=True)
+# Written by streams/profiled_build.py between its in-place build with the counts and the wheel's;
+# any other build has none.
+if PROFILE != "use":
+    Path("detectors/_build_profile.json").unlink(missing_ok=True)
 # What each build was compiled from: detectors/__init__.py runs a module whose .py differs from it from source.
 Path("detectors/_build.json").write_text(json.dumps(
     {name: hashlib.sha256(Path(f"detectors/{name}.py").read_bytes()).hexdigest() for name in COMPILED}, indent=1))

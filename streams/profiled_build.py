@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,39 @@ def _plain_build() -> None:
         built.unlink()
 
 
+def _differ_from_the_tree(wheel: Path) -> list[str]:
+    """The wheel's compiled modules that are not, byte for byte, the ones built in place."""
+    with zipfile.ZipFile(wheel) as archive:
+        return [name for name in archive.namelist() if name.startswith("detectors/") and name.endswith(".so")
+                and archive.read(name) != (ROOT / name).read_bytes()]
+
+
+def _wheel(wheel_dir: Path, profile_dir: str) -> Path:
+    """The project's wheel, its modules compiled with the counts as the in-place build was. gcc
+    files the counts under each object's path, which the wheel's build shares with the in-place
+    one (setup.py's build_temp, the same directory) and, failing that, silently compiles without
+    them (``-Wno-missing-profile``): so each module in the wheel must be the in-place build's."""
+    env = {key: value for key, value in os.environ.items() if key not in (PROFILE_ENV, PROFILE_DIR_ENV)}
+    if profile_dir:
+        env.update({PROFILE_ENV: "use", PROFILE_DIR_ENV: profile_dir})
+    for earlier in (*(ROOT / "build").glob("lib.*"), *(ROOT / "build").glob("bdist.*")):
+        shutil.rmtree(earlier)  # setuptools would take an earlier build found there as up to date
+    with tempfile.TemporaryDirectory(prefix="abuse-wheel-") as built_dir:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", built_dir,
+                        "."], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        (wheel,) = Path(built_dir).glob("*.whl")
+        differ = _differ_from_the_tree(wheel) if profile_dir else []
+        if differ:
+            raise RuntimeError(f"the wheel's modules were not compiled with the counts: {differ}")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(wheel, wheel_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streams.profiled_build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--days", type=float, default=1.0, help="days of simulated traffic the training run scores")
+    parser.add_argument("--wheel", type=Path, metavar="DIR",
+                        help="also write the project's wheel, built with the profile, to DIR (the Docker image's build)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="abuse-build-profile-") as profile_dir:
@@ -198,15 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             _build("use", profile_dir)
             if _instrumented():  # setup.py skips a module that fails to compile: its last build stays
                 raise RuntimeError(f"not rebuilt with the counts: {[path.name for path in _instrumented()]}")
-        except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
+            # in the wheel too, which setup.py rebuilds from the tree: written before it
+            (ROOT / "detectors" / BUILD_PROFILE_RECORD).write_bytes(
+                orjson.dumps({"days": args.days, "training_run": counts}))
+            wheel = _wheel(args.wheel, profile_dir) if args.wheel else None
+        except (subprocess.CalledProcessError, RuntimeError, OSError, ValueError) as exc:
             detail = (getattr(exc, "stderr", None) or "").strip()[-4000:]  # the end says what failed
             print(f"profile-guided build failed: {exc}\n{detail}", file=sys.stderr)
             _plain_build()
+            if args.wheel:
+                print(f"wrote {_wheel(args.wheel, '')}, built without a profile", file=sys.stderr)
             return 0
     shutil.rmtree(ROOT / "build" / "profiled", ignore_errors=True)
-    (ROOT / "detectors" / BUILD_PROFILE_RECORD).write_bytes(orjson.dumps({"days": args.days, "training_run": counts}))
     print(f"built the detector modules with the profile of a training run ({counts}) in "
-          f"{time.monotonic() - started:.0f} s")
+          f"{time.monotonic() - started:.0f} s" + (f"; wrote {wheel}" if wheel else ""))
     return 0
 
 

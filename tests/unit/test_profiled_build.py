@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 
 from streams import profiled_build
 from streams.profiled_build import ROOT, training_run
@@ -37,3 +38,17 @@ def test_an_instrumented_build_is_found(tmp_path, monkeypatch):
 def test_no_installed_build_counts():
     # make install's builds: an instrumented one would write its counts at every exit, and run slower
     assert profiled_build._instrumented() == []
+
+
+def test_a_wheel_compiled_without_the_counts_is_found(tmp_path, monkeypatch):
+    # gcc compiles without counts it cannot find, silently: the wheel's modules must be the tree's
+    (tmp_path / "detectors").mkdir()
+    (tmp_path / "detectors" / "a.so").write_bytes(b"\x7fELF with the counts")
+    (tmp_path / "detectors" / "b.so").write_bytes(b"\x7fELF with the counts")
+    wheel = tmp_path / "abuse_detector-0.1.0-cp311-cp311-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("detectors/a.so", b"\x7fELF with the counts")
+        archive.writestr("detectors/b.so", b"\x7fELF without")
+        archive.writestr("detectors/_build.json", b"{}")
+    monkeypatch.setattr(profiled_build, "ROOT", tmp_path)
+    assert profiled_build._differ_from_the_tree(wheel) == ["detectors/b.so"]
