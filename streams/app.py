@@ -52,8 +52,7 @@ from streams.kafka.io import KafkaWriter, scores_retention_problem
 from streams.learner import Learner, LearnerConfig
 from streams.ordering import BatchPacing, event_time_order
 from streams.state import (
-    BLOOM_BITS_PER_KEY, ExpirySweeper, ShardReplica, amend_table_stores, filter_memtable_misses, memtable_budget,
-    within,
+    ExpirySweeper, ShardReplica, amend_as_own_stores, memtable_budget, table_options,
 )
 
 log = logging.getLogger("abuse_detector.worker")
@@ -132,21 +131,17 @@ def build_app(settings: Settings, detector: Detector | None = None,
 
     flush_before_faust(app, flush_writer)
 
-    # Faust's tables keep 3 bits of bloom filter per key: the worker's stores 10 (BLOOM_BITS_PER_KEY)
-    table_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}  # copied: Faust pops keys
-
     # One compact record per entity (per shard for sharded entities): at most one
     # changelog write per entity per state_write_interval_s (see detectors/worker_state.py HeldRecords).
     # key_type/value_type bytes = stored raw.
     tables = {
         name: app.Table(table_name(name), default=None, key_type=bytes, value_type=bytes,
-                        partitions=settings.partitions, options=dict(table_options))
+                        partitions=settings.partitions, options=table_options())
         for name in ENTITIES
     }
     budget = memtable_budget(settings.state_memtable_mb)  # shared by every store of the worker
     for table in tables.values():
-        amend_table_stores(table, filter_memtable_misses)
-        amend_table_stores(table, within(budget))
+        amend_as_own_stores(table, budget)
     sharded = [name for name, entity in ENTITIES.items() if entity.sharded]
     replica = ShardReplica(
         settings.bootstrap_servers,

@@ -53,8 +53,7 @@ from streams.consumer import flush_before_faust, new_app
 from streams.follower import POSITION_KEY, AssignedSource, Origin, PartitionFollower
 from streams.kafka.io import BACKGROUND_FETCH, KafkaWriter
 from streams.label_join import ScoreJoin, ScoresReadBack, pending_of, read_back_row, reference_offset
-from streams.state import BLOOM_BITS_PER_KEY, amend_table_stores, filter_memtable_misses, memtable_budget, \
-    pace_background_writes, within
+from streams.state import amend_as_own_stores, memtable_budget, pace_background_writes, table_options
 
 log = logging.getLogger("abuse_detector.label_join")
 
@@ -102,15 +101,13 @@ def build_join_app(settings: Settings, report: Callable[[dict[str, Any]], None] 
         def _changelog_topic_name(self) -> str:
             return changelog_name
 
-    table_options = {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY}
     label_join = app.tables.add(LabelJoinTable(
         app, name="label-join", default=None, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-        beacon=app.tables.beacon, options={**table_options, "ttl": settings.label_ttl_s},
+        beacon=app.tables.beacon, options=table_options(ttl=settings.label_ttl_s),
         extra_topic_configs={"cleanup.policy": "compact,delete", "retention.ms": str(settings.label_ttl_ms)},
     ))
     pace_background_writes(label_join, settings.label_join_write_mb_s)
-    amend_table_stores(label_join, filter_memtable_misses)
-    amend_table_stores(label_join, within(memtable_budget(settings.state_memtable_mb)))
+    amend_as_own_stores(label_join, memtable_budget(settings.state_memtable_mb))
 
     labels = AssignedSource(app, settings, settings.labels_topic, fetch=BACKGROUND_FETCH)
     scores = PartitionFollower(settings.bootstrap_servers, settings.scores_topic, fetch=BACKGROUND_FETCH)

@@ -71,6 +71,20 @@ def store_options(budget: WriteBufferManager | None = None) -> Options:
     return options
 
 
+def table_options(**extra: Any) -> dict[str, Any]:
+    """The options of a Faust table of the worker's: its stores in rocksdict, with
+    BLOOM_BITS_PER_KEY bits of bloom filter per key (Faust's tables keep 3). A new dict for each
+    table: Faust pops its keys."""
+    return {"driver": "rocksdict", "bloom_filter_size": BLOOM_BITS_PER_KEY, **extra}
+
+
+def amend_as_own_stores(table: Any, budget: WriteBufferManager | None) -> None:
+    """A Faust table's stores given what ``store_options`` gives the worker's own: a bloom
+    filter on each memtable, the memtables within ``budget``."""
+    amend_table_stores(table, filter_memtable_misses)
+    amend_table_stores(table, within(budget))
+
+
 def memtable_budget(mb: int) -> WriteBufferManager | None:
     """One budget of ``mb`` MB for the memtables of every store given it (``within``); None for 0.
 
