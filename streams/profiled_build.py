@@ -135,14 +135,19 @@ def training_run(days: float = 1.0, seed: int = 42) -> dict[str, int]:
     return counts
 
 
-def _build(profile: str, profile_dir: str = "") -> None:
-    """Compiles the detector's modules in place (setup.py), with gcc's profile flags for ``profile``."""
+def _setup_env(profile: str, profile_dir: str) -> dict[str, str]:
+    """The environment in which setup.py compiles with gcc's profile flags for ``profile`` ("": none)."""
     env = {key: value for key, value in os.environ.items() if key not in (PROFILE_ENV, PROFILE_DIR_ENV)}
     if profile:
         env.update({PROFILE_ENV: profile, PROFILE_DIR_ENV: profile_dir})
+    return env
+
+
+def _build(profile: str, profile_dir: str = "") -> None:
+    """Compiles the detector's modules in place (setup.py), with gcc's profile flags for ``profile``."""
     # gcc's warnings about Cython's C (dozens with a profile, all harmless) are shown only on a failure
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"], cwd=ROOT, env=env,
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"], cwd=ROOT,
+                   env=_setup_env(profile, profile_dir), check=True, capture_output=True, text=True)
 
 
 _TRAINING_SCRIPT = """
@@ -193,18 +198,17 @@ def _differ_from_the_tree(wheel: Path) -> list[str]:
 
 
 def _wheel(wheel_dir: Path, profile_dir: str) -> Path:
-    """The project's wheel, its modules compiled with the counts as the in-place build was. gcc
-    files the counts under each object's path, which the wheel's build shares with the in-place
-    one (setup.py's build_temp, the same directory) and, failing that, silently compiles without
-    them (``-Wno-missing-profile``): so each module in the wheel must be the in-place build's."""
-    env = {key: value for key, value in os.environ.items() if key not in (PROFILE_ENV, PROFILE_DIR_ENV)}
-    if profile_dir:
-        env.update({PROFILE_ENV: "use", PROFILE_DIR_ENV: profile_dir})
+    """The project's wheel, its modules compiled with the counts in ``profile_dir`` as the in-place
+    build was ("": without a profile). gcc files the counts under each object's path, which the
+    wheel's build shares with the in-place one (setup.py's build_temp, the same directory) and,
+    failing that, silently compiles without them (``-Wno-missing-profile``): so each module in
+    the wheel must be the in-place build's."""
     for earlier in (*(ROOT / "build").glob("lib.*"), *(ROOT / "build").glob("bdist.*")):
         shutil.rmtree(earlier)  # setuptools would take an earlier build found there as up to date
     with tempfile.TemporaryDirectory(prefix="abuse-wheel-") as built_dir:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", built_dir,
-                        "."], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+                        "."], cwd=ROOT, env=_setup_env("use" if profile_dir else "", profile_dir), check=True,
+                       capture_output=True, text=True)
         (wheel,) = Path(built_dir).glob("*.whl")
         differ = _differ_from_the_tree(wheel) if profile_dir else []
         if differ:
